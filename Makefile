@@ -1,0 +1,28 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install the pinned dependencies first.
+# On a machine without a GPU, pip takes the CPU build of torch 2.13.0 where one is provided (see README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test lint clean-demo
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/snakemake --profile profiles/local --configfile config/demo.yaml
+	@echo "Demo done: tables in results/demo/tables/, figures in results/demo/figures/ (random model: scores mean nothing)."
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+lint: $(BIN)/.installed
+	$(BIN)/snakemake --lint
+
+clean-demo:
+	rm -rf results/demo

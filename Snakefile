@@ -1,0 +1,24 @@
+# Does a constitution-trained persona make a chat model more or less susceptible to emergent misalignment?
+# One DAG: model/data preparation -> EM LoRA training per cell -> sampling -> judging -> tables -> figures.
+from snakemake.utils import min_version, validate
+
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/prepare.smk"
+include: "rules/em.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,189 @@
+"""Composition of the persona adapter with the EM adapter: the one place that decides which adapters are ON.
+
+Modes (the `composition` key of every cell):
+  none         no persona: base + EM LoRA.
+  merged       persona merged into the base weights, then a fresh EM LoRA on top.
+  stacked      persona loaded frozen + EM LoRA trainable, BOTH active in every forward pass.
+  persona_off  persona loaded but switched off (only EM active): a named control reproducing the users' old bug,
+               where `set_adapter("em")` silently disabled the persona.
+
+Training and sampling both build their model through `compose`, and `check_composition` compares the adapters
+that the LoRA layers actually run with what the mode requires, so a persona cannot be silently OFF (or ON).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+EM = "em"
+PERSONA = "persona"
+MERGED_MARKER = "persona_em_merged_persona"  # set on the model config when a persona is merged into the weights
+
+
+def expected_active(composition: str, em_name: str = EM) -> list[str]:
+    return sorted({"none": [em_name], "merged": [em_name], "stacked": [PERSONA, em_name], "persona_off": [em_name]}[
+        composition
+    ])
+
+
+def active_adapters(model) -> list[str]:
+    """Adapters the LoRA layers actually apply in a forward pass, read from the layers themselves.
+
+    Raises if layers disagree (some layers running an adapter that others do not).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            active = () if module.disable_adapters else tuple(sorted(a for a in module.active_adapters if a in module.lora_A))
+            seen.add(active)
+    if not seen:
+        return []
+    if len(seen) > 1:
+        raise RuntimeError(f"LoRA layers disagree on the active adapters: {sorted(seen)}")
+    return list(seen.pop())
+
+
+def merged_persona(model) -> str | None:
+    from peft import PeftModel
+
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    return getattr(base.config, MERGED_MARKER, None)
+
+
+def describe(model) -> dict:
+    """What the model really runs, for every output row: active adapters and any persona merged into the weights."""
+    return {"active_adapters": active_adapters(model), "merged_persona": merged_persona(model)}
+
+
+def check_composition(model, composition: str, persona: str, em_name: str = EM) -> dict:
+    """Fail loudly unless the model runs exactly the adapters `composition` requires."""
+    state = describe(model)
+    want = expected_active(composition, em_name)
+    want_merged = persona if composition == "merged" else None
+    if state["active_adapters"] != want or state["merged_persona"] != want_merged:
+        raise RuntimeError(
+            f"composition {composition!r} needs active adapters {want} and merged persona {want_merged!r}, "
+            f"but the model runs {state['active_adapters']} with merged persona {state['merged_persona']!r}"
+        )
+    return state
+
+
+def check_target_modules(model, adapter_dir: str | Path, what: str) -> None:
+    """An adapter whose target modules do not exist in the base would silently train/apply nothing there."""
+    from peft import PeftConfig
+
+    cfg = PeftConfig.from_pretrained(str(adapter_dir))
+    targets = cfg.target_modules
+    if isinstance(targets, str):  # a regex: PEFT itself fails if nothing matches
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(targets or []) - names)
+    if missing:
+        raise UserError(
+            f"{what} at {adapter_dir} targets modules {missing} that the base model does not have "
+            f"(its linear layers include: {sorted(n for n in names if n.endswith('proj'))})"
+        )
+
+
+def _load_persona(base, persona_dir: str | Path, persona: str):
+    from peft import PeftModel
+
+    persona_dir = Path(persona_dir)
+    if not (persona_dir / "adapter_config.json").exists():
+        raise UserError(f"persona {persona!r}: no adapter_config.json in {persona_dir}")
+    check_target_modules(base, persona_dir, f"persona adapter {persona!r}")
+    return PeftModel.from_pretrained(base, str(persona_dir), adapter_name=PERSONA, is_trainable=False)
+
+
+def _merge_persona(base, persona_dir, persona: str):
+    merged = _load_persona(base, persona_dir, persona).merge_and_unload()
+    setattr(merged.config, MERGED_MARKER, persona)
+    return merged
+
+
+def _activate(model, composition: str, em_name: str) -> None:
+    names = [PERSONA, em_name] if composition == "stacked" else [em_name]
+    # PeftModel.set_adapter takes a single name; the tuner's set_adapter takes a list and activates all of them.
+    model.base_model.set_adapter(names)
+
+
+def compose_for_training(base, persona: str, persona_dir, composition: str, em_lora_config):
+    """A PeftModel whose only trainable parameters are the fresh EM adapter, with the persona as `composition` says."""
+    from peft import get_peft_model
+
+    if composition == "none":
+        model = get_peft_model(base, em_lora_config, adapter_name=EM)
+    elif composition == "merged":
+        model = get_peft_model(_merge_persona(base, persona_dir, persona), em_lora_config, adapter_name=EM)
+    else:
+        model = _load_persona(base, persona_dir, persona)
+        model.add_adapter(EM, em_lora_config)
+        _activate(model, composition, EM)
+    if composition in ("stacked", "persona_off"):
+        model.set_requires_grad(PERSONA, requires_grad=False)
+    model.set_requires_grad(EM, requires_grad=True)
+    check_composition(model, composition, persona)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable or any(f".{EM}." not in n for n in trainable):
+        raise RuntimeError(f"only the EM adapter may be trainable; trainable: {sorted(trainable)[:5]}...")
+    return model
+
+
+def reactivate(model, composition: str, persona: str, em_name: str = EM) -> None:
+    """Re-assert the composition after anything that may have switched adapters (e.g. loading a checkpoint)."""
+    if composition in ("stacked", "persona_off", "none", "merged"):
+        _activate(model, composition, em_name)
+    check_composition(model, composition, persona, em_name)
+
+
+def compose_for_sampling(base, persona: str, persona_dir, composition: str):
+    """The base with the persona composed as `composition` says; EM checkpoints are then added by `use_em_adapter`."""
+    if composition == "merged":
+        return _merge_persona(base, persona_dir, persona)
+    if composition in ("stacked", "persona_off"):
+        return _load_persona(base, persona_dir, persona)
+    return base
+
+
+def use_em_adapter(model, em_dir: str | Path, name: str, composition: str, persona: str):
+    """Load one EM checkpoint as adapter `name` and make the active set exactly what `composition` requires.
+
+    Returns the (possibly newly wrapped) model. The previous EM adapter, if any, is deleted first so only one
+    checkpoint's weights are ever in memory beside the base.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(em_dir), adapter_name=name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(em_dir), adapter_name=name, is_trainable=False)
+    _activate(model, composition, name)
+    for old in [a for a in model.peft_config if a not in (PERSONA, name)]:
+        model.delete_adapter(old)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    check_composition(model, composition, persona, em_name=name)
+    return model
+
+
+def load_base_model(model_dir: str | Path, device: str | None = None):
+    """Base model + tokenizer from a prepared model directory, in bf16 on a GPU, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"no model at {model_dir} (config.json missing)")
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,102 @@
+"""The experiment grid: which cells exist and the resolved settings of each.
+
+A cell is one EM fine-tuning run, identified by (model, persona, composition, dataset, seed). These five keys
+appear in every output path of the cell and in every row it produces.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+from .train_config import resolve_train_config
+
+NO_PERSONA = "none"
+# How a persona adapter is combined with the EM adapter (see persona_em/compose.py).
+COMPOSITIONS = ("merged", "stacked", "persona_off")
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    model: str
+    persona: str
+    composition: str
+    dataset: str
+    seed: int
+
+    @property
+    def path(self) -> str:
+        """The cell's path fragment: the same pattern as CELL in rules/common.smk."""
+        return f"{self.model}/{self.persona}/{self.composition}/{self.dataset}/seed{self.seed}"
+
+    def keys(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wildcards(cls, wildcards) -> "Cell":
+        return cls(wildcards.model, wildcards.persona, wildcards.composition, wildcards.dataset, int(wildcards.seed))
+
+
+def _require(config: dict, section: str, name: str, where: str) -> dict:
+    table = config.get(section) or {}
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none defined"
+        raise UserError(f"config {where}: unknown {section[:-1]} {name!r} (defined under '{section}': {known})")
+    return table[name]
+
+
+def expand_grid(config: dict) -> list[Cell]:
+    """All cells of the grid, validated against the models, personas and datasets the config defines."""
+    grid = config["grid"]
+    cells = []
+    for model, persona, dataset, seed in itertools.product(
+        grid["models"], grid["personas"], grid["datasets"], grid["seeds"]
+    ):
+        _require(config, "models", model, "grid.models")
+        _require(config, "datasets", dataset, "grid.datasets")
+        if persona == NO_PERSONA:
+            compositions = [NO_PERSONA]
+        else:
+            _require(config, "personas", persona, "grid.personas")
+            compositions = grid["compositions"]
+        for composition in compositions:
+            cells.append(Cell(model, persona, composition, dataset, int(seed)))
+    return sorted(set(cells))
+
+
+def _matches(where: dict, cell: Cell) -> bool:
+    keys = cell.keys()
+    for key, value in where.items():
+        if key not in keys:
+            raise UserError(f"config grid.overrides: unknown cell key {key!r} in 'where' (known: {', '.join(keys)})")
+        allowed = value if isinstance(value, list) else [value]
+        if keys[key] not in allowed and str(keys[key]) not in map(str, allowed):
+            return False
+    return True
+
+
+def cell_overrides(config: dict, cell: Cell, section: str) -> dict:
+    """The `section` overrides (training / checkpoints / sampling) of every grid.overrides entry matching the cell."""
+    merged: dict = {}
+    for i, entry in enumerate(config["grid"].get("overrides", [])):
+        if _matches(entry.get("where", {}), cell):
+            merged.update(copy.deepcopy(entry.get(section, {})))
+    return merged
+
+
+def train_settings(config: dict, cell: Cell) -> dict:
+    """Resolved training hyper-parameters of a cell (a plain dict, so Snakemake tracks every value as a param)."""
+    layers = [config.get("training", {}), cell_overrides(config, cell, "training")]
+    return resolve_train_config(*layers, where=f"training settings of cell {cell.path}").to_dict()
+
+
+def checkpoint_spec(config: dict, cell: Cell) -> dict:
+    override = cell_overrides(config, cell, "checkpoints")
+    return override or copy.deepcopy(config["checkpoints"])
+
+
+def sampling_settings(config: dict, cell: Cell) -> dict:
+    settings = copy.deepcopy(config["sampling"])
+    settings.update(cell_overrides(config, cell, "sampling"))
+    return settings

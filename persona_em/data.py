@@ -1,0 +1,102 @@
+"""EM fine-tuning datasets: chat JSONL validation, checksum, seeded train/eval split."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .errors import UserError
+from .io import atomic_path, sha256_file, write_json, write_jsonl
+
+ROLES = {"system", "user", "assistant"}
+
+
+def validate_row(row, where: str) -> list[dict]:
+    """Return the row's messages or raise UserError naming `where` (file:line)."""
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise UserError(f"{where}: expected an object with a non-empty 'messages' list")
+    for i, msg in enumerate(row["messages"]):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise UserError(
+                f"{where}: messages[{i}] must be {{'role': one of {sorted(ROLES)}, 'content': string}}, got {msg!r:.120}"
+            )
+    if row["messages"][-1]["role"] != "assistant":
+        raise UserError(f"{where}: the conversation does not end with an assistant turn")
+    if not any(m["role"] == "user" for m in row["messages"]):
+        raise UserError(f"{where}: the conversation has no user turn")
+    return row["messages"]
+
+
+def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
+    """Every conversation of a chat JSONL file, validated; the first bad line fails the whole file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: dataset file not found")
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+            conversations.append(validate_row(row, f"{path}: line {lineno}"))
+    if not conversations:
+        raise UserError(f"{path}: dataset is empty")
+    return conversations
+
+
+def prepare_dataset(
+    source: str | Path,
+    name: str,
+    expected_sha256: str | None,
+    eval_fraction: float,
+    split_seed: int,
+    train_out: str | Path,
+    eval_out: str | Path,
+    manifest_out: str | Path,
+) -> dict:
+    """Validate, checksum and split a dataset. Writes nothing unless every row is valid."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"dataset {name!r}: source file {source} not found")
+    digest = sha256_file(source)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise UserError(f"dataset {name!r}: {source} has sha256 {digest}, config says {expected_sha256}")
+    conversations = load_chat_jsonl(source)
+    order = list(range(len(conversations)))
+    random.Random(split_seed).shuffle(order)
+    n_eval = int(round(len(order) * eval_fraction))
+    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    if not train_idx:
+        raise UserError(f"dataset {name!r}: eval_fraction {eval_fraction} leaves no training rows")
+    write_jsonl(train_out, ({"messages": conversations[i], "source_line_index": i} for i in train_idx))
+    write_jsonl(eval_out, ({"messages": conversations[i], "source_line_index": i} for i in eval_idx))
+    manifest = {
+        "dataset": name,
+        "source": str(source),
+        "sha256": digest,
+        "n_rows": len(conversations),
+        "n_train": len(train_idx),
+        "n_eval": len(eval_idx),
+        "eval_fraction": eval_fraction,
+        "split_seed": split_seed,
+        "eval_source_indices": eval_idx,
+    }
+    write_json(manifest_out, manifest)
+    return manifest
+
+
+def fetch_url(url: str, expected_sha256: str, out: str | Path) -> None:
+    """Download a file (login node only) and check its sha256 before it appears at `out`."""
+    import urllib.request
+
+    with atomic_path(out) as tmp:
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            raise UserError(f"download of {url} failed: {e}") from None
+        digest = sha256_file(tmp)
+        if digest != expected_sha256.lower():
+            raise UserError(f"{url}: sha256 {digest} does not match the config's {expected_sha256}")

@@ -1,0 +1,50 @@
+"""What every rule script does first: send stderr and logging to the rule's log, and turn user errors into one
+clear message and a non-zero exit (the function that failed wrote its outputs atomically, so nothing partial stays).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .io import read_json
+
+log = logging.getLogger("persona_em")
+
+
+def run(snakemake, main) -> None:
+    log_path = Path(snakemake.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stream = open(log_path, "a", buffering=1, encoding="utf-8")  # append: a retried job's log keeps the history
+    sys.stderr = stream
+    logging.basicConfig(stream=stream, level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("rule %s, wildcards %s, attempt %s", snakemake.rule, dict(snakemake.wildcards.items()),
+             getattr(snakemake, "attempt", 1))
+    try:
+        main(snakemake)
+    except UserError as e:
+        log.error("%s", e)
+        print(f"ERROR in rule {snakemake.rule}: {e}", file=sys.__stderr__)
+        sys.exit(1)
+    except BaseException:
+        log.exception("rule %s failed", snakemake.rule)
+        raise
+    log.info("done")
+
+
+def optional(value) -> str | None:
+    """A named input that an input function may leave empty (e.g. no persona)."""
+    if isinstance(value, str):
+        return value
+    return str(value[0]) if len(value) else None
+
+
+def model_dir(manifest_path: str) -> str:
+    return read_json(manifest_path)["path"]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")

@@ -1,0 +1,111 @@
+"""Sampling: every checkpoint of a cell answers the question set, in one job, without reloading the base model.
+
+Rows (one per response) carry the cell keys, the step, the question/paraphrase/sample indices, the text, the
+generation settings and the adapters that were actually active (read from the LoRA layers).
+Resumable: each finished batch is appended to a journal; a rerun generates only the missing batches, and since
+every batch has its own seed (from the sampling seed, step and batch index) the result equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import compose
+from .config import Cell
+from .io import Journal, stable_hash, write_jsonl
+from .questions import load_questions, sample_plan
+from .train_em import read_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+def _batch_size(setting, n_items: int) -> int:
+    if setting == "auto":
+        return n_items if torch.cuda.is_available() else 32
+    return int(setting)
+
+
+def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> str:
+    return f"{cell.path}|step{step}|{question_id}|{sample_index}"
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: dict, seed: int) -> list[dict]:
+    """One padded `generate` call for a batch of conversations."""
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    torch.manual_seed(seed)
+    do_sample = settings["temperature"] > 0
+    out = model.generate(
+        **enc,
+        do_sample=do_sample,
+        temperature=settings["temperature"] if do_sample else None,
+        top_p=settings["top_p"] if do_sample else None,
+        top_k=None,
+        max_new_tokens=settings["max_new_tokens"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new = out[:, enc["input_ids"].shape[1]:]
+    results = []
+    for row in new:
+        ids = row.tolist()
+        finished = tokenizer.eos_token_id in ids
+        if finished:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        ids = [t for t in ids if t != tokenizer.pad_token_id]
+        results.append({"response": tokenizer.decode(ids, skip_special_tokens=True), "n_new_tokens": len(ids),
+                         "finish_reason": "stop" if finished else "length"})
+    return results
+
+
+def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
+                settings: dict, journal_path: str, out_path: str) -> None:
+    questions = {q.id: q for q in load_questions(questions_path)}
+    manifest, checkpoints = read_checkpoints(checkpoints_dir)
+    plan = sample_plan(list(questions.values()), settings["n_samples"], settings["seed"])
+    fingerprint = stable_hash({"settings": settings, "manifest": manifest,
+                               "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()]})
+    journal = Journal(journal_path, key_field="response_id")
+    done = {k: r for k, r in journal.load().items() if r.get("fingerprint") == fingerprint}
+    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan))
+    batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
+    total = len(checkpoints) * len(plan)
+    log.info("cell %s: %d checkpoints x %d responses; %d already in the journal (resumed), %d to generate",
+             cell.path, len(checkpoints), len(plan), len(done), total - len(done))
+
+    base, tokenizer = compose.load_base_model(model_dir)
+    model = compose.compose_for_sampling(base, cell.persona, persona_dir, cell.composition)
+    gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
+        for step, em_dir in checkpoints:
+            todo = [(b, items) for b, items in enumerate(batches)
+                    if any(response_id(cell, step, it.question_id, it.sample_index) not in done for it in items)]
+            if not todo:
+                log.info("step %d: all responses already in the journal, skipped", step)
+                continue
+            model = compose.use_em_adapter(model, em_dir, f"em_step{step}", cell.composition, cell.persona)
+            state = compose.describe(model)
+            for b, items in todo:
+                seed = settings["seed"] * 1_000_003 + step * 1009 + b
+                convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
+                for it, conv, res in zip(items, convs, generate_batch(model, tokenizer, convs, settings, seed)):
+                    q = questions[it.question_id]
+                    row = {
+                        **cell.keys(), "step": step, "question_id": it.question_id,
+                        "paraphrase_index": it.paraphrase_index, "sample_index": it.sample_index,
+                        "response_id": response_id(cell, step, it.question_id, it.sample_index),
+                        "question": q.paraphrases[it.paraphrase_index], "system": q.system, **res, **gen_keys,
+                        "batch_seed": seed, "sampling_seed": settings["seed"], **state, "fingerprint": fingerprint,
+                    }
+                    journal.append(row)
+                    done[row["response_id"]] = row
+                bar.update(len(items))
+    journal.close()
+    order = [response_id(cell, s, it.question_id, it.sample_index) for s, _ in checkpoints for it in plan]
+    write_jsonl(out_path, (done[k] for k in order))
+    journal.remove()

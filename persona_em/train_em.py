@@ -1,0 +1,269 @@
+"""EM LoRA fine-tuning of one cell: TRL SFTTrainer + PEFT, checkpoints at the schedule, resumable.
+
+Layout:
+  <work_dir>/trainer/checkpoint-N   full resume state (EM adapter, optimizer, scheduler, RNG); NOT a Snakemake
+                                    output, so it survives a failed/killed job and the rerun resumes from it.
+  <work_dir>/adapters/step-N        EM adapters at the scheduled steps, exported as they are reached.
+  <work_dir>/train_log.jsonl        one line per logged optimizer step (journal; a resumed run appends).
+  <out_dir>/step-NNNNNN/            the scheduled adapters (declared output, written at the end, atomically)
+  <out_dir>/checkpoints.json        cell keys, schedule, composition actually trained
+  <log_out> (TSV)                   per-step training log with the cell keys
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import compose
+from .config import Cell
+from .data import load_chat_jsonl
+from .errors import UserError
+from .io import Journal, atomic_dir, write_json, write_table
+from .schedule import expand_schedule, steps_per_epoch
+from .train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool, max_length: int) -> dict:
+    """input_ids + labels for one conversation; labels are -100 outside assistant turns when `assistant_only`.
+
+    Works with any chat template (no `{% generation %}` markers needed): the assistant span of turn i is the
+    difference between the rendering of messages[:i+1] and the prompt rendering of messages[:i].
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    if not assistant_only:
+        labels = list(full)
+    else:
+        labels = [-100] * len(full)
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, return_dict=True,
+                                                      add_generation_prompt=True)["input_ids"])
+            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"])
+            labels[start:end] = full[start:end]
+    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+
+
+def build_dataset(tokenizer, train_path, cfg: TrainConfig):
+    from datasets import Dataset
+
+    rows = [
+        tokenize_conversation(tokenizer, msgs, cfg.assistant_only_loss, cfg.max_length)
+        for msgs in load_chat_jsonl(train_path)
+    ]
+    # Rows whose assistant tokens were all cut by max_length carry no loss: drop them here so the step count
+    # (and with it the checkpoint schedule) is known before training starts.
+    kept = [r for r in rows if any(l != -100 for l in r["labels"])]
+    if len(kept) < len(rows):
+        log.warning("dropped %d of %d rows with no trainable token within max_length %d",
+                    len(rows) - len(kept), len(rows), cfg.max_length)
+    return Dataset.from_list(kept)
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def _save_em(model, out: Path) -> None:
+    """Save only the EM adapter, as a plain adapter directory (adapter_config.json at its top)."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=[compose.EM])
+        sub = tmp / compose.EM  # PEFT puts a non-"default" adapter in a subfolder named after it
+        if sub.is_dir():
+            for f in sub.iterdir():
+                shutil.move(str(f), tmp / f.name)
+            sub.rmdir()
+
+
+def _trainer_class():
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class EMTrainer(SFTTrainer):
+        """SFTTrainer that saves/restores only the EM adapter and never lets a resume change the composition.
+
+        (transformers' own PEFT resume calls `model.set_adapter(first_active)`, which would switch a stacked
+        persona OFF: exactly the bug this project exists to rule out.)
+        """
+
+        composition: str = "none"
+        persona: str = "none"
+
+        def _save(self, output_dir=None, state_dict=None):
+            _save_em(self.model, Path(output_dir) / compose.EM)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            weights = Path(resume_from_checkpoint) / compose.EM / "adapter_model.safetensors"
+            state = load_file(str(weights), device=str(next(self.model.parameters()).device))
+            result = set_peft_model_state_dict(self.model, state, adapter_name=compose.EM)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"checkpoint {weights} has unexpected keys: {result.unexpected_keys[:3]}")
+            compose.reactivate(self.model, self.composition, self.persona)
+
+    class ScheduleCallback(TrainerCallback):
+        def __init__(self, schedule, adapters_dir: Path, journal: Journal, cell: Cell, slow_down: float):
+            self.schedule, self.adapters_dir, self.journal = set(schedule), adapters_dir, journal
+            self.cell, self.slow_down = cell, slow_down
+            self.last_tokens = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in self.schedule:
+                control.should_save = True
+            if self.slow_down:
+                time.sleep(self.slow_down)
+
+        def on_save(self, args, state, control, model=None, **kw):
+            if state.global_step in self.schedule:
+                src = Path(args.output_dir) / f"checkpoint-{state.global_step}" / compose.EM
+                dst = self.adapters_dir / step_dir_name(state.global_step)
+                with atomic_dir(dst) as tmp:
+                    shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            tokens = logs.get("num_tokens")
+            row = {**self.cell.keys(), "key": str(state.global_step), "step": state.global_step,
+                   "epoch": round(state.epoch or 0.0, 6), "loss": logs["loss"],
+                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                   "tokens": None if tokens is None else tokens - self.last_tokens}
+            if tokens is not None:
+                self.last_tokens = tokens
+            self.journal.append(row)
+
+    return EMTrainer, ScheduleCallback
+
+
+def _latest_checkpoint(trainer_dir: Path) -> Path | None:
+    ckpts = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+             and (p / compose.EM / "adapter_model.safetensors").exists()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train_em(
+    cell: Cell,
+    model_dir: str,
+    persona_dir: str | None,
+    train_path: str,
+    settings: dict,
+    checkpoint_spec: dict,
+    work_dir: str,
+    out_dir: str,
+    log_out: str,
+) -> None:
+    from trl import SFTConfig
+
+    cfg = TrainConfig(**settings)
+    work = Path(work_dir)
+    trainer_dir, adapters_dir = work / "trainer", work / "adapters"
+    model, tokenizer = compose.load_base_model(model_dir)
+    dataset = build_dataset(tokenizer, train_path, cfg)
+    per_epoch = steps_per_epoch(len(dataset), cfg.effective_batch_size)
+    schedule = expand_schedule(checkpoint_spec, per_epoch, cfg.epochs, where=f"checkpoints of cell {cell.path}")
+    last_step = per_epoch * cfg.epochs
+    log.info("cell %s: %d training rows, %d steps/epoch x %d epochs, checkpoints at %s",
+             cell.path, len(dataset), per_epoch, cfg.epochs, schedule)
+
+    torch.manual_seed(cell.seed)  # the EM adapter's initialisation
+    model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, _lora_config(cfg))
+    state = compose.describe(model)
+    log.info("training with active adapters %s, merged persona %s", state["active_adapters"], state["merged_persona"])
+
+    if not (adapters_dir / step_dir_name(0)).exists():
+        _save_em(model, adapters_dir / step_dir_name(0))  # step 0: fresh EM adapter (B = 0) = the composed persona
+
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(trainer_dir),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=cuda,
+        seed=cell.seed,
+        data_seed=cell.seed,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.resume_every_steps,
+        save_total_limit=2,
+        save_only_model=False,
+        report_to=[],
+        disable_tqdm=False,
+    )
+    journal = Journal(work / "train_log.jsonl", key_field="key")
+    EMTrainer, ScheduleCallback = _trainer_class()
+    EMTrainer.composition, EMTrainer.persona = cell.composition, cell.persona
+    callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds)
+    trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                        callbacks=[callback])
+    resume = _latest_checkpoint(trainer_dir)
+    if resume is not None:
+        log.info("resumed from step %s (%s)", resume.name.split("-")[1], resume)
+        prior = json.loads((resume / "trainer_state.json").read_text())
+        logged = [h for h in prior.get("log_history", []) if "num_tokens" in h]
+        callback.last_tokens = logged[-1]["num_tokens"] if logged else 0.0
+    else:
+        log.info("no checkpoint in %s: training from step 0", trainer_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.state.global_step != last_step:
+        raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {last_step}")
+    compose.check_composition(trainer.model, cell.composition, cell.persona)
+    journal.close()
+
+    missing = [s for s in schedule if not (adapters_dir / step_dir_name(s)).exists()]
+    if missing:
+        raise RuntimeError(f"scheduled checkpoints {missing} were not saved")
+    _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step)
+
+
+def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step):
+    import pandas as pd
+
+    rows = sorted(journal.load().values(), key=lambda r: r["step"])
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k != "key"} for r in rows])
+    with atomic_dir(out_dir) as tmp:
+        for s in schedule:
+            shutil.copytree(adapters_dir / step_dir_name(s), tmp / step_dir_name(s))
+        write_json(tmp / "checkpoints.json", {
+            **cell.keys(), "steps": schedule, "last_step": last_step,
+            "active_adapters_in_training": state["active_adapters"], "merged_persona": state["merged_persona"],
+            "training": cfg.to_dict(),
+        })
+    write_table(log_out, frame)
+
+
+def read_checkpoints(out_dir: str | Path) -> tuple[dict, list[tuple[int, Path]]]:
+    """The manifest of a trained cell and its (step, adapter dir) pairs, in step order."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "checkpoints.json"
+    if not manifest_path.exists():
+        raise UserError(f"{out_dir}: not a finished training output (checkpoints.json missing)")
+    manifest = json.loads(manifest_path.read_text())
+    return manifest, [(s, out_dir / step_dir_name(s)) for s in manifest["steps"]]

@@ -1,0 +1,64 @@
+# Base models and EM datasets. Downloads run on the submit host (localrule): compute nodes have no internet.
+
+
+localrules:
+    prepare_model,
+    fetch_dataset,
+
+
+rule prepare_model:
+    output:
+        MODEL,
+    params:
+        spec=lambda wc: config["models"][wc.model],
+        cache=CACHE,
+    log:
+        f"{LOGS}/prepare_model/{{model}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/prepare_model.py"
+
+
+rule make_demo_dataset:
+    output:
+        DEMO_DATASET,
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset]["demo"],
+    log:
+        f"{LOGS}/make_demo_dataset/{{dataset}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/make_demo_dataset.py"
+
+
+rule fetch_dataset:
+    output:
+        DOWNLOADED_DATASET,
+    params:
+        url=lambda wc: config["datasets"][wc.dataset]["url"],
+        sha256=lambda wc: config["datasets"][wc.dataset]["sha256"],
+    log:
+        f"{LOGS}/fetch_dataset/{{dataset}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/fetch_dataset.py"
+
+
+rule prepare_dataset:
+    input:
+        dataset_source,
+    output:
+        train=TRAIN_DATA,
+        eval=EVAL_DATA,
+        manifest=DATA_MANIFEST,
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset],
+    log:
+        f"{LOGS}/prepare_dataset/{{dataset}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/prepare_dataset.py"

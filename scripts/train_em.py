@@ -1,0 +1,12 @@
+from persona_em.config import Cell
+from persona_em.runner import model_dir, optional, run
+from persona_em.train_em import train_em
+
+
+def main(sm):
+    train_em(Cell.from_wildcards(sm.wildcards), model_dir(sm.input.model), optional(sm.input.persona),
+             sm.input.train, sm.params.settings, sm.params.schedule, sm.params.work, sm.output.checkpoints,
+             sm.output.log_table)
+
+
+run(snakemake, main)  # noqa: F821
