@@ -14,7 +14,7 @@ from .metrics import em_counts, get_definition, wilson_interval
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 JUDGE_KEYS = ["judge", "judge_model", "judge_mode", "judge_prompt_hash"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
-SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_KEYS + ["metric", "score", "numeric_mass", "status"]
+SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_KEYS + ["metric", "score", "numeric_mass", "status", "question", "response"]
 ALL_QUESTIONS = "ALL"
 
 

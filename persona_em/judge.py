@@ -156,7 +156,7 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
              judge_name, len(jobs), len(done), len(todo))
     judge = make_judge(cfg, judge_model_dir) if todo else None
     keep = ("model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
-            "sample_index", "response_id")
+            "sample_index", "response_id", "question", "response")
     for s, metric, template in tqdm(todo, desc=f"judge {judge_name}", unit="call"):
         prompt = fill_prompt(template, s["question"], s["response"])
         j = judge.judge(prompt)
