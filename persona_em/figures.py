@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .aggregate import wide_scores  # noqa: E402
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path, read_table  # noqa: E402
 from .metrics import get_definition  # noqa: E402
 
 plt.rcParams["svg.hashsalt"] = "persona-em"  # fixed ids in SVG output
@@ -67,7 +67,7 @@ def alignment_vs_coherence(scores: pd.DataFrame, definition: str, judge: str, ou
 
 
 def make_figures(scores_path: str, em_rates_path: str, judge: str, definition: str, outputs: dict) -> None:
-    scores = pd.read_csv(scores_path, sep="\t")
-    rates = pd.read_csv(em_rates_path, sep="\t")
+    scores = read_table(scores_path)
+    rates = read_table(em_rates_path)
     em_rate_vs_step(rates, definition, judge, outputs["em_rate_vs_step"])
     alignment_vs_coherence(scores, definition, judge, outputs["alignment_vs_coherence"])

@@ -73,9 +73,21 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def write_table(path: str | os.PathLike, frame) -> None:
-    """Write a pandas DataFrame as TSV, atomically."""
+    """Write a pandas DataFrame as TSV, atomically. Strings are quoted: model output may hold tabs, newlines, CR."""
+    import csv
+
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, sep="\t", index=False)
+        frame.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+
+
+def read_table(path: str | os.PathLike):
+    """Read a TSV written by `write_table`."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: table not found")
+    return pd.read_csv(path, sep="\t")
 
 
 def read_json(path: str | os.PathLike) -> Any:
