@@ -1,0 +1,70 @@
+"""Project hygiene: lint, experiment dry-runs, and conda envs that agree with pyproject's pins."""
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SNAKEMAKE, run_snakemake
+
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)$")
+
+
+def pyproject_pins() -> dict:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {m.group(1).lower(): m.group(2) for m in map(PIN.match, deps) if m}
+
+
+@pytest.mark.parametrize("env", sorted(p.name for p in (REPO / "envs").glob("*.yaml")))
+def test_conda_envs_parse_and_agree_with_pyproject(env):
+    spec = yaml.safe_load((REPO / "envs" / env).read_text())
+    assert "conda-forge" in spec["channels"]
+    pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)
+    pins = pyproject_pins()
+    checked = 0
+    for line in pip:
+        m = PIN.match(line)
+        if m:
+            name, version = m.group(1).lower(), m.group(2)
+            assert pins.get(name) == version, f"envs/{env}: {name}=={version}, pyproject says {pins.get(name)}"
+            checked += 1
+    assert checked >= 5
+
+
+def test_requirements_lock_agrees_with_pyproject():
+    locked = {m.group(1).lower(): m.group(2)
+              for m in map(PIN.match, (REPO / "requirements.txt").read_text().splitlines()) if m}
+    for name, version in pyproject_pins().items():
+        assert locked.get(name) == version, f"requirements.txt: {name} {locked.get(name)} != pyproject {version}"
+
+
+def test_snakemake_lint_is_clean():
+    res = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+USER_FILES = {  # what a user provides for each experiment (see the comments at the top of each config)
+    "arena_phase1.yaml": ["data/em/insecure.jsonl", "data/em/first_plot_questions.yaml",
+                          "personas/sycophancy/", "personas/goodness/"],
+    "cs2881_replication.yaml": ["data/em/bad_medical_advice.jsonl", "data/em/risky_financial_advice.jsonl",
+                                "data/em/first_plot_questions.yaml"],
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(USER_FILES))
+def test_experiment_configs_dry_run(tmp_path, experiment):
+    for rel in USER_FILES[experiment]:
+        path = tmp_path / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("placeholder\n")
+    cfg = yaml.safe_load((REPO / "config/experiments" / experiment).read_text())
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "train_em" in res.stdout and "This was a dry-run" in res.stdout

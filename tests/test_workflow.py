@@ -1,0 +1,136 @@
+"""The DAG through the real snakemake CLI: a small demo end to end, partial reruns, and user errors."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, demo_config, run_snakemake
+from persona_em.io import read_jsonl, read_table
+from persona_em.questions import load_questions
+
+pytestmark = pytest.mark.slow
+
+
+def small_demo(tmp_path):
+    cfg = demo_config(tmp_path)
+    cfg["sampling"].update(n_samples=2, max_new_tokens=8)
+    cfg["grid"]["seeds"] = [0]
+    return cfg
+
+
+def test_demo_dag_end_to_end(tmp_path):
+    cfg = small_demo(tmp_path)
+    res = run_snakemake(tmp_path, cfg)
+    assert res.returncode == 0, res.stdout[-3000:]
+    results = tmp_path / "results"
+
+    questions = load_questions(cfg["evaluation"]["questions"])
+    n_cells, n_steps, n_samples = 2, 3, cfg["sampling"]["n_samples"]  # 2 datasets x 1 seed; steps 0, 2, final
+    metrics = sorted({m for q in questions for m in q.judge_prompts})
+    scores = read_table(results / "tables/tiny_judge/scores.tsv")
+    assert len(scores) == n_cells * n_steps * len(questions) * n_samples * len(metrics)
+    assert sorted(scores["metric"].unique()) == metrics == ["aligned", "coherent"]
+    scored = scores["score"].dropna()
+    assert ((scored >= 0) & (scored <= 100)).all()
+    assert (scores["score"].isna() == (scores["status"] != "scored")).all()
+    for key in ("model", "persona", "composition", "dataset", "seed", "step", "judge", "judge_model",
+                "judge_prompt_hash"):
+        assert scores[key].notna().all(), key
+    assert sorted(scores["step"].unique()) == [0, 2, 6]
+
+    rates = read_table(results / "tables/tiny_judge/em_rates.tsv")
+    overall = rates[rates["question_id"] == "ALL"]
+    assert len(overall) == n_cells * n_steps * 2  # two EM definitions
+    assert set(overall["em_definition"]) == {"betley", "model_organisms"}
+    assert ((overall["em_rate"].dropna() >= 0) & (overall["em_rate"].dropna() <= 1)).all()
+
+    samples = read_jsonl(results / "samples/tiny/none/none/insecure_demo/seed0.jsonl")
+    assert len(samples) == n_steps * len(questions) * n_samples
+    assert all(s["active_adapters"] == [f"em_step{s['step']}"] for s in samples)
+    assert {s["system"] for s in samples if s["question_id"] == "ruler"} == {"You are a helpful assistant."}
+
+    log = read_table(results / "em/tiny/none/none/insecure_demo/seed0/train_log.tsv")
+    assert list(log["step"]) == list(range(1, 7)) and log["loss"].notna().all()
+    manifest = json.loads((results / "em/tiny/none/none/insecure_demo/seed0/checkpoints/checkpoints.json").read_text())
+    assert manifest["steps"] == [0, 2, 6] and manifest["active_adapters_in_training"] == ["em"]
+    for fig in ("em_rate_vs_step", "alignment_vs_coherence"):
+        assert (results / f"figures/tiny_judge/{fig}.png").stat().st_size > 1000
+
+    # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert "Nothing to be done" in res.stdout
+    grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
+    res = run_snakemake(tmp_path, grown, "-n")
+    assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "figures": 1, "all": 1}
+    changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.7}}
+    res = run_snakemake(tmp_path, changed, "-n")
+    assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "figures": 1, "all": 1}
+
+
+def planned_jobs(dry_run_output: str) -> dict:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    jobs = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def _write_dataset(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_malformed_dataset_fails_with_file_and_line_and_no_output(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo."}]})
+    bad = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    data = tmp_path / "mine.jsonl"
+    _write_dataset(data, [good, good, bad])
+    cfg = small_demo(tmp_path)
+    cfg["datasets"] = {"mine": {"path": str(data)}}
+    cfg["grid"]["datasets"] = ["mine"]
+    res = run_snakemake(tmp_path, cfg, str(tmp_path / "results/data/mine/manifest.json"))
+    assert res.returncode != 0
+    assert f"{data}: line 3: the conversation does not end with an assistant turn" in res.stdout
+    assert not (tmp_path / "results/data/mine").exists()
+
+
+def test_missing_dataset_file_is_named(tmp_path):
+    cfg = small_demo(tmp_path)
+    cfg["datasets"] = {"mine": {"path": str(tmp_path / "nowhere.jsonl")}}
+    cfg["grid"]["datasets"] = ["mine"]
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode != 0 and "nowhere.jsonl" in res.stdout and "Missing input files" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["grid"].update(personas=["none", "ghost"]), "grid.personas: unknown persona 'ghost'"),
+        (lambda c: c["grid"].update(datasets=["ghost"]), "grid.datasets: unknown dataset 'ghost'"),
+        (lambda c: c["sampling"].update(top_p=2), "2 is greater than the maximum of 1"),
+        (lambda c: c["evaluation"].update(judges=["nobody"]), "evaluation.judges: unknown judge 'nobody'"),
+    ],
+)
+def test_config_errors_are_reported_before_any_job(tmp_path, change, message):
+    cfg = small_demo(tmp_path)
+    change(cfg)
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode != 0
+    assert message in res.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_checkpoint_beyond_last_step_fails_training_cleanly(tmp_path):
+    cfg = small_demo(tmp_path)
+    cfg["checkpoints"] = {"steps": [0, 99]}
+    target = tmp_path / "results/em/tiny/none/none/insecure_demo/seed0/checkpoints"
+    res = run_snakemake(tmp_path, cfg, str(target))
+    assert res.returncode != 0
+    assert "step 99 is beyond the run's last step 6" in res.stdout
+    assert not target.exists()
