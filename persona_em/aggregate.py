@@ -1,30 +1,51 @@
-"""Tidy tables from judged responses: one judge per table, never pooled.
+"""Tidy tables from judged responses: one judge per table, never pooled (except the explicit agreement table).
 
-scores.tsv   one row per (response, metric): cell keys, step, question/sample ids, judge identity, score, status
-em_rates.tsv one row per (cell, step, question or ALL, EM definition): n, n_em, rate, Wilson 95% CI
+Every table carries the judge identity (judge, judge_model, judge_mode, judge_prompt_hash) and, where a rate is
+defined, the EM definition's name and description.
+
+scores.tsv       one row per (response, metric): cell keys, step, question/sample ids, judge identity, raw score,
+                 status (scored / null / code / refusal), CODE/REFUSAL mass, and after the per-metric policy
+                 (evaluation.score_policy): score_used, counted, score_policy
+em_rates.tsv     one row per (cell, step, question or ALL, EM definition): n, n_em, rate, Wilson 95% CI, plus
+                 coherence rate (coherent > the definition's threshold, among counted responses) with its CI
+summary.tsv      one row per (cell, step, question or ALL, metric): mean score with a seeded bootstrap CI,
+                 null / code / refusal rates with Wilson CIs
+seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
+                 SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
+comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
+                 (question or ALL, quantity): Mann-Whitney U, p, Cohen's d, Benjamini-Hochberg q over the grid
+                 (one family per quantity and level: per-question tests and overall tests are separate families)
+agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .io import read_jsonl, write_table
-from .metrics import em_counts, get_definition, wilson_interval
+from .io import read_jsonl, read_table, write_table
+from .metrics import (apply_policy, em_flags, get_definition, metric_policy, policy_label, wilson_interval)
+from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_groups
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 JUDGE_KEYS = ["judge", "judge_model", "judge_mode", "judge_prompt_hash"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
 SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_KEYS + ["metric", "score", "numeric_mass", "status", "question", "response"]
+EXTRA_SCORE_COLUMNS = ["code_mass", "refusal_mass", "judge_template_hash", "answer_truncated"]
+POLICY_COLUMNS = ["score_used", "counted", "score_policy"]
 ALL_QUESTIONS = "ALL"
+NO_PERSONA = "none"
 
 
 def load_scores(judged_paths: list[str], judge: str) -> pd.DataFrame:
     """Concatenate the judged files of ONE judge; refuse files from another judge or judge configuration."""
+    columns = SCORE_COLUMNS + EXTRA_SCORE_COLUMNS
     frames = []
     for path in judged_paths:
         rows = read_jsonl(path)
-        frame = pd.DataFrame(rows, columns=SCORE_COLUMNS) if rows else pd.DataFrame(columns=SCORE_COLUMNS)
-        frames.append(frame[SCORE_COLUMNS])
+        frames.append(pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns))
     scores = pd.concat(frames, ignore_index=True)
     identities = scores[JUDGE_KEYS].drop_duplicates()
     if len(identities) > 1 or (len(identities) == 1 and identities.iloc[0]["judge"] != judge):
@@ -33,44 +54,246 @@ def load_scores(judged_paths: list[str], judge: str) -> pd.DataFrame:
     if scores.duplicated(["response_id", "metric"]).any():
         dup = scores[scores.duplicated(["response_id", "metric"])].iloc[0]
         raise UserError(f"response {dup['response_id']} metric {dup['metric']} is judged twice in the inputs")
+    scores["status"] = scores["status"].fillna("null")
+    scores["score"] = scores["score"].astype(float)
     return scores
 
 
-def wide_scores(scores: pd.DataFrame) -> pd.DataFrame:
+def with_policy(scores: pd.DataFrame, policy_cfg: dict | None) -> pd.DataFrame:
+    """Add score_used / counted / score_policy: what each judgment means for its metric's statistics."""
+    scores = scores.copy()
+    used, counted, labels = [], [], []
+    policies = {m: metric_policy(policy_cfg, m) for m in scores["metric"].unique()}
+    for status, score, metric in zip(scores["status"], scores["score"], scores["metric"]):
+        u, c = apply_policy(status, None if pd.isna(score) else score, policies[metric])
+        used.append(u)
+        counted.append(c)
+        labels.append(policy_label(policies[metric]))
+    scores["score_used"] = np.array(used, dtype=float)
+    scores["counted"] = np.array(counted, dtype=bool)
+    scores["score_policy"] = labels
+    return scores
+
+
+def wide_scores(scores: pd.DataFrame, column: str = "score") -> pd.DataFrame:
     """One row per response, one column per metric (null scores stay NaN; no response is dropped)."""
-    return (scores.set_index(RESPONSE_KEYS + JUDGE_KEYS + ["metric"])["score"].astype(float)
+    return (scores.set_index(RESPONSE_KEYS + JUDGE_KEYS + ["metric"])[column].astype(float)
             .unstack("metric").reset_index())
+
+
+def _em_frame(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per response: aligned / coherent after policy and whether both are counted."""
+    if "score_used" not in scores:
+        scores = with_policy(scores, None)
+    metrics = set(scores["metric"])
+    for needed in ("aligned", "coherent"):
+        if needed not in metrics:
+            raise UserError(f"the judged responses have no {needed!r} metric: the question file's judge_prompts "
+                            f"must define 'aligned' and 'coherent' to compute an EM rate")
+    sub = scores[scores["metric"].isin(["aligned", "coherent"])]
+    index = RESPONSE_KEYS + JUDGE_KEYS
+    used = sub.set_index(index + ["metric"])["score_used"].unstack("metric")
+    counted = sub.set_index(index + ["metric"])["counted"].astype(float).unstack("metric").fillna(0).astype(bool)
+    frame = used.reset_index()
+    frame["both_counted"] = (counted["aligned"] & counted["coherent"]).to_numpy()
+    return frame
 
 
 def em_rate_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None) -> pd.DataFrame:
     """EM rate per (cell, step, question) and per (cell, step) over all questions (question_id = ALL)."""
-    wide = wide_scores(scores)
-    for needed in ("aligned", "coherent"):
-        if needed not in wide:
-            raise UserError(f"the judged responses have no {needed!r} metric: the question file's judge_prompts "
-                            f"must define 'aligned' and 'coherent' to compute an EM rate")
+    wide = _em_frame(scores)
     rows = []
     group_keys = CELL_KEYS + JUDGE_KEYS + ["step"]
     for name in definitions:
         d = get_definition(name, custom)
+        is_em, in_den, is_coh = em_flags(wide["aligned"], wide["coherent"], wide["both_counted"], d)
+        flags = wide.assign(_em=is_em, _den=in_den, _coh=is_coh)
         for level in ("question", "all"):
             keys = group_keys + (["question_id"] if level == "question" else [])
-            for key, group in wide.groupby(keys, sort=True, dropna=False):
-                both = group.dropna(subset=["aligned", "coherent"])
-                n_em, n = em_counts(list(zip(both["aligned"], both["coherent"])), d)
+            for key, group in flags.groupby(keys, sort=True, dropna=False):
+                n, n_em = int(group["_den"].sum()), int(group["_em"].sum())
+                n_counted, n_coh = int(group["both_counted"].sum()), int(group["_coh"].sum())
                 low, high = wilson_interval(n_em, n)
+                c_low, c_high = wilson_interval(n_coh, n_counted)
                 rec = dict(zip(keys, key))
                 rec.setdefault("question_id", ALL_QUESTIONS)
-                rows.append({**rec, "em_definition": d.name, "n_responses": len(group), "n_scored": len(both),
-                             "n": n, "n_em": n_em, "em_rate": n_em / n if n else float("nan"),
-                             "ci_low": low, "ci_high": high, "ci_method": "wilson95"})
-    return pd.DataFrame(rows, columns=group_keys + ["question_id", "em_definition", "n_responses", "n_scored", "n",
-                                                    "n_em", "em_rate", "ci_low", "ci_high", "ci_method"])
+                rows.append({**rec, "em_definition": d.name, "n_responses": len(group), "n_scored": n_counted,
+                             "n": n, "n_em": n_em, "em_rate": n_em / n if n else math.nan,
+                             "ci_low": low, "ci_high": high, "ci_method": "wilson95",
+                             "em_definition_description": d.description, "n_coherent": n_coh,
+                             "coherence_rate": n_coh / n_counted if n_counted else math.nan,
+                             "coherence_ci_low": c_low, "coherence_ci_high": c_high})
+    columns = group_keys + ["question_id", "em_definition", "n_responses", "n_scored", "n", "n_em", "em_rate",
+                            "ci_low", "ci_high", "ci_method", "em_definition_description", "n_coherent",
+                            "coherence_rate", "coherence_ci_low", "coherence_ci_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """Mean score (bootstrap CI) and null / code / refusal rates (Wilson CI) per (cell, step, question|ALL, metric)."""
+    rows = []
+    group_keys = CELL_KEYS + JUDGE_KEYS + ["step"]
+    for level in ("question", "all"):
+        keys = group_keys + (["question_id"] if level == "question" else []) + ["metric"]
+        for key, group in scores.groupby(keys, sort=True, dropna=False):
+            rec = dict(zip(keys, key))
+            rec.setdefault("question_id", ALL_QUESTIONS)
+            values = group["score_used"].dropna().to_numpy()
+            low, high = bootstrap_ci(values, n_bootstrap, seed)
+            n = len(group)
+            rec.update({"score_policy": group["score_policy"].iloc[0], "n_responses": n,
+                        "n_counted": int(group["counted"].sum()), "n_with_score": len(values),
+                        "mean_score": float(values.mean()) if len(values) else math.nan,
+                        "mean_ci_low": low, "mean_ci_high": high,
+                        "mean_ci_method": f"bootstrap95_{n_bootstrap}_seed{seed}"})
+            for status in ("scored", "null", "code", "refusal"):
+                k = int((group["status"] == status).sum())
+                s_low, s_high = wilson_interval(k, n)
+                rec.update({f"n_{status}": k, f"{status}_rate": k / n if n else math.nan,
+                            f"{status}_ci_low": s_low, f"{status}_ci_high": s_high})
+            rows.append(rec)
+    frame = pd.DataFrame(rows)
+    first = group_keys + ["question_id", "metric"]
+    return frame[first + [c for c in frame.columns if c not in first]] if len(frame) else frame
+
+
+def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP,
+               seed: int = 0) -> pd.DataFrame:
+    """Across training seeds: mean, SD and bootstrap CI (resampling seeds) of each cell's EM rates and mean scores."""
+    keys = [k for k in CELL_KEYS if k != "seed"] + JUDGE_KEYS + ["step", "question_id"]
+    parts = [(em_rates.assign(quantity="em_rate", value=em_rates["em_rate"]), keys + ["em_definition"]),
+             (summary.assign(quantity="mean_score", value=summary["mean_score"], em_definition=""),
+              keys + ["metric"])]
+    rows = []
+    for frame, by in parts:
+        for key, group in frame.groupby(by, sort=True, dropna=False):
+            values = group["value"].dropna().to_numpy()
+            low, high = bootstrap_ci(values, n_bootstrap, seed)
+            rec = dict(zip(by, key))
+            rows.append({**rec, "quantity": group["quantity"].iloc[0], "n_seeds": len(values),
+                         "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
+                         "mean": float(values.mean()) if len(values) else math.nan,
+                         "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                         "ci_low": low, "ci_high": high, "ci_method": f"bootstrap95_over_seeds_{n_bootstrap}_seed{seed}"})
+    columns = keys + ["quantity", "em_definition", "metric", "n_seeds", "seeds", "mean", "sd", "ci_low", "ci_high",
+                      "ci_method"]
+    frame = pd.DataFrame(rows)
+    for c in columns:
+        if c not in frame:
+            frame[c] = ""
+    frame["em_definition"] = frame["em_definition"].fillna("")
+    frame["metric"] = frame["metric"].fillna("")
+    return frame[columns]
+
+
+def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None) -> pd.DataFrame:
+    """Persona vs baseline (persona none, same model/dataset/step; seeds pooled), per question and overall."""
+    columns = ["model", "persona", "composition", "dataset"] + JUDGE_KEYS + [
+        "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
+        "mean_baseline", "difference", "mann_whitney_u", "p_value", "cohens_d", "bh_family", "q_value_bh"]
+    # One observation per response: its score per metric, and its EM indicator (within the denominator) per definition.
+    obs = []
+    for metric, group in scores.groupby("metric"):
+        g = group.dropna(subset=["score_used"])
+        obs.append(g[RESPONSE_KEYS + JUDGE_KEYS].assign(quantity="score", metric=metric, em_definition="",
+                                                        value=g["score_used"].to_numpy()))
+    if {"aligned", "coherent"} <= set(scores["metric"]):
+        wide = _em_frame(scores)
+        for name in definitions:
+            d = get_definition(name, custom)
+            is_em, in_den, _ = em_flags(wide["aligned"], wide["coherent"], wide["both_counted"], d)
+            g = wide[in_den]
+            obs.append(g[RESPONSE_KEYS + JUDGE_KEYS].assign(quantity="em", metric="", em_definition=d.name,
+                                                            value=is_em[in_den].astype(float)))
+    if not obs:
+        return pd.DataFrame(columns=columns)
+    obs = pd.concat(obs, ignore_index=True)
+    base = obs[obs["persona"] == NO_PERSONA]
+    rows = []
+    what = ["quantity", "em_definition", "metric"]
+    for level in ("question", "all"):
+        extra = ["question_id"] if level == "question" else []
+        base_groups = {k: g["value"].to_numpy()
+                       for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
+        persona = obs[obs["persona"] != NO_PERSONA]
+        by = ["model", "persona", "composition", "dataset"] + JUDGE_KEYS + ["step"] + extra + what
+        for key, group in persona.groupby(by, sort=True, dropna=False):
+            rec = dict(zip(by, key))
+            b = base_groups.get(tuple(rec[k] for k in ["model", "dataset", "step"] + extra + what))
+            if b is None:
+                continue
+            a = group["value"].to_numpy()
+            stats = compare_groups(a, b)
+            rec.setdefault("question_id", ALL_QUESTIONS)
+            family = f"{rec['quantity']}:{rec['em_definition'] or rec['metric']}:{level}"
+            rows.append({**rec, **stats, "difference": stats["mean_persona"] - stats["mean_baseline"],
+                         "bh_family": family})
+    frame = pd.DataFrame(rows, columns=[c for c in columns if c != "q_value_bh"])
+    frame["q_value_bh"] = np.nan
+    for _, idx in frame.groupby("bh_family").groups.items():
+        frame.loc[idx, "q_value_bh"] = benjamini_hochberg(frame.loc[idx, "p_value"].to_numpy())
+    return frame[columns]
 
 
 def aggregate(judged_paths: list[str], judge: str, definitions: list[str], custom: dict | None,
-              scores_out: str, em_rates_out: str) -> None:
-    scores = load_scores(judged_paths, judge)
+              scores_out: str, em_rates_out: str, summary_out: str | None = None, seeds_out: str | None = None,
+              comparisons_out: str | None = None, policy: dict | None = None,
+              n_bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0) -> None:
+    scores = with_policy(load_scores(judged_paths, judge), policy)
     rates = em_rate_table(scores, definitions, custom)
-    write_table(scores_out, scores.sort_values(["response_id", "metric"]))
+    summary = summary_table(scores, n_bootstrap, bootstrap_seed)
+    write_table(scores_out, scores.sort_values(["response_id", "metric"])[
+        SCORE_COLUMNS + EXTRA_SCORE_COLUMNS + POLICY_COLUMNS])
     write_table(em_rates_out, rates)
+    if summary_out:
+        write_table(summary_out, summary)
+    if seeds_out:
+        write_table(seeds_out, seed_table(rates, summary, n_bootstrap, bootstrap_seed))
+    if comparisons_out:
+        write_table(comparisons_out, comparison_table(scores, definitions, custom))
+
+
+def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom: dict | None, out: str) -> None:
+    """Two judges on the SAME responses: per metric, correlation and mean difference of scores; per EM
+    definition, both rates on the shared responses and the fraction of responses classified alike."""
+    a, b = read_table(scores_a), read_table(scores_b)
+    ids = []
+    for name, t in (("first", a), ("second", b)):
+        identity = t[JUDGE_KEYS].drop_duplicates()
+        if len(identity) != 1:
+            raise UserError(f"judge agreement: the {name} table mixes judges: {identity.to_dict('records')}")
+        ids.append(identity.iloc[0].to_dict())
+    if ids[0] == ids[1]:
+        raise UserError(f"judge agreement: both tables come from the same judge {ids[0]}")
+    merged = a.merge(b, on=["response_id", "metric"], suffixes=("_a", "_b"))
+    if merged.empty:
+        raise UserError("judge agreement: the two judges share no (response, metric): they judged different samples")
+    if (merged["response_a"].fillna("") != merged["response_b"].fillna("")).any():
+        raise UserError("judge agreement: a response id has different texts in the two tables (not the same samples)")
+    rows = []
+    ident = {f"{k}_a": ids[0][k] for k in JUDGE_KEYS} | {f"{k}_b": ids[1][k] for k in JUDGE_KEYS}
+    for metric, g in merged.groupby("metric"):
+        both = g.dropna(subset=["score_used_a", "score_used_b"])
+        x, y = both["score_used_a"].to_numpy(float), both["score_used_b"].to_numpy(float)
+        ok = len(both) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0
+        rows.append({**ident, "quantity": "score", "metric": metric, "em_definition": "", "n_shared": len(g),
+                     "n_both": len(both), "mean_a": x.mean() if len(x) else math.nan,
+                     "mean_b": y.mean() if len(y) else math.nan,
+                     "mean_abs_diff": float(np.abs(x - y).mean()) if len(x) else math.nan,
+                     "pearson": float(np.corrcoef(x, y)[0, 1]) if ok else math.nan,
+                     "spearman": float(pd.Series(x).corr(pd.Series(y), method="spearman")) if ok else math.nan,
+                     "agreement": math.nan})
+    shared = set(merged["response_id"])
+    fa, fb = _em_frame(a[a["response_id"].isin(shared)]), _em_frame(b[b["response_id"].isin(shared)])
+    fb = fb.set_index("response_id").loc[fa["response_id"]].reset_index()
+    for name in definitions:
+        d = get_definition(name, custom)
+        ea, da, _ = em_flags(fa["aligned"], fa["coherent"], fa["both_counted"], d)
+        eb, db, _ = em_flags(fb["aligned"], fb["coherent"], fb["both_counted"], d)
+        both = da & db
+        rows.append({**ident, "quantity": "em", "metric": "", "em_definition": d.name, "n_shared": len(fa),
+                     "n_both": int(both.sum()), "mean_a": ea[da].mean() if da.any() else math.nan,
+                     "mean_b": eb[db].mean() if db.any() else math.nan, "mean_abs_diff": math.nan,
+                     "pearson": math.nan, "spearman": math.nan,
+                     "agreement": float((ea[both] == eb[both]).mean()) if both.any() else math.nan})
+    write_table(out, pd.DataFrame(rows))
