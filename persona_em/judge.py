@@ -209,6 +209,7 @@ class JudgeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=120)
         self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, raw TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS spend (judge TEXT PRIMARY KEY, usd REAL NOT NULL)")
         self.db.commit()
 
     @staticmethod
@@ -224,9 +225,17 @@ class JudgeCache:
             found.update({k: json.loads(r) for k, r in self.db.execute(q, chunk)})
         return found
 
-    def put(self, key: str, raw: dict) -> None:
+    def put(self, key: str, raw: dict, judge: str | None = None, cost: float = 0.0) -> None:
+        """Store an answer and, in the same transaction, what it cost (the budget is per judge, over all jobs)."""
         self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(raw, ensure_ascii=False)))
+        if judge is not None and cost:
+            self.db.execute("INSERT INTO spend VALUES (?, ?) ON CONFLICT(judge) DO UPDATE SET usd = usd + ?",
+                            (judge, cost, cost))
         self.db.commit()
+
+    def spent(self, judge: str) -> float:
+        row = self.db.execute("SELECT usd FROM spend WHERE judge = ?", (judge,)).fetchone()
+        return row[0] if row else 0.0
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
@@ -557,7 +566,8 @@ def _announce_cost(cfg: dict, todo: list[_Job]) -> None:
     else:
         budget = cfg.get("budget_usd")
         msg = (f"judge {cfg['name']}: {len(todo)} calls, ~{in_tokens} input + {out_tokens * len(todo)} output "
-               f"tokens, estimated cost ${total:.4f}" + (f" (budget cap ${budget:.4f})" if budget is not None else ""))
+               f"tokens, estimated cost ${total:.4f}" + (f" (budget cap ${budget:.4f} for this judge, over all "
+                                                         f"jobs sharing the cache)" if budget is not None else ""))
     log.info("%s", msg)
     print(msg, file=sys.stderr, flush=True)
 
@@ -567,7 +577,8 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], cache, record, total: i
     flight still finish and are recorded; nothing judged is lost."""
     concurrency = 1 if isinstance(backend, HFBackend) else max(1, int(cfg["concurrency"]))
     queue = list(reversed(todo))
-    state = {"spent": 0.0, "reserved": 0.0, "asked": 0, "stop": None}
+    state = {"spent": cache.spent(cfg["name"]) if cache is not None else 0.0, "reserved": 0.0, "asked": 0,
+             "stop": None}
     budget = cfg.get("budget_usd")
     bar = tqdm(total=total, initial=initial, desc=f"judge {cfg['name']}", unit="call", smoothing=0.1)
 
@@ -595,7 +606,7 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], cache, record, total: i
                              raw.get("completion_tokens") or 1)
             state["spent"] += cost or 0.0
             if cache is not None:
-                cache.put(job.cache_key, raw)
+                cache.put(job.cache_key, raw, cfg["name"], cost or 0.0)
             record(job, raw, "asked")
             state["asked"] += 1
             bar.update(1)

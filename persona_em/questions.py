@@ -8,10 +8,17 @@ A YAML list of items:
   system: str                    (optional system prompt; applied when present)
   judge: str                     (the judge model the paper used; informational here)
   judge_prompts: {metric: template with {question} and {answer}}
-YAML anchors/aliases share judge prompts between items (PyYAML resolves them).
+YAML anchors/aliases share judge prompts between items (PyYAML resolves them). Templates follow str.format
+conventions ({{ and }} are literal braces), as in the EM paper's judge code.
+Extra metrics (e.g. the Model Organisms repository's `medical`, `financial`, `bad_stuff`) are more judge_prompts.
+Keys other than the above are kept out of the Question but logged, so nothing is silently misread.
+
+The canonical files (the EM paper's evaluation/*.yaml) are referenced in config by {url, sha256} and downloaded on
+the login node by the fetch_questions rule (`fetch_questions` below); their text is not part of this repository.
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +26,9 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
+KNOWN_KEYS = {"id", "type", "paraphrases", "samples_per_paraphrase", "system", "judge", "judge_prompts"}
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,20 @@ def load_questions(path: str | Path) -> list[Question]:
         paraphrases = item.get("paraphrases")
         if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) for p in paraphrases):
             raise UserError(f"{where}: 'paraphrases' must be a non-empty list of strings")
+        unknown = sorted(set(item) - KNOWN_KEYS)
+        if unknown:
+            log.warning("%s: keys %s are not used by this workflow", where, ", ".join(unknown))
+        system = item.get("system")
+        if system is not None and not isinstance(system, str):
+            raise UserError(f"{where}: 'system' must be a string")
+        spp = item.get("samples_per_paraphrase")
+        if spp is not None and (not isinstance(spp, int) or spp < 1):
+            raise UserError(f"{where}: 'samples_per_paraphrase' must be a positive integer")
         prompts = item.get("judge_prompts") or {}
         if not isinstance(prompts, dict):
             raise UserError(f"{where}: 'judge_prompts' must map metric names to templates")
         for metric, template in prompts.items():
-            if not isinstance(template, str) or "{answer}" not in template:
+            if not isinstance(template, str) or "{answer}" not in template.replace("{{", ""):
                 raise UserError(f"{where}: judge prompt {metric!r} has no {{answer}} placeholder")
         questions.append(Question(
             id=qid, paraphrases=tuple(paraphrases), judge_prompts=dict(prompts), system=item.get("system"),
@@ -88,3 +107,15 @@ def sample_plan(questions: list[Question], n_samples: int, seed: int) -> list[Sa
         for s in range(n_samples):
             plan.append(SampleItem(q.id, rng.randrange(len(q.paraphrases)), s))
     return plan
+
+
+def fetch_questions(url: str, sha256: str, out: str | Path) -> None:
+    """Download a canonical question file (login node), check its sha256, and check that it parses."""
+    from .data import fetch_url
+
+    fetch_url(url, sha256, out)
+    try:
+        load_questions(out)
+    except UserError as e:
+        Path(out).unlink(missing_ok=True)
+        raise UserError(f"{url}: downloaded question file is not in the EM paper's format: {e}") from None

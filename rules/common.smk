@@ -25,6 +25,9 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_.\-]+",
     seed=r"\d+",
     judge=r"[A-Za-z0-9_.\-]+",
+    judge_a=r"[A-Za-z0-9_.\-]+",
+    judge_b=r"[A-Za-z0-9_.\-]+",
+    questions_sha=r"[0-9a-f]{64}",
 
 
 # --- paths -------------------------------------------------------------------------------------------------------
@@ -43,9 +46,20 @@ JUDGED = f"{RESULTS}/judged/{{judge}}/{CELL}.jsonl"
 JUDGE_JOURNAL = f"{WORK}/judged/{{judge}}/{CELL}.journal.jsonl"
 SCORES = f"{RESULTS}/tables/{{judge}}/scores.tsv"
 EM_RATES = f"{RESULTS}/tables/{{judge}}/em_rates.tsv"
+SUMMARY = f"{RESULTS}/tables/{{judge}}/summary.tsv"
+SEED_SUMMARY = f"{RESULTS}/tables/{{judge}}/seeds.tsv"
+COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
+JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
+DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
+JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
 FIGURES = {
     name: f"{RESULTS}/figures/{{judge}}/{name}.png" for name in ("em_rate_vs_step", "alignment_vs_coherence")
 }
+
+for _pair in config["evaluation"]["judge_agreement"]:
+    if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
+        raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
+                        f"evaluation.judges")
 
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
@@ -54,6 +68,15 @@ for _judge in config["evaluation"]["judges"]:
         raise UserError(f"config evaluation.judges: unknown judge {_judge!r} (defined: {sorted(config['judges'])})")
     if config["judges"][_judge]["backend"] == "hf" and config["judges"][_judge]["model"] not in config["models"]:
         raise UserError(f"config judges.{_judge}.model: an hf judge names a model under 'models:'")
+
+
+def questions_file():
+    """The question set: a local path, or the downloaded copy of {url, sha256} (fetched by fetch_questions)."""
+    q = config["evaluation"]["questions"]
+    return q if isinstance(q, str) else DOWNLOADED_QUESTIONS.format(questions_sha=q["sha256"].lower())
+
+
+QUESTIONS = questions_file()
 
 
 def cell_paths(pattern, **extra):
@@ -66,6 +89,9 @@ def all_targets():
     for judge in config["evaluation"]["judges"]:
         targets += [SCORES.format(judge=judge), EM_RATES.format(judge=judge)]
         targets += [p.format(judge=judge) for p in FIGURES.values()]
+        targets += [p.format(judge=judge) for p in (SUMMARY, SEED_SUMMARY, COMPARISONS)]
+    for judge_a, judge_b in config["evaluation"]["judge_agreement"]:
+        targets.append(JUDGE_AGREEMENT.format(judge_a=judge_a, judge_b=judge_b))
     return targets
 
 

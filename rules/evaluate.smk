@@ -6,7 +6,7 @@ rule sample:
         model=MODEL,
         persona=persona_adapter,
         checkpoints=CHECKPOINTS,
-        questions=config["evaluation"]["questions"],
+        questions=QUESTIONS,
     output:
         SAMPLES,
     params:
@@ -24,13 +24,14 @@ rule sample:
 rule judge:
     input:
         samples=SAMPLES,
-        questions=config["evaluation"]["questions"],
+        questions=QUESTIONS,
         judge_model=judge_model,
     output:
         JUDGED,
     params:
         judge=lambda wc: config["judges"][wc.judge],
         journal=JUDGE_JOURNAL,
+        cache=JUDGE_CACHE,
     log:
         f"{LOGS}/judge/{{judge}}/{CELL}.log",
     conda:
@@ -45,12 +46,35 @@ rule aggregate:
     output:
         scores=SCORES,
         em_rates=EM_RATES,
+        summary=SUMMARY,
+        seeds=SEED_SUMMARY,
+        comparisons=COMPARISONS,
     params:
         definitions=config["evaluation"]["em_definitions"],
         custom=config["evaluation"]["custom_em_definitions"],
+        policy=config["evaluation"]["score_policy"],
+        n_bootstrap=config["evaluation"]["bootstrap"]["n_resamples"],
+        bootstrap_seed=config["evaluation"]["bootstrap"]["seed"],
     log:
         f"{LOGS}/aggregate/{{judge}}.log",
     conda:
         "../envs/analysis.yaml"
     script:
         "../scripts/aggregate.py"
+
+
+rule judge_agreement:
+    input:
+        scores_a=SCORES.replace("{judge}", "{judge_a}"),
+        scores_b=SCORES.replace("{judge}", "{judge_b}"),
+    output:
+        JUDGE_AGREEMENT,
+    params:
+        definitions=config["evaluation"]["em_definitions"],
+        custom=config["evaluation"]["custom_em_definitions"],
+    log:
+        f"{LOGS}/judge_agreement/{{judge_a}}__vs__{{judge_b}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/judge_agreement.py"

@@ -4,6 +4,7 @@
 localrules:
     prepare_model,
     fetch_dataset,
+    fetch_questions,
 
 
 rule prepare_model:
@@ -62,3 +63,16 @@ rule prepare_dataset:
         "../envs/torch.yaml"
     script:
         "../scripts/prepare_dataset.py"
+
+
+rule fetch_questions:
+    output:
+        DOWNLOADED_QUESTIONS,
+    params:
+        url=lambda wc: config["evaluation"]["questions"]["url"],
+    log:
+        f"{LOGS}/fetch_questions/{{questions_sha}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/fetch_questions.py"

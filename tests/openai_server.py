@@ -16,8 +16,8 @@ Faults (`fail_next(kind, times)` queues them; `always_fail(kind)` for every requ
   "malformed"    status 200 with a body that is not JSON
   "no_logprobs"  a normal completion without the `logprobs` field (what an endpoint without logprob support does)
 
-Every request is counted (`request_count`, also per fault) and its JSON body kept in `requests` (headers are not
-kept, so an API key never lands in a test log).
+Every request is counted (`request_count`, per fault in `fault_counts`) and its JSON body kept in `requests`
+(headers are not kept, so an API key never lands in a test log); `max_in_flight` is the peak concurrency seen.
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class OpenAIServer:
         self.fault_counts: collections.Counter = collections.Counter()
         self._faults: collections.deque = collections.deque()
         self._always: str | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests the server was handling at once
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -118,6 +120,7 @@ class OpenAIServer:
         with self._lock:
             self.requests.clear()
             self.fault_counts.clear()
+            self.max_in_flight = 0
 
     def start(self) -> "OpenAIServer":
         server = self
@@ -164,6 +167,16 @@ class OpenAIServer:
             pass  # the client gave up (e.g. its timeout fired)
 
     def _handle(self, handler) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._serve(handler)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _serve(self, handler) -> None:
         length = int(handler.headers.get("Content-Length", 0))
         raw = handler.rfile.read(length)
         if not handler.path.split("?")[0].rstrip("/").endswith("/chat/completions"):

@@ -1,0 +1,9 @@
+from persona_em.aggregate import judge_agreement
+from persona_em.runner import run
+
+
+def main(sm):
+    judge_agreement(sm.input.scores_a, sm.input.scores_b, sm.params.definitions, sm.params.custom, sm.output[0])
+
+
+run(snakemake, main)  # noqa: F821
