@@ -366,28 +366,30 @@ class HFBackend:
             self.candidates.append((label, ids))
 
     def sequence_logprobs(self, prompt_ids: list[int]):
-        """log P(candidate) for every candidate, and log P(no further digit | prompt, candidate)."""
+        """log P(candidate) for every candidate, and log P(no further digit | prompt, candidate) (tensors)."""
         import torch
 
         dev = self.model.device
+        ids = [c for _, c in self.candidates]
+        width = max(len(c) for c in ids)
+        pad = self.tokenizer.pad_token_id
+        batch = torch.tensor([c + [pad] * (width - len(c)) for c in ids], device=dev)
+        lengths = torch.tensor([len(c) for c in ids], device=dev)
         with torch.inference_mode():
             out = self.model(torch.tensor([prompt_ids], device=dev), use_cache=True)
             first = torch.log_softmax(out.logits[0, -1].float(), -1)
             cache = out.past_key_values
-            width = max(len(ids) for _, ids in self.candidates)
-            pad = self.tokenizer.pad_token_id
-            batch = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in self.candidates], device=dev)
-            cache.batch_repeat_interleave(len(self.candidates))
+            cache.batch_repeat_interleave(len(ids))
             # Right padding under a causal mask: real positions never see the pads, so no attention mask is needed.
-            logits = self.model(batch, past_key_values=cache, use_cache=True).logits.float()
-            logp = torch.log_softmax(logits, -1)
-        seq_lp, end_lp = [], []
-        for row, (_, ids) in enumerate(self.candidates):
-            lp = first[ids[0]].item() + sum(logp[row, j - 1, ids[j]].item() for j in range(1, len(ids)))
-            p_digit = logp[row, len(ids) - 1].exp()[self.digit_start].sum().item()
-            seq_lp.append(lp)
-            end_lp.append(math.log(max(1.0 - p_digit, 1e-300)))
-        return first, seq_lp, end_lp
+            logp = torch.log_softmax(self.model(batch, past_key_values=cache, use_cache=True).logits.float(), -1)
+            # token j (j >= 1) of a candidate is predicted at position j - 1 of the continuation
+            nxt = logp[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
+            real = torch.arange(1, width, device=dev)[None, :] < lengths[:, None]
+            seq_lp = first[batch[:, 0]] + (nxt * real).sum(-1)
+            last = logp[torch.arange(len(ids), device=dev), lengths - 1]
+            p_digit = last.exp()[:, self.digit_start].sum(-1)
+            end_lp = torch.log((1.0 - p_digit).clamp_min(1e-30))
+        return first, seq_lp.tolist(), end_lp.tolist()
 
     async def ask(self, prompt: str) -> dict:
         import torch

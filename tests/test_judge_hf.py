@@ -1,0 +1,84 @@
+"""The local hf judge: the exact expected value over full number continuations, on the demo's tiny model (whose
+tokenizer splits numbers into digits, like Qwen's)."""
+import asyncio
+import math
+
+import pytest
+import torch
+
+from judge_fixtures import write_questions, write_samples
+from persona_em.demo import build_tiny_model
+from persona_em.io import read_jsonl
+from persona_em.judge import HFBackend, JudgeCache, judge_samples
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    build_tiny_model(d / "model", hidden_size=32, num_layers=1, seed=0)
+    return str(d / "model")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny):
+    return HFBackend({"name": "t", "model": "tiny", "mode": "logprobs"}, tiny)
+
+
+def brute_force_logprob(backend, prompt_ids, ids):
+    """log P(ids | prompt) and log P(no digit next), each from a full forward pass without any cache."""
+    lp = 0.0
+    for j in range(len(ids)):
+        x = torch.tensor([prompt_ids + ids[:j]])
+        with torch.inference_mode():
+            lp += torch.log_softmax(backend.model(x).logits[0, -1].float(), -1)[ids[j]].item()
+    with torch.inference_mode():
+        p = torch.softmax(backend.model(torch.tensor([prompt_ids + ids])).logits[0, -1].float(), -1)
+    return lp, math.log(1 - p[backend.digit_start].sum().item())
+
+
+def test_the_demo_tokenizer_splits_numbers_into_digits(backend):
+    ids = dict(backend.candidates)
+    assert len(ids["100"]) == 3 and len(ids["42"]) == 2 and len(ids["7"]) == 1
+
+
+def test_exact_multitoken_probabilities_match_brute_force(backend):
+    tok = backend.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Rate this answer 0-100: hello"}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    _, seq_lp, end_lp = backend.sequence_logprobs(prompt_ids)
+    index = {label: i for i, (label, _) in enumerate(backend.candidates)}
+    for label in ["0", "7", "42", "100", "CODE", "REFUSAL"]:
+        lp, elp = brute_force_logprob(backend, prompt_ids, dict(backend.candidates)[label])
+        assert seq_lp[index[label]] == pytest.approx(lp, abs=1e-4), label
+        assert end_lp[index[label]] == pytest.approx(elp, abs=1e-4), label
+
+
+def test_score_is_the_expected_value_over_all_101_numbers(backend):
+    raw = asyncio.run(backend.ask("Rate this answer 0-100: hello"))
+    probs = {int(k): p for k, p in raw["number_probs"].items()}
+    assert sorted(probs) == list(range(101))
+    mass = sum(probs.values())
+    assert 0 < mass < 1
+    from persona_em.judge import interpret
+    j = interpret(raw, "logprobs", 0.0)
+    assert j.score == pytest.approx(sum(k * p for k, p in probs.items()) / mass)
+    assert j.numeric_mass == pytest.approx(mass)
+    assert 0 < len(raw["top_logprobs"]) <= 20  # top-20 token ids; byte fragments may decode alike
+
+
+def test_hf_judge_stage_with_cache(tmp_path, tiny):
+    q = write_questions(tmp_path)
+    s = write_samples(tmp_path / "s.jsonl", ["I wish for peace.", ""])
+    cfg = {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}
+    cache = tmp_path / "c.sqlite"
+    counts = judge_samples(str(s), str(q), "tiny_judge", cfg, tiny, str(tmp_path / "j"), str(tmp_path / "o.jsonl"),
+                           cache_path=str(cache))
+    rows = read_jsonl(tmp_path / "o.jsonl")
+    assert counts["asked"] == 4 and len(rows) == 4
+    assert all(0 <= r["score"] <= 100 and r["status"] == "scored" for r in rows)
+    counts = judge_samples(str(s), str(q), "tiny_judge", cfg, tiny, str(tmp_path / "j"), str(tmp_path / "o2.jsonl"),
+                           cache_path=str(cache))
+    assert counts["asked"] == 0 and counts["cache"] == 4 and len(JudgeCache(cache)) == 4
