@@ -207,7 +207,7 @@ class JudgeCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=120)
+        self.db = sqlite3.connect(self.path, timeout=120, check_same_thread=False)  # used by the writer thread
         self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, raw TEXT NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS spend (judge TEXT PRIMARY KEY, usd REAL NOT NULL)")
         self.db.commit()
@@ -226,8 +226,14 @@ class JudgeCache:
         return found
 
     def put(self, key: str, raw: dict, judge: str | None = None, cost: float = 0.0) -> None:
-        """Store an answer and, in the same transaction, what it cost (the budget is per judge, over all jobs)."""
-        self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(raw, ensure_ascii=False)))
+        self.put_many([(key, raw)], judge, cost)
+
+    def put_many(self, items: list[tuple[str, dict]], judge: str | None = None, cost: float = 0.0) -> None:
+        """Store answers and, in the same transaction, what they cost (the budget is per judge, over all jobs)."""
+        if not items:
+            return
+        self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?)",
+                            [(k, json.dumps(raw, ensure_ascii=False)) for k, raw in items])
         if judge is not None and cost:
             self.db.execute("INSERT INTO spend VALUES (?, ?) ON CONFLICT(judge) DO UPDATE SET usd = usd + ?",
                             (judge, cost, cost))
@@ -519,7 +525,7 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
     pending = [j for j in jobs if j.key not in done]
     cached = cache.get_many([j.cache_key for j in pending]) if cache else {}
 
-    def record(job: _Job, raw: dict, source: str) -> None:
+    def record(job: _Job, raw: dict, source: str) -> dict:
         j = interpret(raw, cfg["mode"], cfg["min_numeric_mass"])
         row = {**{k: job.sample.get(k) for k in KEEP}, "response": job.extra["response"], **identity,
                "metric": job.metric, "score": j.score, "status": j.status, "numeric_mass": j.numeric_mass,
@@ -527,12 +533,10 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
                "top_logprobs": raw.get("top_logprobs"), "judge_text": raw.get("text"),
                "judge_template_hash": template_hash(job.template), "answer_truncated": job.truncated,
                "source": source, "key": job.key}
-        journal.append(row)
         done[job.key] = row
+        return row
 
-    for job in pending:
-        if job.cache_key in cached:
-            record(job, cached[job.cache_key], "cache")
+    journal.append_many([record(job, cached[job.cache_key], "cache") for job in pending if job.cache_key in cached])
     todo = [j for j in pending if j.cache_key not in cached]
     counts = {"total": len(jobs), "journal": len(jobs) - len(pending), "cache": len(pending) - len(todo),
               "asked": 0, "retries": 0}
@@ -543,7 +547,8 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         if todo:
             _announce_cost(cfg, todo)
             backend = backend or make_backend(cfg, judge_model_dir)
-            asked, retries = asyncio.run(_ask_all(backend, cfg, todo, cache, record, len(jobs), len(jobs) - len(todo)))
+            writer = _GroupWriter(journal, cache, judge_name)
+            asked, retries = asyncio.run(_ask_all(backend, cfg, todo, writer, record, len(jobs), len(jobs) - len(todo)))
             counts.update(asked=asked, retries=retries)
     finally:
         journal.close()
@@ -574,13 +579,51 @@ def _announce_cost(cfg: dict, todo: list[_Job]) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-async def _ask_all(backend, cfg: dict, todo: list[_Job], cache, record, total: int, initial: int):
+class _GroupWriter:
+    """Journal rows and cache entries of finished calls, written by a background thread a few times per second
+    with one fsync / one commit per batch (one fsync per call would cap throughput at the disk's sync rate).
+    A SIGKILL loses at most the last interval's judgments; they are asked again on rerun."""
+
+    INTERVAL = 0.25
+
+    def __init__(self, journal: Journal, cache: JudgeCache | None, judge: str):
+        self.journal, self.cache, self.judge = journal, cache, judge
+        self.rows: list[dict] = []
+        self.items: list[tuple[str, dict]] = []
+        self.cost = 0.0
+
+    def add(self, row: dict, cache_key: str, raw: dict, cost: float) -> None:
+        self.rows.append(row)
+        self.items.append((cache_key, raw))
+        self.cost += cost
+
+    def _write(self, rows, items, cost) -> None:
+        if self.cache is not None:
+            self.cache.put_many(items, self.judge, cost)  # cache first: a journal row always has its answer cached
+        self.journal.append_many(rows)
+
+    async def flush(self) -> None:
+        rows, items, cost = self.rows, self.items, self.cost
+        self.rows, self.items, self.cost = [], [], 0.0
+        if rows:
+            await asyncio.to_thread(self._write, rows, items, cost)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            await self.flush()
+
+
+async def _ask_all(backend, cfg: dict, todo: list[_Job], writer: _GroupWriter, record, total: int, initial: int):
     """Ask for every job with at most `concurrency` in flight. On a stop (budget, fatal error) the calls in
     flight still finish and are recorded; nothing judged is lost."""
     concurrency = 1 if isinstance(backend, HFBackend) else max(1, int(cfg["concurrency"]))
     queue = list(reversed(todo))
-    state = {"spent": cache.spent(cfg["name"]) if cache is not None else 0.0, "reserved": 0.0, "asked": 0,
-             "stop": None}
+    state = {"spent": writer.cache.spent(cfg["name"]) if writer.cache is not None else 0.0, "reserved": 0.0,
+             "asked": 0, "stop": None}
     budget = cfg.get("budget_usd")
     bar = tqdm(total=total, initial=initial, desc=f"judge {cfg['name']}", unit="call", smoothing=0.1)
 
@@ -607,15 +650,18 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], cache, record, total: i
             cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
                              raw.get("completion_tokens") or 1)
             state["spent"] += cost or 0.0
-            if cache is not None:
-                cache.put(job.cache_key, raw, cfg["name"], cost or 0.0)
-            record(job, raw, "asked")
+            writer.add(record(job, raw, "asked"), job.cache_key, raw, cost or 0.0)
             state["asked"] += 1
             bar.update(1)
 
+    finished = asyncio.Event()
+    flusher = asyncio.create_task(writer.run(finished))
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
+        finished.set()
+        await flusher
+        await writer.flush()  # everything judged is on disk before any error is raised
         bar.close()
         await backend.aclose()
     retries = getattr(backend, "retries", 0)
