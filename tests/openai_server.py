@@ -9,7 +9,7 @@ What it answers is decided by a `responder(request_body) -> Reply`; faults are i
         server.fail_next("429", times=2, retry_after=0.05)   # the next 2 requests get 429 with Retry-After
         assert server.request_count == 3
 
-Faults (`fail_next(kind, times)` queues them; `always_fail(kind)` for every request):
+Faults (`fail_next(kind, times)` queues them; `always_fail(kind, after=n)` for every request after n more):
   "429"          status 429 with a `Retry-After` header (seconds, `retry_after`)
   "500"          status 500 with an error body
   "timeout"      sleeps `timeout_sleep` seconds before answering (longer than the client's timeout)
@@ -82,6 +82,7 @@ class OpenAIServer:
         self.fault_counts: collections.Counter = collections.Counter()
         self._faults: collections.deque = collections.deque()
         self._always: str | None = None
+        self._always_from = 0
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests the server was handling at once
         self._lock = threading.Lock()
@@ -111,10 +112,14 @@ class OpenAIServer:
         with self._lock:
             self._faults.extend([kind] * times)
 
-    def always_fail(self, kind: str | None) -> None:
+    def always_fail(self, kind: str | None, after: int = 0) -> None:
+        """Every request from now on (or once `after` more requests were served normally) gets `kind`;
+        None switches it off."""
         if kind is not None and kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {FAULTS}")
-        self._always = kind
+        with self._lock:
+            self._always = kind
+            self._always_from = len(self.requests) + after
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -187,7 +192,8 @@ class OpenAIServer:
             return self._send(handler, 400, b'{"error": {"message": "invalid JSON"}}')
         with self._lock:
             self.requests.append(body)
-            fault = self._faults.popleft() if self._faults else self._always
+            always = self._always if len(self.requests) > self._always_from else None
+            fault = self._faults.popleft() if self._faults else always
             if fault:
                 self.fault_counts[fault] += 1
         if self.latency:

@@ -124,19 +124,12 @@ def test_giving_up_keeps_everything_judged_and_rerun_asks_only_the_rest(tmp_path
     journal, out, cache = tmp_path / "journal", tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
     args = (str(s), str(q), "j")
     with OpenAIServer(responder=fixed_logprobs(GOLDEN)) as flaky:
-        real = flaky._serve
-
-        def serve(handler):  # the endpoint breaks for good after 4 answers
-            if flaky.request_count >= 4:
-                flaky.always_fail("500")
-            real(handler)
-        flaky._serve = serve
+        flaky.always_fail("500", after=4)  # the endpoint breaks for good after 4 answers
         with pytest.raises(JudgeStopped, match="gave up after 3 attempts"):
             judge_samples(*args, cfg(flaky, concurrency=1, max_retries=2), None, str(journal), str(out),
                           cache_path=str(cache))
         assert not out.exists()
         assert len(read_jsonl(journal)) == 4 and len(JudgeCache(cache)) == 4
-        flaky._serve = real
         flaky.always_fail(None)
         flaky.reset_counts()
         counts = judge_samples(*args, cfg(flaky), None, str(journal), str(out), cache_path=str(cache))
@@ -144,11 +137,15 @@ def test_giving_up_keeps_everything_judged_and_rerun_asks_only_the_rest(tmp_path
         assert len(read_jsonl(out)) == 10 and not journal.exists()
 
 
-def test_no_logprobs_endpoint_is_one_clear_error(tmp_path, server, key):
-    server.always_fail("no_logprobs")
+def test_no_logprobs_endpoint_is_one_clear_error_and_keeps_what_was_judged(tmp_path, server, key):
+    server.always_fail("no_logprobs", after=2)
     with pytest.raises(JudgeStopped, match="returned no logprobs.*mode: text"):
         run(tmp_path, server, concurrency=1)
     assert not (tmp_path / "out_s.jsonl").exists()
+    assert len(read_jsonl(tmp_path / "journal_s.jsonl")) == 2 and server.request_count == 3
+    server.always_fail(None)
+    counts, rows = run(tmp_path, server)
+    assert counts["journal"] == 2 and counts["asked"] == 2 and len(rows) == 4
 
 
 def test_text_mode_for_endpoints_without_logprobs(tmp_path, key):
