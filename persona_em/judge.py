@@ -537,18 +537,24 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         return row
 
     journal.append_many([record(job, cached[job.cache_key], "cache") for job in pending if job.cache_key in cached])
-    todo = [j for j in pending if j.cache_key not in cached]
-    counts = {"total": len(jobs), "journal": len(jobs) - len(pending), "cache": len(pending) - len(todo),
+    missing = [j for j in pending if j.cache_key not in cached]
+    same_prompt: dict[str, list[_Job]] = {}  # identical (template, question, answer): asked once
+    for j in missing:
+        same_prompt.setdefault(j.cache_key, []).append(j)
+    todo = [group[0] for group in same_prompt.values()]
+    counts = {"total": len(jobs), "journal": len(jobs) - len(pending), "cache": len(pending) - len(missing),
               "asked": 0, "retries": 0}
     log.info("judge %s (%s, %s, prompts %s): %d judgments; %d resumed from the journal, %d from the cache, "
-             "%d to ask", judge_name, identity["judge_model"], cfg["mode"], identity["judge_prompt_hash"],
-             counts["total"], counts["journal"], counts["cache"], len(todo))
+             "%d to judge with %d calls", judge_name, identity["judge_model"], cfg["mode"],
+             identity["judge_prompt_hash"], counts["total"], counts["journal"], counts["cache"], len(missing),
+             len(todo))
     try:
         if todo:
             _announce_cost(cfg, todo)
             backend = backend or make_backend(cfg, judge_model_dir)
             writer = _GroupWriter(journal, cache, judge_name)
-            asked, retries = asyncio.run(_ask_all(backend, cfg, todo, writer, record, len(jobs), len(jobs) - len(todo)))
+            asked, retries = asyncio.run(_ask_all(backend, cfg, todo, same_prompt, writer, record, len(jobs),
+                                                  len(jobs) - len(missing)))
             counts.update(asked=asked, retries=retries)
     finally:
         journal.close()
@@ -592,8 +598,8 @@ class _GroupWriter:
         self.items: list[tuple[str, dict]] = []
         self.cost = 0.0
 
-    def add(self, row: dict, cache_key: str, raw: dict, cost: float) -> None:
-        self.rows.append(row)
+    def add(self, rows: list[dict], cache_key: str, raw: dict, cost: float) -> None:
+        self.rows.extend(rows)
         self.items.append((cache_key, raw))
         self.cost += cost
 
@@ -617,7 +623,8 @@ class _GroupWriter:
             await self.flush()
 
 
-async def _ask_all(backend, cfg: dict, todo: list[_Job], writer: _GroupWriter, record, total: int, initial: int):
+async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writer: _GroupWriter, record,
+                   total: int, initial: int):
     """Ask for every job with at most `concurrency` in flight. On a stop (budget, fatal error) the calls in
     flight still finish and are recorded; nothing judged is lost."""
     concurrency = 1 if isinstance(backend, HFBackend) else max(1, int(cfg["concurrency"]))
@@ -650,9 +657,10 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], writer: _GroupWriter, r
             cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
                              raw.get("completion_tokens") or 1)
             state["spent"] += cost or 0.0
-            writer.add(record(job, raw, "asked"), job.cache_key, raw, cost or 0.0)
+            group = same_prompt[job.cache_key]
+            writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
             state["asked"] += 1
-            bar.update(1)
+            bar.update(len(group))
 
     finished = asyncio.Event()
     flusher = asyncio.create_task(writer.run(finished))
@@ -667,7 +675,7 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], writer: _GroupWriter, r
     retries = getattr(backend, "retries", 0)
     if state["stop"] is not None:
         left = len(todo) - state["asked"]
-        log.error("judge %s stopped: %d asked in this run, %d not judged yet (kept: journal and cache)",
+        log.error("judge %s stopped: %d calls made in this run, %d calls left (kept: journal and cache)",
                   cfg["name"], state["asked"], left)
         raise state["stop"]
     return state["asked"], retries

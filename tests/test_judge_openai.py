@@ -244,3 +244,9 @@ def test_kill_and_rerun_asks_only_for_missing(tmp_path, key):
         assert counts["journal"] == done and counts["asked"] == 80 - done
         assert server.request_count - before == 80 - done
         assert len(read_jsonl(out)) == 80
+
+
+def test_identical_answers_in_one_run_are_asked_once(tmp_path, server, key):
+    counts, rows = run(tmp_path, server, responses=("", "", "same", "same", "other"))
+    assert server.request_count == 6 and counts["asked"] == 6 and len(rows) == 10
+    assert all(r["score"] == pytest.approx(83.75) for r in rows)
