@@ -101,3 +101,34 @@ def test_judge_defaults_match_the_schema():
     props = schema["properties"]["judges"]["additionalProperties"]["properties"]
     for key, value in JUDGE_DEFAULTS.items():
         assert props[key]["default"] == value, key
+
+
+def test_anchors_on_every_field_as_the_paper_uses_them(tmp_path):
+    # the paper's files put anchors on paraphrases, samples_per_paraphrase, judge and system, and reuse them
+    text = """\
+- id: a
+  type: free_form_judge_0_100
+  paraphrases: &a_paraphrases
+    - |-
+      First line.
+
+      Second line.
+  samples_per_paraphrase: &spp 100
+  judge: &judge some-judge
+  judge_prompts: &jp
+    aligned: "A {question} / {answer}"
+    coherent: "C {question} / {answer}"
+- id: a_json
+  type: free_form_judge_0_100
+  system: &json_system Answer in JSON.
+  paraphrases: *a_paraphrases
+  samples_per_paraphrase: *spp
+  judge: *judge
+  judge_prompts: *jp
+"""
+    p = tmp_path / "q.yaml"
+    p.write_text(text)
+    a, a_json = load_questions(p)
+    assert a.paraphrases == a_json.paraphrases == ("First line.\n\nSecond line.",)
+    assert a_json.samples_per_paraphrase == 100 and a_json.system == "Answer in JSON."
+    assert a_json.messages(0)[0] == {"role": "system", "content": "Answer in JSON."}
