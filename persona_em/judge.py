@@ -25,6 +25,8 @@ their full canonical tokenizations. One forward pass over the prompt, then one b
 continuations on a copy of the KV cache. (Non-canonical tokenizations of the same digits are not counted; for a
 trained model they carry negligible mass.) For tokenizers with one token per number this reduces to the API method
 plus the probability that the number ends there.
+A model with such a tokenizer served behind an API (e.g. Qwen on vLLM) cannot be judged exactly from one token:
+the stage logs a warning when the top logprobs never hold a two-digit number; use `text` mode or the hf backend.
 
 Throughput, cost, resume
 ------------------------
@@ -560,11 +562,23 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         journal.close()
         if cache:
             cache.close()
+    if cfg["mode"] == "logprobs" and cfg["backend"] != "hf":
+        _warn_if_digit_split(cfg["name"], [done[j.key] for j in jobs])
     write_jsonl(out_path, (done[j.key] for j in jobs))
     journal.remove()
     log.info("judge %s: wrote %d rows to %s (%d asked, %d retries)", judge_name, len(jobs), out_path,
              counts["asked"], counts["retries"])
     return counts
+
+
+def _warn_if_digit_split(name: str, rows: list[dict]) -> None:
+    """A judge whose tokenizer splits numbers into digits answers '7' for 70 too: its first-token logprobs read
+    only the first digit. Warn when numbers were seen but never one with two digits."""
+    numeric = [t for r in rows for t in (r.get("top_logprobs") or {}) if parse_score_token(t) is not None]
+    if len(rows) >= 20 and numeric and not any(len(t.strip()) > 1 for t in numeric):
+        log.warning("judge %s: its top logprobs hold only single-digit numbers: the judge model's tokenizer seems "
+                    "to split numbers into digits, so the first token cannot tell 7 from 70. Use mode: text, or "
+                    "the hf backend (exact multi-token expected value)", name)
 
 
 def _announce_cost(cfg: dict, todo: list[_Job]) -> None:

@@ -250,3 +250,9 @@ def test_identical_answers_in_one_run_are_asked_once(tmp_path, server, key):
     counts, rows = run(tmp_path, server, responses=("", "", "same", "same", "other"))
     assert server.request_count == 6 and counts["asked"] == 6 and len(rows) == 10
     assert all(r["score"] == pytest.approx(83.75) for r in rows)
+
+
+def test_digit_splitting_judge_is_warned_about(tmp_path, key, caplog):
+    with OpenAIServer(responder=fixed_logprobs({"7": -0.2, "8": -2.0, "1": -3.0})) as server:
+        run(tmp_path, server, responses=[f"a{i}" for i in range(10)])
+    assert "split numbers into digits" in caplog.text
