@@ -1,6 +1,5 @@
 """Tables from hand-made judged rows: EM rates, policies, summaries, seeds, persona-vs-baseline, judge agreement."""
 import json
-import math
 
 import numpy as np
 import pytest
