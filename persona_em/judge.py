@@ -521,8 +521,9 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
                              f"{s['response_id']}|{metric}", extra={"response": full}))
 
     journal = Journal(journal_path, key_field="key")
-    same = ("judge_model", "judge_mode", "judge_prompt_hash")
-    done = {k: r for k, r in journal.load().items() if all(r.get(f) == identity[f] for f in same)}
+    same = {**{f: identity[f] for f in ("judge_model", "judge_mode", "judge_prompt_hash")},
+            "min_numeric_mass": cfg["min_numeric_mass"], "max_answer_chars": cfg["max_answer_chars"]}
+    done = {k: r for k, r in journal.load().items() if all(r.get(f) == v for f, v in same.items())}
     cache = JudgeCache(cache_path) if cache_path else None
     pending = [j for j in jobs if j.key not in done]
     cached = cache.get_many([j.cache_key for j in pending]) if cache else {}
@@ -534,6 +535,7 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
                "code_mass": j.code_mass, "refusal_mass": j.refusal_mass,
                "top_logprobs": raw.get("top_logprobs"), "judge_text": raw.get("text"),
                "judge_template_hash": template_hash(job.template), "answer_truncated": job.truncated,
+               "min_numeric_mass": cfg["min_numeric_mass"], "max_answer_chars": cfg["max_answer_chars"],
                "source": source, "key": job.key}
         done[job.key] = row
         return row
