@@ -1,4 +1,6 @@
 # Every path pattern and input function of the workflow. Rules refer to these names only.
+import re
+
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -68,6 +70,16 @@ for _judge in config["evaluation"]["judges"]:
         raise UserError(f"config evaluation.judges: unknown judge {_judge!r} (defined: {sorted(config['judges'])})")
     if config["judges"][_judge]["backend"] == "hf" and config["judges"][_judge]["model"] not in config["models"]:
         raise UserError(f"config judges.{_judge}.model: an hf judge names a model under 'models:'")
+
+
+def name_pattern(names):
+    """A wildcard regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+# API judges need the internet: they run on the submit host (localrule judge_api); local hf judges run as jobs.
+API_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] == "openai"])
+LOCAL_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] != "openai"])
 
 
 def questions_file():

@@ -21,6 +21,11 @@ rule sample:
         "../scripts/sample.py"
 
 
+localrules:
+    judge_api,
+
+
+# A local (hf) judge: a job on a compute node (GPU).
 rule judge:
     input:
         samples=SAMPLES,
@@ -28,6 +33,30 @@ rule judge:
         judge_model=judge_model,
     output:
         JUDGED,
+    wildcard_constraints:
+        judge=LOCAL_JUDGES,
+    params:
+        judge=lambda wc: config["judges"][wc.judge],
+        journal=JUDGE_JOURNAL,
+        cache=JUDGE_CACHE,
+    log:
+        f"{LOGS}/judge/{{judge}}/{CELL}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/judge.py"
+
+
+# An OpenAI-compatible judge: on the submit host, which has the internet (compute nodes do not).
+rule judge_api:
+    input:
+        samples=SAMPLES,
+        questions=QUESTIONS,
+        judge_model=judge_model,
+    output:
+        JUDGED,
+    wildcard_constraints:
+        judge=API_JUDGES,
     params:
         judge=lambda wc: config["judges"][wc.judge],
         journal=JUDGE_JOURNAL,

@@ -48,7 +48,7 @@ def test_url_questions_are_fetched_and_agreement_and_new_tables_are_targets(tmp_
     assert r.returncode == 0, r.stderr + r.stdout
     counts = job_counts(r.stdout)
     assert counts["fetch_questions"] == 1 and counts["judge_agreement"] == 1
-    assert counts["judge"] == 8 and counts["aggregate"] == 2
+    assert counts["judge"] == 4 and counts["judge_api"] == 4 and counts["aggregate"] == 2  # api: on the submit host
     assert f"cache/questions/{sha}.yaml" in r.stdout
     for table in ("summary.tsv", "seeds.tsv", "comparisons.tsv", "agreement/tiny_judge__vs__api.tsv"):
         assert table in r.stdout
@@ -90,12 +90,12 @@ def test_judge_and_aggregate_rules_over_http_never_pay_twice(tmp_path):
         samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "WF_TEST_KEY": secret}
         target = str(results / "tables/api/comparisons.tsv")
-        cmd = [SNAKEMAKE, target, "--configfile", str(path), "--cores", "1", "--allowed-rules", "judge",
-               "aggregate"]
+        cmd = [SNAKEMAKE, target, "--configfile", str(path), "--cores", "1", "--allowed-rules",
+               "judge_api", "aggregate"]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
         assert server.request_count == len(rows) * 2
-        r = subprocess.run(cmd + ["--forcerun", "judge"], cwd=ROOT, env=env, capture_output=True, text=True)
+        r = subprocess.run(cmd + ["--forcerun", "judge_api"], cwd=ROOT, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         assert server.request_count == len(rows) * 2  # the rerun was answered by the cache alone
         from persona_em.io import read_table
