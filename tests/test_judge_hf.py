@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from judge_fixtures import write_questions, write_samples
-from persona_em.demo import build_tiny_model
 from persona_em.io import read_jsonl
 from persona_em.judge import HFBackend, JudgeCache, judge_samples
 
@@ -15,10 +14,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    build_tiny_model(d / "model", hidden_size=32, num_layers=1, seed=0)
-    return str(d / "model")
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir)  # the session's tiny demo model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
