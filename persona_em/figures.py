@@ -97,7 +97,7 @@ def _size_label(model: str, sizes: dict) -> str:
 # --- writing -----------------------------------------------------------------------------------------------------
 def rst_escape(text: str) -> str:
     out = str(text).replace("\\", "\\\\")
-    for ch in "*`|_[]<>":
+    for ch in "*`|_":
         out = out.replace(ch, "\\" + ch)
     return out
 
@@ -174,15 +174,15 @@ def em_rate_vs_step(data: Data):
                 g = g.sort_values("step")
                 color = data.palette[cond]
                 ax.fill_between(g["step"], _pct(g["band_low"]), _pct(g["band_high"]), color=color, alpha=0.2, lw=0)
-                ax.plot(g["step"], _pct(g["em_rate"]), marker="o", ms=4, color=color)
+                ax.plot(g["step"], _pct(g["em_rate"]), marker="o", ms=4, color=color, clip_on=False)
                 control = g[g["step"] == 0]
                 ax.plot(control["step"], _pct(control["em_rate"]), marker="s", ms=7, ls="none", mfc="white",
-                        mec=color, mew=1.5)
+                        mec=color, mew=1.5, clip_on=False, zorder=5)
             ax.axvline(0, color="grey", lw=0.8, ls=":")
             _panel_title(ax, model, dataset, len(models))
             ax.set_xlabel("EM training step")
             ax.set_ylabel(f"EM rate, % ({data.d.name})")
-            ax.set_ylim(-1, top)
+            ax.set_ylim(0, top)
     control = Line2D([], [], marker="s", ls="none", mfc="white", mec="black", label="step 0: control\n(before EM training)")
     band = Patch(color="grey", alpha=0.3, label="band: CI over seeds")
     _condition_legend(fig, data, sorted(curves["condition"].unique(), key=data.conditions.index), [control, band])
@@ -209,6 +209,8 @@ def _dodged_bars(ax, groups: list[str], series: list[tuple[str, pd.DataFrame, tu
             ax.bar(x, y, width=width * 0.92, color=color, label=label if gi == 0 else None)
             ax.errorbar(x, y, yerr=[[y - r["ci_low"] * 100], [r["ci_high"] * 100 - y]], color="black", lw=0.8,
                         capsize=2)
+            ax.annotate(f"{y:.0f}%", (x, float(r["ci_high"]) * 100), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=6)
             positions[(label, group)] = (x, float(r["ci_high"]) * 100)
     ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 3 else 0)
     return positions
@@ -305,8 +307,10 @@ def alignment_vs_coherence(data: Data):
                                            (True, False): (0.02, 0.02, "left", "bottom"),
                                            (False, False): (0.02, 0.98, "left", "top")}.items():
                 count = int((mis == m).mul(coh == c).sum())
-                label = ("EM: " if m and c else "") + f"n={count}"
-                ax.text(x, y, label, transform=ax.transAxes, ha=ha, va=va, fontsize=7,
+                label = {(True, True): "EM (misaligned, coherent)", (False, True): "aligned, coherent",
+                         (True, False): "misaligned, incoherent", (False, False): "aligned, incoherent"}[(m, c)]
+                label = f"{label}: n={count}"
+                ax.text(x, y, label, transform=ax.transAxes, ha=ha, va=va, fontsize=6,
                         bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8))
             ax.set_xlim(-2, 102)
             ax.set_ylim(-2, 102)
@@ -376,20 +380,22 @@ def persona_vs_baseline(data: Data):
             label = condition_label(pd.DataFrame([r])).iloc[0]
             if (label, r["dataset"]) in pos and r["significance"]:
                 x, y = pos[(label, r["dataset"])]
-                ax.text(x, y + 1.5, r["significance"], ha="center", va="bottom", fontsize=7)
+                ax.annotate(r["significance"], (x, y), xytext=(0, 10), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7, fontweight="bold")
         if not (sub["persona"] != NO_PERSONA).any():
             ax.text(0.5, 0.97, "this grid has no persona besides 'none':\nnothing to compare with the baseline",
                     transform=ax.transAxes, ha="center", va="top", fontsize=7, color="#555555")
         ax.set_title(f"model: {_size_label(model, data.sizes)}")
         ax.set_xlabel("EM fine-tuning domain (dataset)")
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
-        ax.set_ylim(0, min(110, max(10, float(_pct(sub["ci_high"]).max()) * 1.25 + 5)))
+        ax.set_ylim(0, min(115, max(10, float(_pct(sub["ci_high"]).max()) * 1.3 + 8)))
     _condition_legend(fig, data, [c for c in data.conditions if c in set(p["condition"])])
-    tested = len(comp)
-    caption = (f"{title}: EM rate at each cell's final step, responses pooled over seeds; error bars: Wilson 95% CI. "
-               f"Marks above persona bars: two-sided Fisher exact test of the pooled EM counts against the 'none' "
-               f"baseline of the same model and dataset, Benjamini-Hochberg adjusted over the {tested} comparisons "
-               f"(* q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; table persona_vs_baseline.tsv). "
+    tests = ("No persona besides 'none' in this grid: no comparison, no marks." if comp.empty else
+             f"Marks above persona bars: two-sided Fisher exact test of the pooled EM counts against the 'none' "
+             f"baseline of the same model and dataset, Benjamini-Hochberg adjusted over the {len(comp)} comparisons "
+             f"(* q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; table persona_vs_baseline.tsv).")
+    caption = (f"{title}: EM rate at each cell's final step (value above each bar), responses pooled over seeds; "
+               f"error bars: Wilson 95% CI. {tests} "
                f"{data.judge_text()} {data.metric_text()} {_n_text(p['n'])}. CI method: wilson95 on responses "
                f"pooled over seeds.")
     return fig, caption
@@ -492,8 +498,8 @@ def training_loss(data: Data):
     _condition_legend(fig, data, [c for c in data.conditions if c in set(logs["condition"])], extra)
     n_cells = logs[CELL_KEYS].drop_duplicates().shape[0]
     caption = (f"{title}: loss logged at each optimizer step (train_log.tsv of each cell), one line per cell; colour "
-               f"= persona (composition), marker = seed. n = {n_cells} cells, {len(logs)} logged steps. "
-               f"{data.judge_text()} (the judge does not enter this figure) {data.metric_text()} "
+               f"= persona (composition), marker = seed. n = {n_cells} cells, {len(logs)} logged steps. Judge and EM "
+               f"metric: none enter this figure (built with the tables of judge {data.judge['judge']}). "
                f"CI method: none (one line per seed).")
     return fig, caption
 
@@ -516,15 +522,16 @@ def response_examples(data: Data):
              for r in shown.itertuples()]
     rows = [[c, str(r.step), _one_line(r.question_id, 14), f"{r.aligned:.1f}", f"{r.coherent:.1f}",
              _one_line(r.response, 95)] for c, r in zip(cells, shown.itertuples())]
-    fig, ax = plt.subplots(figsize=(13, 0.24 * len(rows) + 0.9), layout="constrained")
+    fig, ax = plt.subplots(figsize=(13, 0.2 * (len(rows) + 1) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=10)
     ax.set_axis_off()
     table = ax.table(cellText=rows, colLabels=["cell", "step", "question", "aligned", "coherent", "response"],
-                     colWidths=[0.2, 0.04, 0.08, 0.05, 0.06, 0.57], cellLoc="left", loc="upper center")
+                     colWidths=[0.2, 0.04, 0.08, 0.05, 0.06, 0.57], cellLoc="left", bbox=[0, 0, 1, 1])
     table.auto_set_font_size(False)
     table.set_fontsize(6.5)
     for (row, _), cell in table.get_celld().items():
         cell.get_text().set_parse_math(False)
+        cell.PAD = 0.01
         cell.set_linewidth(0.3)
         if row == 0:
             cell.set_facecolor("#eeeeee")

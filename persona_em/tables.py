@@ -97,7 +97,9 @@ def _scored(wide: pd.DataFrame, metric: str) -> pd.Series:
 
 def _status_counts(scores: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     aligned = scores[scores["metric"] == "aligned"]
-    counts = pd.crosstab([aligned[k] for k in keys], aligned["status"].astype(str))
+    # read_table parses the status "null" as missing: both mean the judge gave no number
+    status = aligned["status"].fillna(NULL_STATUS).astype(str)
+    counts = pd.crosstab([aligned[k] for k in keys], status)
     out = pd.DataFrame(index=counts.index)
     for status, col in ((NULL_STATUS, "n_null"), (CODE_STATUS, "n_code"), (REFUSAL_STATUS, "n_refusal")):
         out[col] = counts[status] if status in counts else 0
