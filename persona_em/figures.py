@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from . import provenance, tables  # noqa: E402
 from .aggregate import ALL_QUESTIONS, CELL_KEYS, wide_scores  # noqa: E402
@@ -179,6 +180,7 @@ def em_rate_vs_step(data: Data):
                 ax.plot(control["step"], _pct(control["em_rate"]), marker="s", ms=7, ls="none", mfc="white",
                         mec=color, mew=1.5, clip_on=False, zorder=5)
             ax.axvline(0, color="grey", lw=0.8, ls=":")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             _panel_title(ax, model, dataset, len(models))
             ax.set_xlabel("EM training step")
             ax.set_ylabel(f"EM rate, % ({data.d.name})")
@@ -260,12 +262,18 @@ def model_size_scaling(data: Data):
     fig, axes = _grid(1, len(datasets), title)
     for ax, dataset in zip(axes[0], datasets):
         sub = p[p["dataset"] == dataset]
-        for cond, g in sub.groupby("condition", sort=False):
-            g = g.sort_values("size_b")
+        conds = [c for c in data.conditions if c in set(sub["condition"])]
+        for k, cond in enumerate(conds):
+            g = sub[sub["condition"] == cond].sort_values("size_b")
             y = _pct(g["em_rate"])
-            ax.errorbar(g["size_b"], y, yerr=[y - _pct(g["ci_low"]), _pct(g["ci_high"]) - y], marker="o", ms=4,
-                        capsize=2, color=data.palette[cond], lw=1)
+            dodge = 10 ** (0.015 * (k - (len(conds) - 1) / 2))  # side by side on the log axis, error bars apart
+            ax.errorbar(g["size_b"] * dodge, y, yerr=[y - _pct(g["ci_low"]), _pct(g["ci_high"]) - y], marker="o",
+                        ms=4, capsize=2, color=data.palette[cond], lw=1)
         ax.set_xscale("log")
+        sizes = sorted(sub["size_b"].unique())
+        ax.set_xticks(sizes, [f"{s:g}B" for s in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
         ax.set_title(f"dataset: {dataset}")
         ax.set_xlabel("model size (billions of parameters, log scale)")
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
@@ -349,10 +357,11 @@ def question_heatmap(data: Data):
                           n.fillna(0).astype(int).astype(str))
         sns.heatmap(rate * 100, vmin=0, vmax=100, cmap="Reds", annot=labels, fmt="", annot_kws={"fontsize": 6},
                     linewidths=0.5, linecolor="white", cbar=j == len(datasets) - 1,
-                    cbar_kws={"label": f"EM rate, % ({data.d.name})"}, ax=ax)
+                    cbar_kws={"label": f"EM rate, % ({data.d.name})"}, yticklabels=j == 0, ax=ax)
         ax.set_title(f"dataset: {dataset}")
         ax.set_xlabel("question id")
-        ax.set_ylabel("model / persona (composition)" if len(data.models) > 1 else "persona (composition)")
+        ax.set_ylabel(("model / persona (composition)" if len(data.models) > 1 else "persona (composition)")
+                      if j == 0 else "")
         ax.tick_params(axis="x", rotation=30)
         ax.tick_params(axis="y", rotation=0)
     caption = (f"{title}: EM rate per question at each cell's final step, responses pooled over seeds; rows: "
@@ -479,7 +488,9 @@ def training_loss(data: Data):
         return _message_figure(title, "No training log has a loss."), f"{title}: nothing to show."
     logs = logs.dropna(subset=["loss"]).copy()
     logs["condition"] = condition_label(logs)
-    models, datasets = sorted(logs["model"].unique()), sorted(logs["dataset"].unique())
+    models = [m for m in data.models if m in set(logs["model"])]
+    models += sorted(set(logs["model"]) - set(models))
+    datasets = sorted(logs["dataset"].unique())
     fig, axes = _grid(len(models), len(datasets), title)
     seeds = sorted(logs["seed"].unique())
     markers = dict(zip(seeds, ["o", "s", "^", "D", "v", "P", "X", "*"] * 8))
@@ -491,6 +502,7 @@ def training_loss(data: Data):
                 g = g.sort_values("step")
                 ax.plot(g["step"], g["loss"], color=data.palette.get(cond, "black"), lw=1, marker=markers[seed],
                         ms=3, alpha=0.85)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("EM training step")
             ax.set_ylabel("training loss")
             _panel_title(ax, model, dataset, len(models))
