@@ -178,7 +178,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
         "results_dir": str(results), "work_dir": str(tmp_path / "work"), "cache_dir": str(tmp_path / "cache"),
         "models": {m: {"build_tiny": {}, "size_b": s} for m, s in SIZES.items()},
         "personas": {"caring": {"adapter": "unused"}, "cynic": {"adapter": "unused"}},
-        "datasets": {d: {"demo": {"kind": "insecure"}} for d in ("insecure", "medical")},
+        "datasets": {d: {"path": f"unused/{d}.jsonl"} for d in ("insecure", "medical")},  # never read
         "checkpoints": {"steps": [0, 10, 20]},
         "grid": {"models": ["small", "large"], "personas": ["none", "caring", "cynic"], "compositions": ["stacked"],
                  "datasets": ["insecure", "medical"], "seeds": [0, 1]},
