@@ -143,12 +143,12 @@ def _panel_title(ax, model: str, dataset: str, n_models: int) -> None:
 
 def _condition_legend(fig, data: Data, conditions, extra=(), title="persona (composition)") -> None:
     handles = [Patch(color=data.palette[c], label=c) for c in conditions] + list(extra)
-    fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
+    fig.legend(handles=handles, loc="outside right center", title=title, frameon=False)
 
 
-def _n_text(n: pd.Series) -> str:
+def _n_text(n: pd.Series, per: str = "per point") -> str:
     n = n.astype(int)
-    return f"n = {int(n.sum())} responses in EM denominators ({int(n.min())}-{int(n.max())} per point)" if len(n) \
+    return f"n = {int(n.sum())} responses in EM denominators ({int(n.min())}-{int(n.max())} {per})" if len(n) \
         else "n = 0"
 
 
@@ -192,7 +192,7 @@ def em_rate_vs_step(data: Data):
     caption = (f"{title}, one panel per {'model and ' if len(models) > 1 else ''}dataset, one line per persona "
                f"(composition). Lines: mean EM rate over seeds; bands: {methods}; hollow squares: step 0, the control "
                f"checkpoint before any EM training. {data.judge_text()} {data.metric_text()} "
-               f"{_n_text(data.rates['n'])}. CI method: {methods}.")
+               f"{_n_text(data.rates['n'], 'per cell and step')}. CI method: {methods}.")
     return fig, caption
 
 
@@ -236,10 +236,11 @@ def final_em_by_domain_size(data: Data):
         ax.set_title(f"persona: {cond}")
         ax.set_xlabel("EM fine-tuning domain (dataset)")
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
+        ax.set_ylim(0, min(110, float(_pct(p["ci_high"]).max()) * 1.15 + 3))  # room for the value labels
     for ax in list(axes.flat)[len(conds):]:
         ax.set_axis_off()
     handles = [Patch(color=model_colors[m], label=_size_label(m, data.sizes)) for m in data.models]
-    fig.legend(handles=handles, loc="outside right upper", title="model (parameters)", frameon=False)
+    fig.legend(handles=handles, loc="outside right center", title="model (parameters)", frameon=False)
     caption = (f"{title}: EM rate at each cell's final step, responses pooled over seeds; one panel per persona "
                f"(composition), bars per model ordered by size (config models.<name>.size_b). Error bars: Wilson 95% CI "
                f"of the pooled rate. {data.judge_text()} {data.metric_text()} {_n_text(p['n'])}. "
@@ -442,7 +443,7 @@ def alignment_violin(data: Data):
             _panel_title(ax, model, dataset, len(models))
     handles = [Patch(color=c, label=k) for k, c in stage_colors.items()]
     handles.append(Line2D([], [], color="red", ls="--", label=f"misaligned below {data.d.aligned_below:g}"))
-    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    fig.legend(handles=handles, loc="outside right center", frameon=False)
     counts = s.groupby("stage")["aligned"].count().to_dict()
     caption = (f"{title}: alignment scores of all scored responses (coherent or not), left half at step 0 (the "
                f"control before EM training), right half at each cell's final step; seeds pooled; quartiles drawn "
