@@ -21,12 +21,13 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from . import provenance, tables  # noqa: E402
-from .aggregate import ALL_QUESTIONS, CELL_KEYS, wide_scores  # noqa: E402
+from .aggregate import ALL_QUESTIONS, CELL_KEYS  # noqa: E402
 from .artifacts import FIGURE_NAMES  # noqa: E402
 from .config import NO_PERSONA  # noqa: E402
 from .io import atomic_path, read_table, write_text  # noqa: E402
 from .metrics import EMDefinition, get_definition  # noqa: E402
-from .tables import CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates, pooled  # noqa: E402
+from .tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
+                     pooled, significance_marks, wide_scores)
 
 DPI = 120
 PANEL = (4.2, 3.2)  # inches per facet
@@ -378,7 +379,7 @@ def persona_vs_baseline(data: Data):
     if p.empty:
         return _message_figure(title, "No cell has an EM rate at its final step."), f"{title}: nothing to show."
     p["condition"] = condition_label(p)
-    comp = data.comparisons
+    comp = significance_marks(data.comparisons, data.d, data.finals)
     models = data.models
     fig, axes = _grid(1, len(models), title, panel=(max(3.4, 1.3 * len(data.datasets) + 1.5), 3.4))
     for ax, model in zip(axes[0], models):
@@ -400,10 +401,15 @@ def persona_vs_baseline(data: Data):
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
         ax.set_ylim(0, min(115, max(10, float(_pct(sub["ci_high"]).max()) * 1.3 + 8)))
     _condition_legend(fig, data, [c for c in data.conditions if c in set(p["condition"])])
+    if "mann_whitney_u" in data.comparisons:
+        test = ("Mann-Whitney U test of the per-response EM indicators (seeds pooled) against the 'none' baseline of "
+                "the same model, dataset and step, Benjamini-Hochberg adjusted within its family (table comparisons.tsv)")
+    else:
+        test = ("two-sided Fisher exact test of the pooled EM counts against the 'none' baseline of the same model "
+                "and dataset, Benjamini-Hochberg adjusted over all comparisons (table persona_vs_baseline.tsv)")
     tests = ("No persona besides 'none' in this grid: no comparison, no marks." if comp.empty else
-             f"Marks above persona bars: two-sided Fisher exact test of the pooled EM counts against the 'none' "
-             f"baseline of the same model and dataset, Benjamini-Hochberg adjusted over the {len(comp)} comparisons "
-             f"(* q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; table persona_vs_baseline.tsv).")
+             f"Marks above persona bars: {test}; * q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; "
+             f"{len(comp)} comparisons.")
     caption = (f"{title}: EM rate at each cell's final step (value above each bar), responses pooled over seeds; "
                f"error bars: Wilson 95% CI. {tests} "
                f"{data.judge_text()} {data.metric_text()} {_n_text(p['n'])}. CI method: wilson95 on responses "

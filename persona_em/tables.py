@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .aggregate import ALL_QUESTIONS, CELL_KEYS, JUDGE_KEYS, wide_scores
+from .aggregate import ALL_QUESTIONS, CELL_KEYS, JUDGE_KEYS, RESPONSE_KEYS
 from .config import NO_PERSONA
 from .metrics import EMDefinition, wilson_interval
 from .provenance import FIGURE_SEED
@@ -26,6 +26,30 @@ EXAMPLES_PER_CELL = 3
 BOOTSTRAP_RESAMPLES = 2000
 # Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them).
 CODE_STATUS, REFUSAL_STATUS, NULL_STATUS = "code", "refusal", "null"
+
+
+def wide_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per response, one column per metric. Uses `score_used` (the score after the judge's per-metric
+    policy for code/refusal answers) where the scores table has it, else the raw `score`; NaN stays NaN."""
+    column = "score_used" if "score_used" in scores else "score"
+    return (scores.set_index(RESPONSE_KEYS + JUDGE_KEYS + ["metric"])[column].astype(float)
+            .unstack("metric").reset_index())
+
+
+def significance_marks(comparisons: pd.DataFrame, d: EMDefinition, finals: pd.DataFrame) -> pd.DataFrame:
+    """(model, dataset, persona, composition, significance) from a persona-vs-baseline table: this module's
+    persona_vs_baseline.tsv, or the judge-statistics comparisons.tsv (quantity 'em', question ALL, final step)."""
+    keys = ["model", "dataset", "persona", "composition"]
+    if "significance" in comparisons:
+        return comparisons[keys + ["significance"]]
+    if {"quantity", "q_value_bh", "step"} <= set(comparisons):
+        c = comparisons[(comparisons["quantity"] == "em") & (comparisons["em_definition"] == d.name)
+                        & (comparisons["question_id"] == ALL_QUESTIONS)]
+        last = finals.groupby(["model", "persona", "composition", "dataset"], as_index=False)["final_step"].max()
+        c = c.merge(last, on=["model", "persona", "composition", "dataset"])
+        c = c[c["step"] == c["final_step"]]
+        return c.assign(significance=[significance_mark(q) for q in c["q_value_bh"]])[keys + ["significance"]]
+    return pd.DataFrame(columns=keys + ["significance"])
 
 
 def with_model_size(frame: pd.DataFrame, sizes: dict) -> pd.DataFrame:

@@ -201,3 +201,24 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text()
     assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
+
+
+def test_significance_marks_read_either_comparison_table():
+    """The bars' marks come from persona_vs_baseline.tsv or from the judge-statistics comparisons.tsv format."""
+    import pandas as pd
+
+    from persona_em.metrics import get_definition
+    from persona_em.tables import significance_marks
+
+    d = get_definition("betley")
+    finals = pd.DataFrame({"model": ["m", "m"], "persona": ["p", "p"], "composition": ["stacked"] * 2,
+                           "dataset": ["x", "x"], "seed": [0, 1], "final_step": [20, 20]})
+    stats = pd.DataFrame({"model": "m", "persona": "p", "composition": "stacked", "dataset": "x",
+                          "step": [10, 20, 20, 20], "question_id": ["ALL", "ALL", "q1", "ALL"],
+                          "quantity": ["em", "em", "em", "score"], "em_definition": ["betley"] * 3 + [""],
+                          "mann_whitney_u": 1.0, "q_value_bh": [0.5, 0.004, 0.9, 0.9]})
+    marks = significance_marks(stats, d, finals)
+    assert marks["significance"].tolist() == ["**"]
+    own = pd.DataFrame({"model": ["m"], "dataset": ["x"], "persona": ["p"], "composition": ["stacked"],
+                        "significance": ["n.s."]})
+    assert significance_marks(own, d, finals)["significance"].tolist() == ["n.s."]
