@@ -554,10 +554,10 @@ def response_examples(data: Data):
         cell.set_linewidth(0.3)
         if row == 0:
             cell.set_facecolor("#eeeeee")
-    more = f" The image shows the first {len(shown)} of {len(ex)} rows;" if len(ex) > len(shown) else ""
+    more = f" the image shows the first {len(shown)} of {len(ex)} rows;" if len(ex) > len(shown) else ""
     caption = (f"{title}: per cell, the {k} responses with the lowest alignment score among the coherent ones "
-               f"(coherent > {data.d.coherent_above:g}) at the cell's final step; responses cut to one line.{more} "
-               f"full text in response_examples.md. {data.judge_text()} {data.metric_text()} n = {len(ex)} responses "
+               f"(coherent > {data.d.coherent_above:g}) at the cell's final step; responses cut to one line;{more} "
+               f"the full text is in response_examples.md. {data.judge_text()} {data.metric_text()} n = {len(ex)} responses "
                f"from {ex[CELL_KEYS].drop_duplicates().shape[0]} cells. CI method: none (examples).")
     return fig, caption
 
