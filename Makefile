@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test lint clean-demo figures report
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
+
+# Every figure and summary table, rebuilt from the tidy tables alone (no model, no GPU): `make figures CONFIG=...`.
+CONFIG ?= config/demo.yaml
+REPORT ?= results/demo/report.html
+FIGURE_RULES := summary_tables plot_figures report_pages figures
+
+figures: $(BIN)/.installed
+	$(BIN)/snakemake figures --profile profiles/local --configfile $(CONFIG) --allowed-rules $(FIGURE_RULES) \
+		--forcerun $(FIGURE_RULES)
+
+report: figures
+	$(BIN)/snakemake figures --profile profiles/local --configfile $(CONFIG) --report $(REPORT)
 
 lint: $(BIN)/.installed
 	$(BIN)/snakemake --lint

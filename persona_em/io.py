@@ -87,7 +87,7 @@ def read_table(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: table not found")
-    return pd.read_csv(path, sep="\t")
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])  # the status "null" is a word
 
 
 def read_json(path: str | os.PathLike) -> Any:

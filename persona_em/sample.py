@@ -8,7 +8,6 @@ every batch has its own seed (from the sampling seed, step and batch index) the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

@@ -1,6 +1,7 @@
 # Every path pattern and input function of the workflow. Rules refer to these names only.
 import re
 
+from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -54,9 +55,18 @@ COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
 JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
-FIGURES = {
-    name: f"{RESULTS}/figures/{{judge}}/{name}.png" for name in ("em_rate_vs_step", "alignment_vs_coherence")
+# Summary tables and figures of one judge, rebuilt from the tidy tables above (rules/report.smk).
+SUMMARY_TABLES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in TABLE_NAMES}
+TABLE_SIDECARS = {f"{name}_provenance": f"{RESULTS}/tables/{{judge}}/{name}.provenance.json" for name in TABLE_NAMES}
+RESPONSE_EXAMPLES_MD = f"{RESULTS}/tables/{{judge}}/response_examples.md"
+FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
+FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in FIGURE_NAMES
+    for kind, suffix in FIGURE_SUFFIXES.items()
 }
+TABLES_PAGE = f"{RESULTS}/figures/{{judge}}/summary_tables.html"
+PROVENANCE_PAGE = f"{RESULTS}/figures/{{judge}}/provenance.html"
 
 for _pair in config["evaluation"]["judge_agreement"]:
     if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
@@ -96,15 +106,29 @@ def cell_paths(pattern, **extra):
     return [pattern.format(**c.keys(), **extra) for c in CELLS]
 
 
+def figure_targets():
+    """Every figure, summary table and report page of every judge: the `figures` target."""
+    patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), TABLES_PAGE, PROVENANCE_PAGE]
+    return [p.format(judge=judge) for judge in config["evaluation"]["judges"] for p in patterns]
+
+
 def all_targets():
     targets = []
     for judge in config["evaluation"]["judges"]:
         targets += [SCORES.format(judge=judge), EM_RATES.format(judge=judge)]
-        targets += [p.format(judge=judge) for p in FIGURES.values()]
         targets += [p.format(judge=judge) for p in (SUMMARY, SEED_SUMMARY, COMPARISONS)]
     for judge_a, judge_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=judge_a, judge_b=judge_b))
-    return targets
+    return targets + figure_targets()
+
+
+def model_source(name):
+    """Where a model comes from: its config entry without size_b (a size label must not retrain anything)."""
+    return {k: v for k, v in config["models"][name].items() if k != "size_b"}
+
+
+# Parameters in billions of each model (config models.<name>.size_b); None where not given.
+MODEL_SIZES = {name: spec.get("size_b") for name, spec in config["models"].items()}
 
 
 # --- input functions ---------------------------------------------------------------------------------------------
@@ -135,3 +159,17 @@ def judge_model(wildcards):
 
 def judged_files(wildcards):
     return cell_paths(JUDGED, judge=wildcards.judge)
+
+
+def train_logs(wildcards):
+    return cell_paths(TRAIN_LOG)
+
+
+def figure_outputs():
+    """FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is report/<figure>.rst."""
+    flagged = {}
+    for key, path in FIGURE_FILES.items():
+        name = key.rsplit("_", 1)[0]
+        caption = f"../report/{name}.rst"
+        flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path
+    return flagged

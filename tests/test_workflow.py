@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
-import yaml
 
-from conftest import REPO, demo_config, run_snakemake
+from conftest import demo_config, run_snakemake
 from persona_em.io import read_jsonl, read_table
 from persona_em.questions import load_questions
 
@@ -64,10 +62,10 @@ def test_demo_dag_end_to_end(tmp_path):
     assert "Nothing to be done" in res.stdout
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
-    assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "figures": 1, "all": 1}
+    assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
     changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.7}}
     res = run_snakemake(tmp_path, changed, "-n")
-    assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "figures": 1, "all": 1}
+    assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
 
 
 def planned_jobs(dry_run_output: str) -> dict:

@@ -1,0 +1,16 @@
+"""Names of the figures and summary tables built from the tidy tables (rules/common.smk turns them into paths)."""
+
+FIGURE_NAMES = (
+    "em_rate_vs_step",
+    "final_em_by_domain_size",
+    "model_size_scaling",
+    "alignment_vs_coherence",
+    "question_heatmap",
+    "persona_vs_baseline",
+    "alignment_violin",
+    "alignment_cdf",
+    "training_loss",
+    "response_examples",
+)
+FIGURE_FILES = ("png", "svg", "caption", "provenance")  # caption: RST the report includes; provenance: JSON sidecar
+TABLE_NAMES = ("cell_scores", "checkpoint_summary", "persona_dataset_pivot", "persona_vs_baseline", "response_examples")

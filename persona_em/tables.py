@@ -1,0 +1,314 @@
+"""Summary tables from the tidy tables (scores.tsv, em_rates.tsv) alone, and the few statistics the figures need.
+
+Every EM count comes from em_rates.tsv (made by aggregate.py with persona_em.metrics); every threshold test on a single
+score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here redefines what "EM" means.
+
+cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
+                     n refusal, EM rate with its Wilson CI
+checkpoint_summary   one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n
+persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
+persona_vs_baseline  each persona cell group vs the no-persona baseline (same model and dataset): Fisher exact test on
+                     pooled EM counts, Benjamini-Hochberg adjusted over all comparisons of the table
+response_examples    the k lowest-aligned coherent responses of each cell at its final step
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .aggregate import ALL_QUESTIONS, CELL_KEYS, JUDGE_KEYS
+from .aggregate import wide_scores as aggregate_wide_scores
+from .config import NO_PERSONA
+from .metrics import EMDefinition, wilson_interval
+from .provenance import FIGURE_SEED
+from .stats import benjamini_hochberg, bootstrap_ci
+
+CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
+EXAMPLES_PER_CELL = 3
+BOOTSTRAP_RESAMPLES = 2000
+# Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them).
+CODE_STATUS, REFUSAL_STATUS, NULL_STATUS = "code", "refusal", "null"
+
+
+def wide_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per response, one column per metric. Uses `score_used` (the score after the judge's per-metric
+    policy for code/refusal answers) where the scores table has it, else the raw `score`; NaN stays NaN."""
+    return aggregate_wide_scores(scores, "score_used" if "score_used" in scores else "score")
+
+
+def significance_marks(comparisons: pd.DataFrame, d: EMDefinition, finals: pd.DataFrame) -> pd.DataFrame:
+    """(model, dataset, persona, composition, significance) from a persona-vs-baseline table: this module's
+    persona_vs_baseline.tsv, or the judge-statistics comparisons.tsv (quantity 'em', question ALL, final step)."""
+    keys = ["model", "dataset", "persona", "composition"]
+    if "significance" in comparisons:
+        return comparisons[keys + ["significance"]]
+    if {"quantity", "q_value_bh", "step"} <= set(comparisons):
+        c = comparisons[(comparisons["quantity"] == "em") & (comparisons["em_definition"] == d.name)
+                        & (comparisons["question_id"] == ALL_QUESTIONS)]
+        last = finals.groupby(["model", "persona", "composition", "dataset"], as_index=False)["final_step"].max()
+        c = c.merge(last, on=["model", "persona", "composition", "dataset"])
+        c = c[c["step"] == c["final_step"]]
+        return c.assign(significance=[significance_mark(q) for q in c["q_value_bh"]])[keys + ["significance"]]
+    return pd.DataFrame(columns=keys + ["significance"])
+
+
+def with_model_size(frame: pd.DataFrame, sizes: dict) -> pd.DataFrame:
+    """Add `model_size_b` (parameters in billions, from config models.<name>.size_b; empty when not given)."""
+    out = frame.copy()
+    out.insert(out.columns.get_loc("model") + 1, "model_size_b",
+               out["model"].map(lambda m: sizes.get(m)).astype(float))
+    return out
+
+
+def overall_rates(em_rates: pd.DataFrame, definition: str) -> pd.DataFrame:
+    """em_rates rows over all questions for one EM definition."""
+    return em_rates[(em_rates["question_id"] == ALL_QUESTIONS) & (em_rates["em_definition"] == definition)].copy()
+
+
+def final_steps(em_rates: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluated step of each cell (cells of one grid may have different schedules)."""
+    return em_rates.groupby(CELL_KEYS, as_index=False)["step"].max().rename(columns={"step": "final_step"})
+
+
+def at_final_step(frame: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
+    merged = frame.merge(finals, on=CELL_KEYS)
+    return merged[merged["step"] == merged["final_step"]].drop(columns="final_step")
+
+
+def pooled(rates: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """EM counts summed over the rows of each group (e.g. over seeds) with the Wilson 95% CI of the pooled rate."""
+    g = rates.groupby(keys, as_index=False, sort=True).agg(n=("n", "sum"), n_em=("n_em", "sum"),
+                                                             n_seeds=("seed", "nunique"), steps=("step", _steps))
+    ci = [wilson_interval(int(k), int(n)) for k, n in zip(g["n_em"], g["n"])]
+    g["em_rate"] = np.where(g["n"] > 0, g["n_em"] / g["n"].where(g["n"] > 0, 1), np.nan)
+    g["ci_low"] = [c[0] for c in ci]
+    g["ci_high"] = [c[1] for c in ci]
+    g["ci_method"] = "wilson95 on responses pooled over seeds"
+    return g
+
+
+def _steps(s: pd.Series) -> str:
+    return ",".join(str(int(v)) for v in sorted(s.unique()))
+
+
+
+
+def step_curves(rates: pd.DataFrame) -> pd.DataFrame:
+    """Per condition and step: mean EM rate over seeds and its band (seed bootstrap; Wilson when only one seed)."""
+    rows = []
+    for key, g in rates.dropna(subset=["em_rate"]).groupby(CONDITION_KEYS + ["step"], sort=True):
+        if len(g) >= 2:  # 95% percentile bootstrap of the mean over seeds (resampling seeds)
+            low, high = bootstrap_ci(g["em_rate"].to_numpy(), BOOTSTRAP_RESAMPLES, seed=FIGURE_SEED)
+            method = f"95% bootstrap over {len(g)} seeds"
+        else:
+            low, high = float(g["ci_low"].iloc[0]), float(g["ci_high"].iloc[0])
+            method = "wilson95 (one seed)"
+        rows.append({**dict(zip(CONDITION_KEYS + ["step"], key)), "em_rate": g["em_rate"].mean(), "band_low": low,
+                     "band_high": high, "band_method": method, "n_seeds": len(g), "n": int(g["n"].sum())})
+    return pd.DataFrame(rows, columns=CONDITION_KEYS + ["step", "em_rate", "band_low", "band_high", "band_method",
+                                                        "n_seeds", "n"])
+
+
+def _scored(wide: pd.DataFrame, metric: str) -> pd.Series:
+    return wide[metric] if metric in wide else pd.Series(np.nan, index=wide.index)
+
+
+def _status_counts(scores: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    aligned = scores[scores["metric"] == "aligned"]
+    # read_table parses the status "null" as missing: both mean the judge gave no number
+    status = aligned["status"].fillna(NULL_STATUS).astype(str)
+    counts = pd.crosstab([aligned[k] for k in keys], status)
+    out = pd.DataFrame(index=counts.index)
+    for status, col in ((NULL_STATUS, "n_null"), (CODE_STATUS, "n_code"), (REFUSAL_STATUS, "n_refusal")):
+        out[col] = counts[status] if status in counts else 0
+    return out.reset_index()
+
+
+def checkpoint_summary(scores: pd.DataFrame, em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
+    """One row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n."""
+    wide = wide_scores(scores)
+    wide["aligned"], wide["coherent"] = _scored(wide, "aligned"), _scored(wide, "coherent")
+    keys = CELL_KEYS + ["step"]
+    wide["misaligned_flag"] = wide["aligned"].map(lambda a: np.nan if pd.isna(a) else float(d.is_misaligned(a)))
+    wide["coherent_flag"] = wide["coherent"].map(lambda c: np.nan if pd.isna(c) else float(d.is_coherent(c)))
+    g = wide.groupby(keys, as_index=False, sort=True).agg(
+        n_responses=("response_id", "count"), mean_aligned=("aligned", "mean"), mean_coherent=("coherent", "mean"),
+        misaligned_pct=("misaligned_flag", "mean"), coherent_pct=("coherent_flag", "mean"))
+    g["misaligned_pct"] *= 100
+    g["coherent_pct"] *= 100
+    rates = overall_rates(em_rates, d.name)[keys + ["n", "n_em", "em_rate", "ci_low", "ci_high", "ci_method"]]
+    out = g.merge(rates, on=keys, how="left")
+    out["em_pct"] = out.pop("em_rate") * 100
+    out["em_ci_low_pct"] = out.pop("ci_low") * 100
+    out["em_ci_high_pct"] = out.pop("ci_high") * 100
+    out["em_definition"] = d.name
+    return with_model_size(out, sizes)
+
+
+def cell_scores(scores: pd.DataFrame, em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
+    """One row per cell at its final step: alignment and coherence (mean, std, n scored), n null/code/refusal, EM."""
+    finals = final_steps(em_rates)
+    wide = at_final_step(wide_scores(scores), finals)
+    wide["aligned"], wide["coherent"] = _scored(wide, "aligned"), _scored(wide, "coherent")
+    keys = CELL_KEYS + JUDGE_KEYS + ["step"]
+    g = wide.groupby(keys, as_index=False, sort=True).agg(
+        n_responses=("response_id", "count"),
+        mean_aligned=("aligned", "mean"), std_aligned=("aligned", "std"), n_scored_aligned=("aligned", "count"),
+        mean_coherent=("coherent", "mean"), std_coherent=("coherent", "std"),
+        n_scored_coherent=("coherent", "count"))
+    status = _status_counts(at_final_step(scores, finals), CELL_KEYS + ["step"])
+    g = g.merge(status, on=CELL_KEYS + ["step"], how="left")
+    rates = overall_rates(em_rates, d.name)[CELL_KEYS + ["step", "n", "n_em", "em_rate", "ci_low", "ci_high",
+                                                         "ci_method"]]
+    out = g.merge(rates, on=CELL_KEYS + ["step"], how="left").rename(columns={"step": "final_step"})
+    out["em_definition"] = d.name
+    return with_model_size(out, sizes)
+
+
+def condition_label(frame: pd.DataFrame, with_model: bool = False) -> pd.Series:
+    """persona, or persona (composition) for personas that have one; model/ in front when asked."""
+    label = frame["persona"].where(frame["composition"] == NO_PERSONA,
+                                   frame["persona"] + " (" + frame["composition"] + ")")
+    return frame["model"] + " / " + label if with_model else label
+
+
+def persona_dataset_pivot(em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
+    """Final EM % pooled over seeds: one row per model/persona/composition; em %, CI and n per dataset."""
+    final = at_final_step(overall_rates(em_rates, d.name), final_steps(em_rates))
+    p = pooled(final, CONDITION_KEYS)
+    p["em_pct"] = p["em_rate"] * 100
+    p["ci_low_pct"] = p["ci_low"] * 100
+    p["ci_high_pct"] = p["ci_high"] * 100
+    wide = p.pivot(index=["model", "persona", "composition"], columns="dataset",
+                   values=["em_pct", "ci_low_pct", "ci_high_pct", "n", "n_em"])
+    wide.columns = [f"{dataset}:{value}" for value, dataset in wide.columns]
+    datasets = sorted(p["dataset"].unique())
+    order = [f"{ds}:{v}" for ds in datasets for v in ("em_pct", "ci_low_pct", "ci_high_pct", "n_em", "n")]
+    out = wide[order].reset_index()
+    out["em_definition"] = d.name
+    out["ci_method"] = "wilson95 on responses pooled over seeds"
+    return with_model_size(out, sizes)
+
+
+def significance_mark(q: float) -> str:
+    if pd.isna(q):
+        return ""
+    return "***" if q < 0.001 else "**" if q < 0.01 else "*" if q < 0.05 else "n.s."
+
+
+def persona_vs_baseline(em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
+    """Each persona/composition vs the no-persona baseline of the same model and dataset, at final steps."""
+    from scipy.stats import fisher_exact
+
+    final = at_final_step(overall_rates(em_rates, d.name), final_steps(em_rates))
+    p = pooled(final, CONDITION_KEYS)
+    base = p[p["persona"] == NO_PERSONA].set_index(["model", "dataset"])
+    rows = []
+    for _, r in p[p["persona"] != NO_PERSONA].iterrows():
+        if (r["model"], r["dataset"]) not in base.index:
+            continue
+        b = base.loc[(r["model"], r["dataset"])]
+        table = [[int(r["n_em"]), int(r["n"] - r["n_em"])], [int(b["n_em"]), int(b["n"] - b["n_em"])]]
+        pval = fisher_exact(table)[1] if r["n"] > 0 and b["n"] > 0 else np.nan
+        rows.append({"model": r["model"], "dataset": r["dataset"], "persona": r["persona"],
+                     "composition": r["composition"], "steps": r["steps"], "n": int(r["n"]), "n_em": int(r["n_em"]),
+                     "em_rate": r["em_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                     "baseline_steps": b["steps"], "baseline_n": int(b["n"]), "baseline_n_em": int(b["n_em"]),
+                     "baseline_em_rate": b["em_rate"], "baseline_ci_low": b["ci_low"],
+                     "baseline_ci_high": b["ci_high"], "difference": r["em_rate"] - b["em_rate"],
+                     "test": "fisher_exact_two_sided", "p_value": pval})
+    columns = ["model", "dataset", "persona", "composition", "steps", "n", "n_em", "em_rate", "ci_low", "ci_high",
+               "baseline_steps", "baseline_n", "baseline_n_em", "baseline_em_rate", "baseline_ci_low",
+               "baseline_ci_high", "difference", "test", "p_value"]
+    out = pd.DataFrame(rows, columns=columns)
+    out["q_value_bh"] = benjamini_hochberg(out["p_value"].to_numpy())
+    out["significance"] = [significance_mark(q) for q in out["q_value_bh"]]
+    out["em_definition"] = d.name
+    out["ci_method"] = "wilson95 on responses pooled over seeds"
+    return with_model_size(out, sizes)
+
+
+def response_examples(scores: pd.DataFrame, em_rates: pd.DataFrame, d: EMDefinition,
+                      k: int = EXAMPLES_PER_CELL) -> pd.DataFrame:
+    """The k lowest-aligned coherent responses of each cell at its final step (ties broken by response id)."""
+    wide = at_final_step(wide_scores(scores), final_steps(em_rates))
+    wide["aligned"], wide["coherent"] = _scored(wide, "aligned"), _scored(wide, "coherent")
+    wide = wide.dropna(subset=["aligned", "coherent"])
+    wide = wide[wide["coherent"].map(d.is_coherent).astype(bool)]
+    text = scores.drop_duplicates("response_id")[["response_id", "question", "response"]]
+    wide = wide.merge(text, on="response_id", how="left")
+    wide = wide.sort_values(CELL_KEYS + ["aligned", "response_id"])
+    out = wide.groupby(CELL_KEYS, sort=True).head(k)
+    out = out.assign(rank=out.groupby(CELL_KEYS).cumcount() + 1)
+    out["misaligned"] = out["aligned"].map(d.is_misaligned)
+    out["em_definition"] = d.name
+    return out[CELL_KEYS + ["step", "rank", "question_id", "response_id", "aligned", "coherent", "misaligned",
+                            "question", "response", "em_definition"]].reset_index(drop=True)
+
+
+def markdown_escape(text: str) -> str:
+    """One Markdown table cell: no raw newlines, pipes or HTML."""
+    text = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>").replace("\t", " ")
+
+
+def examples_markdown(examples: pd.DataFrame, caption: str) -> str:
+    lines = [f"# Response examples\n\n{caption}\n"]
+    cols = ["cell", "step", "rank", "question_id", "aligned", "coherent", "question", "response"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in examples.iterrows():
+        cell = f"{r['model']}/{r['persona']}/{r['composition']}/{r['dataset']}/seed{r['seed']}"
+        values = [cell, r["step"], r["rank"], r["question_id"], f"{r['aligned']:.1f}", f"{r['coherent']:.1f}",
+                  r["question"], r["response"]]
+        lines.append("| " + " | ".join(markdown_escape(v) for v in values) + " |")
+    if examples.empty:
+        lines.append("\n(no coherent scored response at any cell's final step)")
+    return "\n".join(lines) + "\n"
+
+
+# --- entry points ------------------------------------------------------------------------------------------------
+def write_tables(scores_path: str, em_rates_path: str, definition: str, custom: dict, sizes: dict, repo: str,
+                 config: dict, outputs: dict) -> None:
+    """Every table of TABLE_NAMES with its provenance sidecar; `outputs` maps '<name>' and '<name>_provenance'
+    (and 'response_examples_md') to paths."""
+    from .io import read_table, write_table, write_text
+    from .metrics import get_definition
+    from .provenance import collect, judge_identity, write_sidecar
+
+    scores, em_rates = read_table(scores_path), read_table(em_rates_path)
+    d = get_definition(definition, custom)
+    built = {
+        "cell_scores": cell_scores(scores, em_rates, d, sizes),
+        "checkpoint_summary": checkpoint_summary(scores, em_rates, d, sizes),
+        "persona_dataset_pivot": persona_dataset_pivot(em_rates, d, sizes),
+        "persona_vs_baseline": persona_vs_baseline(em_rates, d, sizes),
+        "response_examples": response_examples(scores, em_rates, d),
+    }
+    shared = collect(repo, config, scores, [em_rates], em_definition=d.name)
+    for name, frame in built.items():
+        write_table(outputs[name], frame)
+    j = judge_identity(scores)
+    caption = (f"Judge {j['judge']} (model {j['judge_model']}, {j['judge_mode']}, prompts {j['judge_prompt_hash']}). "
+               f"Metric: {d.name} = {d.description}; coherent means coherent > {d.coherent_above:g}. "
+               f"The {EXAMPLES_PER_CELL} lowest-aligned coherent responses of each cell at its final step.")
+    write_text(outputs["response_examples_md"], examples_markdown(built["response_examples"], caption))
+    for name in built:
+        files = [outputs[name]] + ([outputs["response_examples_md"]] if name == "response_examples" else [])
+        write_sidecar(outputs[f"{name}_provenance"], name, files, [scores_path, em_rates_path], shared)
+
+
+def tables_page(table_paths: dict, out: str, title: str) -> None:
+    """The summary tables as one HTML page for `snakemake --report` (TSV stays the machine-readable form)."""
+    import html
+
+    from .io import read_table, write_text
+
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    for name, path in table_paths.items():
+        frame = read_table(path)
+        if name == "response_examples":
+            frame = frame.assign(response=frame["response"].map(lambda t: str(t)[:300]))
+        parts.append(f"<h3>{html.escape(name)} ({len(frame)} rows; {html.escape(str(path))})</h3>")
+        parts.append(frame.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4g}", border=1))
+    write_text(out, "<!doctype html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title)
+               + "</title></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -1,0 +1,224 @@
+"""Figures, summary tables, report pages and provenance, rebuilt from the committed fixture tables alone."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES  # noqa: E402
+from persona_em.figures import make_figures  # noqa: E402
+from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
+from persona_em.provenance import provenance_page  # noqa: E402
+from persona_em.tables import tables_page, write_tables  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "figures"
+JUDGE = "fixture_judge"
+SIZES = {"small": 0.5, "large": 7.0}
+CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture"}
+FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
+CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
+         ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
+
+
+def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
+    """What the summary_tables, plot_figures and report_pages rules do, with the paths of rules/common.smk."""
+    scores, rates = fixture / "tables" / JUDGE / "scores.tsv", fixture / "tables" / JUDGE / "em_rates.tsv"
+    logs = [fixture / "em" / m / p / c / d / f"seed{s}" / "train_log.tsv" for m, p, c, d, s in cells]
+    t = {name: str(out / "tables" / f"{name}.tsv") for name in TABLE_NAMES}
+    t.update({f"{name}_provenance": str(out / "tables" / f"{name}.provenance.json") for name in TABLE_NAMES})
+    t["response_examples_md"] = str(out / "tables" / "response_examples.md")
+    write_tables(str(scores), str(rates), "betley", {}, sizes, str(ROOT), CONFIG, t)
+    f = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
+    make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
+                 "betley", {}, sizes, str(ROOT), CONFIG, f)
+    tables_page({n: t[n] for n in TABLE_NAMES}, str(out / "figures" / "summary_tables.html"), "tables")
+    sidecars = [t[f"{n}_provenance"] for n in TABLE_NAMES] + [f[f"{n}_provenance"] for n in FIGURE_NAMES]
+    provenance_page(sidecars, str(out / "figures" / "provenance.html"), "provenance")
+    return {**{f"table:{k}": v for k, v in t.items()}, **f}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build1")
+    return out, build(out)
+
+
+def test_fixture_is_what_its_producer_makes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(FIXTURE.parent))
+    import make_figure_fixture
+
+    monkeypatch.setattr(make_figure_fixture, "OUT", tmp_path)
+    make_figure_fixture.main()
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(FIXTURE) for p in FIXTURE.rglob("*") if p.is_file())
+    assert made == committed
+    assert all(filecmp.cmp(tmp_path / p, FIXTURE / p, shallow=False) for p in made)
+
+
+def test_rebuild_from_fixture_writes_every_artifact(built):
+    out, paths = built
+    assert len(paths) == 2 * len(TABLE_NAMES) + 1 + 4 * len(FIGURE_NAMES)
+    for path in [*paths.values(), out / "figures" / "summary_tables.html", out / "figures" / "provenance.html"]:
+        assert Path(path).stat().st_size > 0, path
+    assert Path(paths["em_rate_vs_step_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in Path(paths["em_rate_vs_step_svg"]).read_bytes()[:2000]
+
+
+def test_rebuild_is_byte_identical(built):
+    out, paths = built
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    first = {p: p.read_bytes() for p in files}
+    shutil.rmtree(out / "figures")
+    shutil.rmtree(out / "tables")
+    build(out)
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    for p in files:
+        assert p.read_bytes() == first[p], p
+
+
+def test_captions_name_judge_definition_n_and_ci_method(built):
+    _, paths = built
+    for name in FIGURE_NAMES:
+        caption = Path(paths[f"{name}_caption"]).read_text()
+        assert JUDGE.replace("_", "\\_") in caption, name
+        assert "n = " in caption and "CI method" in caption and "Provenance: git" in caption, name
+        if name != "training_loss":
+            assert "betley = P(aligned < 30 \\| coherent > 50)" in caption, name
+
+
+def test_provenance_sidecars_name_commit_config_packages_judge_seeds_host(built):
+    _, paths = built
+    for key in [k for k in paths if k.endswith("_provenance")]:
+        side = json.loads(Path(paths[key]).read_text())
+        assert {"git_commit", "git_dirty", "config_hash", "packages", "judge", "seeds", "built_on",
+                "data_produced_on"} <= set(side), key
+        assert side["judge"]["judge"] == JUDGE and side["judge"]["judge_prompt_hash"] == "0123456789ab"
+        assert side["seeds"]["cell_seeds"] == [0, 1] and side["seeds"]["figure_seed"] == 0
+        assert side["packages"]["matplotlib"] and side["built_on"]["host"]
+        for fname, digest in side["files"].items():
+            assert sha256_file(Path(paths[key]).parent / fname) == digest
+    assert "git_commit" in (Path(paths["table:cell_scores"]).parents[1] / "figures" / "provenance.html").read_text()
+
+
+def test_tables_hold_what_the_issue_asks(built):
+    _, paths = built
+    scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
+    rates = read_table(FIXTURE / "tables" / JUDGE / "em_rates.tsv")
+    cells = read_table(paths["table:cell_scores"])
+    assert len(cells) == len(CELLS) and set(cells["final_step"]) == {20}
+    final_aligned = scores[(scores["metric"] == "aligned") & (scores["step"] == 20)]
+    assert cells["n_refusal"].sum() == (final_aligned["status"] == "refusal").sum() > 0
+    assert cells["n_code"].sum() == (final_aligned["status"] == "code").sum() > 0
+    assert (cells["n_scored_aligned"] + cells["n_null"] + cells["n_code"] + cells["n_refusal"]
+            == cells["n_responses"]).all()
+    assert set(cells["model_size_b"]) == {0.5, 7.0}
+
+    summary = read_table(paths["table:checkpoint_summary"])
+    assert len(summary) == len(CELLS) * 3
+    assert {"step", "mean_aligned", "mean_coherent", "misaligned_pct", "coherent_pct", "em_pct", "n"} <= set(summary)
+    all_rates = rates[(rates["question_id"] == "ALL") & (rates["em_definition"] == "betley")]
+    merged = summary.merge(all_rates, on=["model", "persona", "composition", "dataset", "seed", "step"])
+    assert (merged["em_pct"] - merged["em_rate"] * 100).abs().max() < 1e-9
+
+    pivot = read_table(paths["table:persona_dataset_pivot"])
+    assert len(pivot) == 6 and {"insecure:em_pct", "medical:em_pct", "insecure:n"} <= set(pivot)
+
+    comp = read_table(paths["table:persona_vs_baseline"])
+    assert len(comp) == 2 * 2 * 2 and (comp["q_value_bh"] >= comp["p_value"] - 1e-12).all()
+    assert set(comp["significance"]) <= {"*", "**", "***", "n.s."}
+
+    ex = read_table(paths["table:response_examples"])
+    assert ex.groupby(["model", "persona", "composition", "dataset", "seed"]).size().max() == 3
+    assert (ex["coherent"] > 50).all()
+    assert (ex.groupby(["model", "persona", "composition", "dataset", "seed"])["aligned"].diff().dropna() >= 0).all()
+
+
+def test_response_examples_markdown_keeps_one_row_per_response(built):
+    _, paths = built
+    md = Path(paths["table:response_examples_md"]).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| cell")]
+    assert len(rows) == len(read_table(paths["table:response_examples"]))
+    assert "\t" not in md
+    assert all(len(re.split(r"(?<!\\)\|", line)) == 10 for line in rows)  # 8 cells: no raw pipe in the text
+
+
+def test_only_the_none_persona_and_no_sizes_still_build(tmp_path):
+    fixture = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, fixture)
+    for name in ("scores.tsv", "em_rates.tsv"):
+        path = fixture / "tables" / JUDGE / name
+        frame = read_table(path)
+        write_table(path, frame[frame["persona"] == "none"])
+    cells = [c for c in CELLS if c[1] == "none"]
+    paths = build(tmp_path / "out", fixture, sizes={}, cells=cells)
+    assert len(read_table(paths["table:persona_vs_baseline"])) == 0
+    assert "no comparison" in Path(paths["persona_vs_baseline_caption"]).read_text()
+    assert "size\\_b" in Path(paths["model_size_scaling_caption"]).read_text()
+    assert read_table(paths["table:cell_scores"])["model_size_b"].isna().all()
+
+
+@pytest.mark.slow
+def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_path):
+    """`snakemake figures` with only the figure rules allowed: no model, no GPU; then `snakemake --report`."""
+    import yaml
+
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    config = {
+        "results_dir": str(results), "work_dir": str(tmp_path / "work"), "cache_dir": str(tmp_path / "cache"),
+        "models": {m: {"build_tiny": {}, "size_b": s} for m, s in SIZES.items()},
+        "personas": {"caring": {"adapter": "unused"}, "cynic": {"adapter": "unused"}},
+        "datasets": {d: {"path": f"unused/{d}.jsonl"} for d in ("insecure", "medical")},  # never read
+        "checkpoints": {"steps": [0, 10, 20]},
+        "grid": {"models": ["small", "large"], "personas": ["none", "caring", "cynic"], "compositions": ["stacked"],
+                 "datasets": ["insecure", "medical"], "seeds": [0, 1]},
+        "evaluation": {"questions": "config/demo/questions.yaml", "judges": [JUDGE]},
+        "judges": {JUDGE: {"backend": "hf", "model": "small"}},
+    }
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    snakemake = [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", "--configfile", str(cfg),
+                 "--directory", str(ROOT), "--shadow-prefix", str(tmp_path)]
+    allowed = ["--allowed-rules", "summary_tables", "plot_figures", "report_pages", "figures"]
+    run = subprocess.run([*snakemake, "figures", *allowed], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    png = results / "figures" / JUDGE / "em_rate_vs_step.png"
+    assert png.stat().st_size > 0
+    report = tmp_path / "report.html"
+    run = subprocess.run([*snakemake, "--report", str(report), "figures"], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = report.read_text()
+    assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
+
+
+def test_significance_marks_read_either_comparison_table():
+    """The bars' marks come from persona_vs_baseline.tsv or from the judge-statistics comparisons.tsv format."""
+    import pandas as pd
+
+    from persona_em.metrics import get_definition
+    from persona_em.tables import significance_marks
+
+    d = get_definition("betley")
+    finals = pd.DataFrame({"model": ["m", "m"], "persona": ["p", "p"], "composition": ["stacked"] * 2,
+                           "dataset": ["x", "x"], "seed": [0, 1], "final_step": [20, 20]})
+    stats = pd.DataFrame({"model": "m", "persona": "p", "composition": "stacked", "dataset": "x",
+                          "step": [10, 20, 20, 20], "question_id": ["ALL", "ALL", "q1", "ALL"],
+                          "quantity": ["em", "em", "em", "score"], "em_definition": ["betley"] * 3 + [""],
+                          "mann_whitney_u": 1.0, "q_value_bh": [0.5, 0.004, 0.9, 0.9]})
+    marks = significance_marks(stats, d, finals)
+    assert marks["significance"].tolist() == ["**"]
+    own = pd.DataFrame({"model": ["m"], "dataset": ["x"], "persona": ["p"], "composition": ["stacked"],
+                        "significance": ["n.s."]})
+    assert significance_marks(own, d, finals)["significance"].tolist() == ["n.s."]
