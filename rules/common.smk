@@ -7,12 +7,14 @@ from persona_em.config import (
     sampling_settings,
     train_settings,
 )
+from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
 CACHE = config["cache_dir"]
 LOGS = f"{RESULTS}/logs"
+enter_compute_job(workflow, CACHE)  # inside a SLURM job: offline, HF_HOME under cache_dir (persona_em/cluster.py)
 
 # The five keys of a cell, in every path below that belongs to one cell.
 CELL = "{model}/{persona}/{composition}/{dataset}/seed{seed}"
@@ -25,6 +27,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_.\-]+",
     seed=r"\d+",
     judge=r"[A-Za-z0-9_.\-]+",
+    gpus=r"\d+",
 
 
 # --- paths -------------------------------------------------------------------------------------------------------
@@ -43,6 +46,7 @@ JUDGED = f"{RESULTS}/judged/{{judge}}/{CELL}.jsonl"
 JUDGE_JOURNAL = f"{WORK}/judged/{{judge}}/{CELL}.journal.jsonl"
 SCORES = f"{RESULTS}/tables/{{judge}}/scores.tsv"
 EM_RATES = f"{RESULTS}/tables/{{judge}}/em_rates.tsv"
+GPU_SMOKE = f"{RESULTS}/gpu_smoke/gpus{{gpus}}.json"
 FIGURES = {
     name: f"{RESULTS}/figures/{{judge}}/{name}.png" for name in ("em_rate_vs_step", "alignment_vs_coherence")
 }
