@@ -40,7 +40,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 MpiDefault=none
 SlurmUser=root
-KillWait=5
+KillWait=30
 MinJobAge=600
 NodeName={host} CPUs=32 RealMemory=491520 Gres=gpu:4 State=UNKNOWN
 PartitionName=boost_usr_prod Nodes={host} Default=YES MaxTime=INFINITE State=UP
