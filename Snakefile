@@ -2,7 +2,7 @@
 # One DAG: model/data preparation -> EM LoRA training per cell -> sampling -> judging -> tables -> figures.
 from snakemake.utils import min_version, validate
 
-from persona_em.cluster import check_submission
+from persona_em.cluster import check_cache_writable, check_submission
 
 min_version("9.20")
 
@@ -23,6 +23,7 @@ include: "rules/cluster.smk"
 
 onstart:
     check_submission(workflow)  # SLURM runs: account set, every submitted rule mapped in the profile
+    check_cache_writable(workflow, CACHE)
 
 
 rule all:

@@ -130,3 +130,15 @@ def gpu_smoke(requested: int, out: str) -> None:
         raise UserError(f"gpu_smoke: the job asked for {requested} GPU(s) but sees {seen} ({how}; "
                         f"SLURM_JOB_GPUS={report['SLURM_JOB_GPUS']}, CUDA_VISIBLE_DEVICES={report['CUDA_VISIBLE_DEVICES']})")
     write_json(out, report)
+
+
+def check_cache_writable(workflow, cache_dir: str) -> None:
+    """Before any job starts: if a job of this run writes into cache_dir, the directory must be writable (a shared
+    read-only cache that already holds everything is fine)."""
+    from .storage import check_writable
+
+    cache = Path(cache_dir).resolve()
+    for job in workflow.dag.needrun_jobs():
+        if any(Path(str(f)).resolve().is_relative_to(cache) for f in job.output):
+            check_writable(cache, "cache_dir")
+            return

@@ -1,6 +1,8 @@
 """A throw-away single-node SLURM cluster (Debian slurmctld + slurmd + munge) for the end-to-end test.
 
-Everything lives under one directory (config, spool, logs, pid files); only munge uses its standard socket.
+Spool, logs and pid files live under one directory. slurm.conf and gres.conf must be at /etc/slurm (the jobstep
+plugin strips SLURM_CONF from the environment of the nested srun); any files there are put back by `stop`.
+Munge uses its standard socket.
 The node pretends to be a Leonardo booster node (4 fake GPUs, 32 cores, 480 GB: `SlurmdParameters=config_overrides`
 lets slurmd believe the config instead of the hardware) with the two partitions the profile names, so the
 leonardo profile's real resource requests are submitted unchanged. Recipe: ../shared/notes/slurm-single-node.md.
@@ -71,20 +73,26 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
-        self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.etc = Path("/etc/slurm")
+        self.conf = self.etc / "slurm.conf"
+        self.env = dict(os.environ)
+        self.saved: dict[Path, bytes | None] = {}
         self.pids: list[int] = []
         self.started_munged = False
 
     def start(self, timeout: float = 60.0) -> None:
         for sub in ("spool/slurmd", "spool/slurmctld", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.etc.mkdir(parents=True, exist_ok=True)
+        for name in ("slurm.conf", "gres.conf"):
+            path = self.etc / name
+            self.saved[path] = path.read_bytes() if path.exists() else None
         self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root))
         for i in range(4):  # SLURM wants one device file per GPU; /dev/null clones are enough
             dev = Path(f"/dev/fakegpu{i}")
             if not dev.exists():
                 os.mknod(dev, 0o666 | 0o020000, os.makedev(1, 3))
-        (self.root / "gres.conf").write_text(f"NodeName={self.host} Name=gpu File=/dev/fakegpu[0-3]\n")
+        (self.etc / "gres.conf").write_text(f"NodeName={self.host} Name=gpu File=/dev/fakegpu[0-3]\n")
         self._start_munge()
         subprocess.run(["slurmctld"], check=True, env=self.env)
         self.pids.append(self._pid("slurmctld"))
@@ -151,3 +159,8 @@ class Cluster:
                     break
                 time.sleep(0.1)
         self.pids.clear()
+        for path, content in self.saved.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(content)
