@@ -57,9 +57,9 @@ def test_rule_without_mapping_is_one_clear_error(workflow):
 
 def test_gpu_rules_request_gpus_cpus_memory_and_capped_runtime():
     res = PROFILE["set-resources"]
-    for rule in ("train_em", "sample"):
-        assert res[rule]["gres"] == "gpu:1" and res[rule]["cpus_per_task"] == 8
-        assert res[rule]["mem_mb"] >= 100_000 and res[rule]["slurm_partition"] == "boost_usr_prod"
+    for rule, gpus in {"train_em": 1, "sample": 1, "train_dpo": 1, "student": 1, "teacher": 4}.items():
+        assert res[rule]["gres"] == f"gpu:{gpus}" and res[rule]["cpus_per_task"] == 8 * gpus
+        assert res[rule]["mem_mb"] == 120_000 * gpus and res[rule]["slurm_partition"] == "boost_usr_prod"
         runtimes = [eval(res[rule]["runtime"], {"attempt": a}) for a in (1, 2, 3, 10)]
         assert runtimes == sorted(runtimes) and runtimes[0] < runtimes[1] and max(runtimes) == 24 * 60
     for rule in ("judge", "aggregate", "figures", "make_demo_dataset", "prepare_dataset"):

@@ -155,3 +155,34 @@ def test_demo_on_slurm_timeout_retry_resumes(cluster, tmp_path):
         assert smoke["WANDB_MODE"] == "offline"
         assert smoke["HF_HOME"] == str((slurm_root / "cache/huggingface").resolve())
     assert list((slurm_root / "logs/slurm").rglob("*.log")), "SLURM logs under the profile's logdir"
+
+
+def run_expecting_refusal(cluster, root: Path, override: Path, env_extra: dict, needle: str) -> str:
+    before = len(cluster.jobs())
+    cfg = reduced_demo(root)
+    run = subprocess.run([SNAKEMAKE, "all", "--profile", "profiles/leonardo", "--workflow-profile", str(override),
+                          "--configfile", str(cfg)],
+                         cwd=REPO, env={**env(**cluster.env), **env_extra}, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    hits = [l for l in run.stderr.splitlines() if needle in l]
+    assert len(hits) == 1, run.stderr[-4000:]
+    assert len(cluster.jobs()) == before, "nothing may be submitted"
+    return hits[0]
+
+
+def test_no_account_is_refused_before_submitting(cluster, tmp_path):
+    override = cluster_overrides(tmp_path, "min(attempt ** 2, 30)")
+    spec = yaml.safe_load((override / "config.yaml").read_text())
+    del spec["slurm-no-account"], spec["default-resources"]  # back to the profile's $PERSONA_EM_ACCOUNT
+    (override / "config.yaml").write_text(yaml.safe_dump(spec))
+    line = run_expecting_refusal(cluster, tmp_path, override, {"PERSONA_EM_ACCOUNT": ""}, "no SLURM account set")
+    assert line.startswith("no SLURM account set: export PERSONA_EM_ACCOUNT=")
+
+
+def test_rule_without_resources_is_refused_before_submitting(cluster, tmp_path):
+    override = cluster_overrides(tmp_path, "min(attempt ** 2, 30)")
+    spec = yaml.safe_load((override / "config.yaml").read_text())
+    del spec["set-resources"]["sample"]
+    (override / "config.yaml").write_text(yaml.safe_dump(spec))
+    line = run_expecting_refusal(cluster, tmp_path, override, {}, "without a resources mapping")
+    assert "without a resources mapping in the profile's set-resources: sample (add them" in line
