@@ -4,7 +4,9 @@ usage: python partial_worker.py <stage> <args.json> <log file>
 """
 import json
 import logging
+import os
 import sys
+import time
 
 import torch
 
@@ -14,6 +16,12 @@ torch.set_num_threads(1)
 def main(stage: str, args_path: str, log_path: str) -> None:
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     a = json.loads(open(args_path).read())
+    delay = float(os.environ.get("PARTIAL_WORKER_ITEM_SECONDS", "0"))
+    if delay:  # stretch each item's work (not its write) so the test can kill at chosen points
+        from persona_em.io import Journal
+
+        append = Journal.append
+        Journal.append = lambda self, row: (time.sleep(delay), append(self, row))[1]
     from persona_em.config import Cell
 
     if stage == "train":

@@ -20,8 +20,12 @@ pytestmark = pytest.mark.slow
 CELL = {"model": "tiny", "persona": "none", "composition": "none", "dataset": "insecure_demo", "seed": 0}
 
 
+ITEM_SECONDS = 0.05  # sampling/judging items stretched to this, so kills land at chosen points
+
+
 def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PARTIAL_WORKER_ITEM_SECONDS": str(ITEM_SECONDS)}
 
 
 def start(stage: str, args: dict, root: Path, tag: str) -> tuple[subprocess.Popen, Path]:
@@ -139,7 +143,7 @@ def kill_repeatedly(stage, args, root, journal: Path, total: int, seed: int) -> 
     """SIGKILL the stage at several random points (one during start-up, the others after a random number of
     journal lines), then let it finish. Returns the journal sizes seen at the kills."""
     rng = random.Random(seed)
-    points = sorted(rng.sample(range(1, total - 1), 3))
+    points = sorted(rng.sample(range(1, total - 3), 3))
     seen = []
     proc, _ = start(stage, args, root, "startup")
     time.sleep(rng.uniform(0.5, 3.0))
@@ -147,7 +151,9 @@ def kill_repeatedly(stage, args, root, journal: Path, total: int, seed: int) -> 
     proc.wait()
     for i, n in enumerate(points):
         proc, _ = start(stage, args, root, f"kill{i}")
-        assert kill_when(proc, lambda: lines(journal) >= n, signal.SIGKILL), f"{stage} ended before line {n}"
+        extra = rng.uniform(0, ITEM_SECONDS)  # anywhere within the next item, its write included
+        assert kill_when(proc, lambda: lines(journal) >= n and not time.sleep(extra), signal.SIGKILL), \
+            f"{stage} ended before line {n}"
         seen.append(lines(journal))
     log = finish(stage, args, root, "final")
     assert "resumed" in log
