@@ -31,7 +31,8 @@ def run(snakemake, main) -> None:
             if e.errno not in DISK_ERRORS:
                 log.exception("rule %s failed", snakemake.rule)
                 raise
-            e = UserError(f"{e.filename or 'an output'}: {DISK_ERRORS[e.errno]} ({e.strerror}): free space or choose another directory")
+            e = UserError(f"{e.filename or 'an output'}: {DISK_ERRORS[e.errno]} ({e.strerror}): free space there "
+                          f"or point the config at another directory")
         log.error("%s", e)
         print(f"ERROR in rule {snakemake.rule}: {e}", file=sys.__stderr__)
         sys.exit(1)

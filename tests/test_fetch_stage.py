@@ -125,3 +125,27 @@ def test_rule_writing_to_a_read_only_cache_fails_with_one_line(tmp_path):
     assert len(errors) == 1, run.stderr[-3000:]
     assert errors[0].startswith(f"cache_dir {cache}: cannot write there: the file system is read-only")
     assert "UserError" in run.stderr and "rule make_demo_dataset:" not in run.stderr  # no job was started
+
+
+def test_any_rule_hitting_a_full_disk_is_one_error_line(tmp_path, capfd):
+    """runner.run (every rule script's entry) turns ENOSPC/EROFS/EDQUOT into one ERROR line and exit 1."""
+    import errno
+    import sys
+    from types import SimpleNamespace
+
+    from persona_em.runner import run
+
+    def main(sm):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache/x.jsonl"))
+
+    sm = SimpleNamespace(log=[str(tmp_path / "rule.log")], rule="fetch_dataset", wildcards={})
+    stderr = sys.stderr
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run(sm, main)
+    finally:
+        sys.stderr = stderr
+    assert exit_.value.code == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"ERROR in rule fetch_dataset: {tmp_path}/cache/x.jsonl: the disk is full (No space left on device): "
+                   f"free space there or point the config at another directory"]
