@@ -69,6 +69,8 @@ def test_gpu_rules_request_gpus_cpus_memory_and_capped_runtime():
             if k in ("gres", "cpus_per_task", "mem_mb")}
     assert four == {"gres": "gpu:4", "cpus_per_task": 32, "mem_mb": 480_000}
     assert PROFILE["jobs"] < 10 and PROFILE["retries"] >= 1  # MaxSubmitPU=10
+    assert PROFILE["groups"] == {"make_demo_dataset": "data", "prepare_dataset": "data", "aggregate": "report",
+                                 "figures": "report"}
     assert PROFILE["slurm-logdir"] == "logs/slurm" and PROFILE["slurm-efficiency-report"] is True
     assert PROFILE["default-resources"]["slurm_account"] == "$PERSONA_EM_ACCOUNT"  # never hard-coded
 
