@@ -39,7 +39,7 @@ def start(stage: str, args: dict, root: Path, tag: str) -> tuple[subprocess.Pope
 def finish(stage, args, root, tag) -> str:
     proc, log = start(stage, args, root, tag)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, (proc.returncode, err[-1500:], log.read_text()[-1500:])
     return log.read_text()
 
 
