@@ -119,7 +119,9 @@ def test_demo_on_slurm_timeout_retry_resumes(cluster, tmp_path):
     # Every compute rule went through sbatch (the localrule prepare_model did not); the profile's groups ran
     # make_demo_dataset + prepare_dataset as one job ("data"), aggregate + figures as another ("report").
     rules = [j["comment"].split("_wildcards_")[0].removeprefix("rule_") for j in jobs]
-    assert sorted(set(rules)) == ["data", "gpu_check", "judge", "report", "sample", "train_em"], rules
+    # (a group job's comment is rule_<group>_<its rules>)
+    assert sorted(set(rules)) == ["data_make_demo_dataset_prepare_dataset", "gpu_check", "judge",
+                                  "report_aggregate_figures", "sample", "train_em"], rules
     assert len(jobs) == 8, jobs  # 2 gpu_check, data, 2 train_em attempts, sample, judge, report
     assert all(j["name"].startswith("persona_em_") for j in jobs)
 
