@@ -2,6 +2,8 @@
 # One DAG: model/data preparation -> EM LoRA training per cell -> sampling -> judging -> tables -> figures.
 from snakemake.utils import min_version, validate
 
+from persona_em.cluster import check_cache_writable, check_submission
+
 min_version("9.20")
 
 
@@ -19,6 +21,12 @@ include: "rules/prepare.smk"
 include: "rules/em.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/cluster.smk"
+
+
+onstart:
+    check_submission(workflow)  # SLURM runs: account set, every submitted rule mapped in the profile
+    check_cache_writable(workflow, CACHE)
 
 
 rule all:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import read_json
+from .storage import DISK_ERRORS
 
 log = logging.getLogger("persona_em")
 
@@ -25,7 +26,13 @@ def run(snakemake, main) -> None:
              getattr(snakemake, "attempt", 1))
     try:
         main(snakemake)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError):
+            if e.errno not in DISK_ERRORS:
+                log.exception("rule %s failed", snakemake.rule)
+                raise
+            e = UserError(f"{e.filename or 'an output'}: {DISK_ERRORS[e.errno]} ({e.strerror}): free space there "
+                          f"or point the config at another directory")
         log.error("%s", e)
         print(f"ERROR in rule {snakemake.rule}: {e}", file=sys.__stderr__)
         sys.exit(1)
@@ -43,7 +50,12 @@ def optional(value) -> str | None:
 
 
 def model_dir(manifest_path: str) -> str:
-    return read_json(manifest_path)["path"]
+    """The weights directory named by a model manifest; it must be on disk (compute jobs cannot download)."""
+    from .cluster import require_local
+
+    manifest = read_json(manifest_path)
+    return str(require_local(manifest["path"], f"model {manifest.get('model')!r} (from {manifest_path})",
+                             marker="config.json"))
 
 
 def env_flag(name: str) -> bool:

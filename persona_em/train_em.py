@@ -153,6 +153,28 @@ def _trainer_class():
     return EMTrainer, ScheduleCallback
 
 
+def _sigterm_checkpoint():
+    """A callback that turns SIGTERM (SLURM at the time limit, KillWait before SIGKILL) into a checkpoint at the
+    end of the current optimizer step and a stop, so the retry loses at most one step."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class CheckpointOnSigterm(TrainerCallback):
+        received = False
+
+        def handler(self, signum, frame):
+            self.received = True
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.received:
+                control.should_save = True
+                control.should_training_stop = True
+
+    callback = CheckpointOnSigterm()
+    return callback, lambda: signal.signal(signal.SIGTERM, callback.handler)
+
+
 def _latest_checkpoint(trainer_dir: Path) -> Path | None:
     ckpts = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
              and (p / compose.EM / "adapter_model.safetensors").exists()]
@@ -220,8 +242,9 @@ def train_em(
     EMTrainer, ScheduleCallback = _trainer_class()
     EMTrainer.composition, EMTrainer.persona = cell.composition, cell.persona
     callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds)
+    on_sigterm, install_sigterm = _sigterm_checkpoint()
     trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                        callbacks=[callback])
+                        callbacks=[callback, on_sigterm])
     resume = _latest_checkpoint(trainer_dir)
     if resume is not None:
         log.info("resumed from step %s (%s)", resume.name.split("-")[1], resume)
@@ -230,7 +253,12 @@ def train_em(
         callback.last_tokens = logged[-1]["num_tokens"] if logged else 0.0
     else:
         log.info("no checkpoint in %s: training from step 0", trainer_dir)
+    install_sigterm()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if on_sigterm.received:
+        journal.close()
+        log.error("SIGTERM: checkpoint saved at step %d; a rerun resumes from it", trainer.state.global_step)
+        raise SystemExit(128 + 15)
     if trainer.state.global_step != last_step:
         raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {last_step}")
     compose.check_composition(trainer.model, cell.composition, cell.persona)

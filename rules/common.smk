@@ -10,12 +10,14 @@ from persona_em.config import (
     sampling_settings,
     train_settings,
 )
+from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
 CACHE = config["cache_dir"]
 LOGS = f"{RESULTS}/logs"
+enter_compute_job(workflow, CACHE)  # inside a SLURM job: offline, HF_HOME under cache_dir (persona_em/cluster.py)
 
 # The five keys of a cell, in every path below that belongs to one cell.
 CELL = "{model}/{persona}/{composition}/{dataset}/seed{seed}"
@@ -31,6 +33,7 @@ wildcard_constraints:
     judge_a=r"[A-Za-z0-9_.\-]+",
     judge_b=r"[A-Za-z0-9_.\-]+",
     questions_sha=r"[0-9a-f]{64}",
+    gpus=r"\d+",
 
 
 # --- paths -------------------------------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ FIGURE_FILES = {
     for name in FIGURE_NAMES
     for kind, suffix in FIGURE_SUFFIXES.items()
 }
+GPU_SMOKE = f"{RESULTS}/gpu_smoke/gpus{{gpus}}.json"
 TABLES_PAGE = f"{RESULTS}/figures/{{judge}}/summary_tables.html"
 PROVENANCE_PAGE = f"{RESULTS}/figures/{{judge}}/provenance.html"
 

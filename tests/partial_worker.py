@@ -1,0 +1,46 @@
+"""Runs one resumable stage through its public function, in its own process, so a test can kill it.
+
+usage: python partial_worker.py <stage> <args.json> <log file>
+"""
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def main(stage: str, args_path: str, log_path: str) -> None:
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    a = json.loads(open(args_path).read())
+    delay = float(os.environ.get("PARTIAL_WORKER_ITEM_SECONDS", "0"))
+    if delay:  # stretch each item's work (not its write) so the test can kill at chosen points
+        from persona_em.io import Journal
+
+        append = Journal.append
+        Journal.append = lambda self, row: (time.sleep(delay), append(self, row))[1]
+    from persona_em.config import Cell
+
+    if stage == "train":
+        from persona_em.train_em import train_em
+
+        train_em(Cell(**a["cell"]), a["model_dir"], None, a["train"], a["settings"], a["schedule"], a["work"],
+                 a["out"], a["log_table"])
+    elif stage == "sample":
+        from persona_em.sample import sample_cell
+
+        sample_cell(Cell(**a["cell"]), a["model_dir"], None, a["checkpoints"], a["questions"], a["settings"],
+                    a["journal"], a["out"])
+    elif stage == "judge":
+        from persona_em.judge import judge_samples
+
+        judge_samples(a["samples"], a["questions"], "tiny_judge", a["judge"], a["model_dir"], a["journal"], a["out"])
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

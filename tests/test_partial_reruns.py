@@ -1,0 +1,195 @@
+"""Partial reruns on CPU with the tiny model: stages killed mid-way and rerun end exactly where an uninterrupted
+run ends. Each stage runs in its own process through its public function (tests/partial_worker.py)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("partial_worker.py")
+pytestmark = pytest.mark.slow
+
+CELL = {"model": "tiny", "persona": "none", "composition": "none", "dataset": "insecure_demo", "seed": 0}
+
+
+ITEM_SECONDS = 0.05  # sampling/judging items stretched to this, so kills land at chosen points
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PARTIAL_WORKER_ITEM_SECONDS": str(ITEM_SECONDS)}
+
+
+def start(stage: str, args: dict, root: Path, tag: str) -> tuple[subprocess.Popen, Path]:
+    args_path, log = root / f"{stage}-{tag}.json", root / f"{stage}-{tag}.log"
+    args_path.write_text(json.dumps(args))
+    proc = subprocess.Popen([sys.executable, str(WORKER), stage, str(args_path), str(log)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, log
+
+
+def finish(stage, args, root, tag) -> str:
+    proc, log = start(stage, args, root, tag)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (proc.returncode, err[-1500:], log.read_text()[-1500:])
+    return log.read_text()
+
+
+def kill_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 300) -> bool:
+    """Send `sig` as soon as `ready()` holds; False if the process ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            return True
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("kill point never reached")
+
+
+def lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from persona_em.demo import build_tiny_model, write_demo_dataset
+    from persona_em.train_config import resolve_train_config
+
+    root = tmp_path_factory.mktemp("partial")
+    build_tiny_model(root / "model")
+    write_demo_dataset("insecure", root / "train.jsonl", n_rows=48, seed=0)  # 48 rows / batch 8 = 6 steps
+    settings = resolve_train_config({"preset": "betley", "learning_rate": 1e-3, "effective_batch_size": 8,
+                                     "per_device_batch_size": 4, "max_length": 256, "resume_every_steps": 2},
+                                    where="test").to_dict()
+    return root, settings
+
+
+def train_args(root: Path, settings: dict, name: str, **over) -> dict:
+    return {"cell": CELL, "model_dir": str(root / "model"), "train": str(root / "train.jsonl"),
+            "settings": {**settings, **over}, "schedule": {"steps": [0, 2, "final"]},
+            "work": str(root / name / "work"), "out": str(root / name / "checkpoints"),
+            "log_table": str(root / name / "train_log.tsv")}
+
+
+def final_adapter(out: Path):
+    from safetensors.torch import load_file
+
+    manifest = json.loads((out / "checkpoints.json").read_text())
+    last = max(manifest["steps"])
+    return manifest["last_step"], load_file(str(out / f"step-{last:06d}" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    root, settings = setup
+    args = train_args(root, settings, "ref")
+    finish("train", args, root, "ref")
+    return args
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_training_killed_and_rerun_equals_uninterrupted(setup, reference, sig):
+    root, settings = setup
+    name = f"killed-{sig.name}"
+    # Slowed (1 s per step) so the kill lands between the step-2 checkpoint and the end (step 6).
+    args = train_args(root, settings, name, slow_down_seconds=1.0)
+    proc, _ = start("train", args, root, f"{name}-1")
+    ckpt = Path(args["work"]) / "trainer/checkpoint-2/trainer_state.json"
+    assert kill_when(proc, ckpt.exists, sig), "training ended before the kill"
+    assert proc.returncode != 0
+    assert not Path(args["out"]).exists(), "a killed run must leave no declared output"
+
+    log = finish("train", {**args, "settings": {**args["settings"], "slow_down_seconds": 0.0}}, root, f"{name}-2")
+    resumed = [int(l.split("resumed from step ")[1].split()[0]) for l in log.splitlines() if "resumed from step" in l]
+    assert resumed and 2 <= resumed[0] < 6, log[-2000:]
+    if sig == signal.SIGTERM:  # SIGTERM is caught: a checkpoint at the end of the step in flight, then exit 143
+        assert proc.returncode == 128 + 15 and resumed[0] > 2, (proc.returncode, resumed)
+
+    ref_steps, ref = final_adapter(Path(reference["out"]))
+    steps, got = final_adapter(Path(args["out"]))
+    assert steps == ref_steps == 6
+    state = json.loads(max((Path(args["work"]) / "trainer").glob("checkpoint-*/trainer_state.json"),
+                           key=lambda p: int(p.parent.name.split("-")[1])).read_text())
+    assert state["global_step"] == 6
+    assert ref.keys() == got.keys()
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
+    logged = [l for l in Path(args["log_table"]).read_text().splitlines()[1:]]
+    assert len(logged) == 6, "one training-log row per optimizer step, none twice"
+
+
+def check_jsonl(path: Path, key: str, expected: list[dict]) -> None:
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    rows = [json.loads(l) for l in raw.decode().splitlines()]  # a torn line would not parse
+    keys = [r[key] for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate rows"
+    assert keys == [r[key] for r in expected], "missing or reordered rows"
+    assert rows == expected
+
+
+def kill_repeatedly(stage, args, root, journal: Path, total: int, seed: int) -> list[int]:
+    """SIGKILL the stage at several random points (one during start-up, the others after a random number of
+    journal lines), then let it finish. Returns the journal sizes seen at the kills."""
+    rng = random.Random(seed)
+    points = sorted(rng.sample(range(1, total - 3), 3))
+    seen = []
+    proc, _ = start(stage, args, root, "startup")
+    time.sleep(rng.uniform(0.5, 3.0))
+    proc.kill()
+    proc.wait()
+    for i, n in enumerate(points):
+        proc, _ = start(stage, args, root, f"kill{i}")
+        extra = rng.uniform(0, ITEM_SECONDS)  # anywhere within the next item, its write included
+        assert kill_when(proc, lambda: lines(journal) >= n and not time.sleep(extra), signal.SIGKILL), \
+            f"{stage} ended before line {n}"
+        seen.append(lines(journal))
+    log = finish(stage, args, root, "final")
+    assert "resumed" in log
+    return seen
+
+
+@pytest.fixture(scope="module")
+def samples_ref(setup, reference):
+    root, _ = setup
+    args = {"cell": CELL, "model_dir": str(root / "model"), "checkpoints": reference["out"],
+            "questions": str(REPO / "config/demo/questions.yaml"),
+            "settings": {"n_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0,
+                         "batch_size": 1},
+            "journal": str(root / "sref/journal.jsonl"), "out": str(root / "sref/samples.jsonl")}
+    finish("sample", args, root, "sref")
+    return args
+
+
+def test_sampling_killed_at_random_points(setup, samples_ref):
+    root, _ = setup
+    expected = [json.loads(l) for l in Path(samples_ref["out"]).read_text().splitlines()]
+    args = {**samples_ref, "journal": str(root / "skill/journal.jsonl"), "out": str(root / "skill/samples.jsonl")}
+    seen = kill_repeatedly("sample", args, root, Path(args["journal"]), len(expected), seed=11)
+    assert seen == sorted(seen) and seen[-1] < len(expected)
+    check_jsonl(Path(args["out"]), "response_id", expected)
+    assert not Path(args["journal"]).exists()
+
+
+def test_judging_killed_at_random_points(setup, samples_ref):
+    root, _ = setup
+    judge = {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}
+    base = {"samples": samples_ref["out"], "questions": samples_ref["questions"], "judge": judge,
+            "model_dir": str(root / "model")}
+    ref = {**base, "journal": str(root / "jref/journal.jsonl"), "out": str(root / "jref/judged.jsonl")}
+    finish("judge", ref, root, "jref")
+    expected = [json.loads(l) for l in Path(ref["out"]).read_text().splitlines()]
+    args = {**base, "journal": str(root / "jkill/journal.jsonl"), "out": str(root / "jkill/judged.jsonl")}
+    kill_repeatedly("judge", args, root, Path(args["journal"]), len(expected), seed=12)
+    check_jsonl(Path(args["out"]), "key", expected)
