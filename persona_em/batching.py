@@ -181,3 +181,20 @@ def packed_micro_batches(inputs: dict, max_tokens: int) -> list[dict]:
             chunk["seq_idx"] = inputs["seq_idx"][:, lo:hi] - first
         chunks.append(chunk)
     return chunks
+
+
+def sampling_batch_size(setting, n_items: int, *, cuda: bool, total_memory_bytes: int | None = None,
+                        weight_bytes: int = 0, kv_bytes_per_token: int = 0, tokens_per_sequence: int = 0,
+                        vocab_size: int = 0) -> int:
+    """Responses per `generate` call. `auto`: on CPU 32; on a GPU as many as the KV cache fits (all, on an
+    80 GB or 64 GB card for the standard 8 x 50 x 600 evaluation), split into equal batches when they do not."""
+    if setting != "auto":
+        return int(setting)
+    if not cuda:
+        return 32
+    # static KV cache for the whole sequence + fp32 logits, probabilities and sampling scratch for one position
+    per_sequence = kv_bytes_per_token * tokens_per_sequence + 4 * 4 * vocab_size
+    budget = total_memory_bytes * USABLE_FRACTION - weight_bytes - RESERVED_BYTES
+    fit = max(1, int(budget // per_sequence))
+    n_batches = -(-n_items // fit)
+    return -(-n_items // n_batches)
