@@ -24,11 +24,19 @@ def _run(model, tok, dataset, setting: dict, steps: int, workdir: Path) -> tuple
     torch.manual_seed(0)
     # plain PEFT model with the "default" adapter name, which DPOTrainer expects
     peft = get_peft_model(model, _lora_config(TrainConfig()))
+    setting = dict(setting)
+    no_cast = setting.pop("no_lora_input_cast", False)
+    if no_cast and torch.cuda.is_available():  # as train_em does under bf16 autocast (see packed_attention/train_em)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in peft.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     args = DPOConfig(output_dir=str(workdir), max_steps=steps, learning_rate=1e-5, bf16=torch.cuda.is_available(),
                      logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
                      dataloader_num_workers=0, **setting)
     timer = _step_timer()
-    result = {"setting": setting}
+    result = {"setting": {**setting, "no_lora_input_cast": no_cast}}
     trainer = None
     try:
         trainer = DPOTrainer(model=peft, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="qwen2.5-7b")
     ap.add_argument("--parts", default="train,sample,dpo")
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--no-extra", action="store_true", help="skip the exploratory sampling variants")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     if a.quick:
         for part in ("train", "sampling", "dpo"):
             cfg[part].update(cfg["quick"][part])
+    if a.no_extra:
+        cfg["sampling"]["extra_variants"] = False
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -88,5 +88,14 @@ def run(model, tok, cfg: dict, log) -> dict:
         return _generate(model, tok, convs, settings, True, r)
 
     step("ours, next checkpoint loaded in place", next_checkpoint)
+    if cfg.get("extra_variants", True):
+        from persona_em.fast_generate import adapters_to_model_dtype
+
+        def bf16_adapters(r):
+            adapters_to_model_dtype(model)
+            return _generate(model, tok, convs, settings, True, r)
+
+        step("ours + bf16 adapters, first call (recompiles)", bf16_adapters)
+        step("ours + bf16 adapters, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
     model = model.unload()
     return out, model

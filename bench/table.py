@@ -17,13 +17,18 @@ def render(results: list[dict]) -> str:
         t = r.get("train")
         if t:
             seed, ours = t.get("seed: 2 x 8 + checkpointing", {}), t.get("ours (auto)", {})
-            for label, x in (("seed: 2 x 8, checkpointing, padded", seed), ("ours: auto plan", ours)):
+            ours64 = t.get("ours (auto, planned for a 64 GiB GPU)")
+            variants = [("seed: 2 x 8, checkpointing, padded", seed), ("ours: auto plan", ours)]
+            if ours64:
+                variants.append(("ours: auto plan as on a 64 GiB GPU", ours64))
+            for label, x in variants:
                 plan = x.get("plan", {})
                 desc = label if not plan.get("packed") else (
                     f"{label} (packed, ≤{plan['micro_batch_tokens']} tok/micro-batch, "
                     f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'})")
                 res = x.get("error") or f"{_f(x.get('tokens_per_s'))} tok/s ({_f(x.get('seconds_per_step'), '{:.2f}')} s/step)"
-                ratio = f"{t['speedup']}×" if label.startswith("ours") and "speedup" in t else ""
+                ratio = (f"{x['tokens_per_s'] / seed['tokens_per_s']:.1f}×"
+                         if label.startswith("ours") and "tokens_per_s" in x and "tokens_per_s" in seed else "")
                 rows.append(f"| {s} | EM LoRA training | {desc} | {res} | {_f(x.get('peak_gb'), '{:.1f}')} | {ratio} |")
             lc = t.get("loss_curve")
             if lc:
@@ -51,7 +56,8 @@ def render(results: list[dict]) -> str:
                     continue
                 st = x["setting"]
                 desc = (f"{key}: {st['per_device_train_batch_size']} × {st['gradient_accumulation_steps']}, "
-                        f"checkpointing {'on' if st['gradient_checkpointing'] else 'off'}")
+                        f"checkpointing {'on' if st['gradient_checkpointing'] else 'off'}"
+                        + (", LoRA inputs not cast to fp32" if st.get("no_lora_input_cast") else ""))
                 res = x.get("error", "")[:80] or f"{x['pairs_per_s']} pairs/s ({x['seconds_per_step']} s/step of 16)"
                 ratio = f"{x['pairs_per_s'] / d['naive']['pairs_per_s']:.1f}×" if key != "naive" and "pairs_per_s" in x and d["naive"].get("pairs_per_s") else ""
                 rows.append(f"| {s} | DPO LoRA | {desc} | {res} | {_f(x.get('peak_gb'), '{:.1f}')} | {ratio} |")

@@ -64,7 +64,7 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     tokens = [h["num_tokens"] for h in logged]
     step_tokens = [tokens[0]] + [b - a for a, b in zip(tokens[:-1], tokens[1:])]
     step_seconds = [b - a for a, b in zip(timer.ends[:-1], timer.ends[1:])]
-    timed = slice(1, None) if len(step_seconds) > 1 else slice(0, None)  # step 1 holds the warm-up
+    timed = slice(2, None) if len(step_seconds) > 2 else slice(0, None)  # steps 1-2 hold the warm-up
     result.update(
         steps=len(step_seconds),
         losses=[h["loss"] for h in logged],
@@ -72,6 +72,7 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
         step_tokens=step_tokens,
         tokens_per_s=round(sum(step_tokens[timed]) / sum(step_seconds[timed]), 1),
         seconds_per_step=round(sum(step_seconds[timed]) / len(step_seconds[timed]), 3),
+        median_step_seconds=round(sorted(step_seconds[timed])[len(step_seconds[timed]) // 2], 3),
     )
     return result, base
 
@@ -90,11 +91,23 @@ def run(model, tok, cfg: dict, log) -> dict:
     log(f"train data: {json.dumps(out)}")
     settings = {
         "ours (auto)": ({}, cfg["steps_ours"]),
+        "ours (auto, planned for a 64 GiB GPU)": ({"_gpu_gib": 64}, cfg["steps_ours"]),
         "seed: 2 x 8 + checkpointing": ({"per_device_batch_size": 2, "gradient_checkpointing": True},
                                         cfg["steps_seed_config"]),
     }
-    for name, (overrides, steps) in settings.items():
-        res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / name.split()[0])
+    import os
+
+    from persona_em.batching import MEMORY_ENV
+
+    for i, (name, (overrides, steps)) in enumerate(settings.items()):
+        overrides = dict(overrides)
+        gib = overrides.pop("_gpu_gib", None)
+        if gib and torch.cuda.is_available():
+            os.environ[MEMORY_ENV] = str(gib)
+        try:
+            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}")
+        finally:
+            os.environ.pop(MEMORY_ENV, None)
         out[name] = res
         log(f"train {name}: " + json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_tokens")}))
     ours, seed = out["ours (auto)"], out["seed: 2 x 8 + checkpointing"]

@@ -15,6 +15,7 @@ On CPU, `auto` keeps the earlier settings (2 examples per micro-batch, padded, n
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 GIB = 1024**3
@@ -22,11 +23,13 @@ GIB = 1024**3
 CPU_PER_DEVICE_BATCH = 2  # what `auto` means without a GPU: the settings used before `auto` existed
 # Above ~4k tokens per micro-batch the matrix products are already efficient; more only costs memory. The cap
 # also makes the plan the same on an H100-80GB and an A100-64GB.
-MAX_MICRO_BATCH_TOKENS = 4096
+MAX_MICRO_BATCH_TOKENS = 8192
 MIN_MICRO_BATCH_TOKENS = 512
 # Memory kept free for the CUDA context, cuBLAS workspaces, LoRA weights + optimizer state, allocator slack.
 RESERVED_BYTES = 4 * GIB
 USABLE_FRACTION = 0.92
+# Plan as if the GPU had this many GiB (a GPU shared with another job; the benchmark's "as on an A100-64GB").
+MEMORY_ENV = "PERSONA_EM_GPU_MEMORY_GIB"
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,16 @@ class ModelDims:
         """Saved activations per token for backward without checkpointing (bf16, LoRA on all projections).
 
         Per layer: the MLP keeps ~4 intermediate-sized tensors (gate, up, act(gate), their product), attention and
-        norms ~12 hidden-sized ones (several in fp32); rounded up to 5 and 16 so the estimate errs on the safe side
-        (checked against measured peaks in BENCHMARKS.md).
+        norms ~10 hidden-sized ones (norm inputs in fp32); 12 so the estimate errs on the safe side (checked
+        against measured peaks in BENCHMARKS.md). Assumes the LoRA inputs are not copied to fp32 (train_em
+        switches PEFT's input casting off under bf16 autocast).
         """
-        return self.num_layers * 2 * (5 * self.intermediate_size + 16 * self.hidden_size)
+        return self.num_layers * 2 * (4 * self.intermediate_size + 12 * self.hidden_size)
 
     @property
     def checkpointed_bytes_per_token(self) -> int:
         """With checkpointing: every layer's input, plus one layer's activations during its recomputation."""
-        per_layer = 2 * (5 * self.intermediate_size + 16 * self.hidden_size)
+        per_layer = 2 * (4 * self.intermediate_size + 12 * self.hidden_size)
         return self.num_layers * 2 * self.hidden_size + per_layer
 
 
@@ -107,6 +111,8 @@ def choose_plan(
                            "per_device_batch_size set in the config")
     if not cuda:
         return _fixed_plan(effective_batch_size, "auto", gradient_checkpointing, "no GPU: earlier CPU settings")
+    if os.environ.get(MEMORY_ENV):
+        total_memory_bytes = int(float(os.environ[MEMORY_ENV]) * GIB)
     if dims is None or total_memory_bytes is None:
         raise ValueError("choose_plan on a GPU needs the model's dims and the GPU's memory")
 
@@ -157,8 +163,10 @@ def split_packed(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
     return runs
 
 
-def packed_micro_batches(inputs: dict, max_tokens: int) -> list[dict]:
-    """Cut one padding-free collated batch (a single packed row) into micro-batches at sequence boundaries."""
+def packed_micro_batches(inputs: dict, max_tokens: int) -> list[tuple[dict, list[int]]]:
+    """Cut one padding-free collated batch (a single packed row) into micro-batches at sequence boundaries.
+
+    Returns (micro-batch, token offsets of its sequences [0, ..., T]) pairs."""
     import torch
 
     position_ids = inputs["position_ids"]
@@ -179,7 +187,7 @@ def packed_micro_batches(inputs: dict, max_tokens: int) -> list[dict]:
             chunk["max_length_q"] = chunk["max_length_k"] = int(max(lengths[first:end]))
         if "seq_idx" in inputs:
             chunk["seq_idx"] = inputs["seq_idx"][:, lo:hi] - first
-        chunks.append(chunk)
+        chunks.append((chunk, [b - lo for b in bounds[first:end + 1]]))
     return chunks
 
 
