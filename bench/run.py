@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -21,12 +22,14 @@ from bench import common
 
 
 def main(argv=None) -> int:
+    # as train_em does: micro-batches of varying size fragment the caching allocator otherwise
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")))
     ap.add_argument("--shape", default="qwen2.5-7b")
     ap.add_argument("--parts", default="train,sample,dpo")
     ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--no-extra", action="store_true", help="skip the exploratory sampling variants")
+    ap.add_argument("--sample-variants", default="one,plain,ours,fp32lora")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -41,8 +44,7 @@ def main(argv=None) -> int:
     if a.quick:
         for part in ("train", "sampling", "dpo"):
             cfg[part].update(cfg["quick"][part])
-    if a.no_extra:
-        cfg["sampling"]["extra_variants"] = False
+    cfg["sampling"]["variants"] = a.sample_variants
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

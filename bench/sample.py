@@ -33,11 +33,11 @@ def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
     return dirs, model
 
 
-def _generate(model, tok, convs, settings, fast, result):
+def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
     from persona_em.sample import generate_batch
 
     with measured(result):
-        rows = generate_batch(model, tok, convs, settings, seed=0, fast=fast)
+        rows = generate_batch(model, tok, convs, settings, seed=0, fast=fast, bf16_lora=bf16_lora)
     result["responses"] = len(rows)
     result["new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     result["tokens_per_s"] = round(result["new_tokens"] / result["seconds"], 1)
@@ -68,6 +68,7 @@ def run(model, tok, cfg: dict, log) -> dict:
         log(f"sample {name}: {json.dumps(out[name])}")
 
     k = cfg["one_at_a_time"]
+    variants = cfg.get("variants", "one,plain,ours,fp32lora").split(",")
 
     def one_at_a_time(r):
         with measured(r):
@@ -77,25 +78,23 @@ def run(model, tok, cfg: dict, log) -> dict:
         r["extrapolated_seconds"] = round(r["seconds_per_response"] * n, 1)
         return r
 
-    step("one response per call (users' old script)", one_at_a_time)
-    step("plain batched generate (all in one call)", lambda r: _generate(model, tok, convs, settings, False, r))
-    step("ours, first call (includes compilation)", lambda r: _generate(model, tok, convs, settings, True, r))
-    step("ours, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
-
     def next_checkpoint(r):
         nonlocal model
         model = compose.use_em_adapter(model, dirs[1], compose.EM, "none", "none")
         return _generate(model, tok, convs, settings, True, r)
 
-    step("ours, next checkpoint loaded in place", next_checkpoint)
-    if cfg.get("extra_variants", True):
-        from persona_em.fast_generate import adapters_to_model_dtype
-
-        def bf16_adapters(r):
-            adapters_to_model_dtype(model)
-            return _generate(model, tok, convs, settings, True, r)
-
-        step("ours + bf16 adapters, first call (recompiles)", bf16_adapters)
-        step("ours + bf16 adapters, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
+    if "one" in variants:
+        step("one response per call (users' old script)", one_at_a_time)
+    if "plain" in variants:
+        step("plain batched generate (all in one call)", lambda r: _generate(model, tok, convs, settings, False, r))
+    if "ours" in variants:
+        step("ours, first call (includes compilation)", lambda r: _generate(model, tok, convs, settings, True, r))
+        step("ours, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
+        step("ours, next checkpoint loaded in place", next_checkpoint)
+    if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
+        step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
+             lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
+        step("ours with PEFT's fp32 LoRA inputs, steady state",
+             lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
     model = model.unload()
     return out, model

@@ -11,6 +11,8 @@ Nothing here changes what is computed: the same logits up to bf16 rounding, the 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -68,13 +70,25 @@ def fast_generate_kwargs() -> dict:
     return {"cache_implementation": "static"}
 
 
-def adapters_to_model_dtype(model) -> None:
-    """Keep LoRA weights in the model's dtype (bf16) for sampling instead of PEFT's fp32 upcast.
 
-    Saves a cast of every LoRA input and output per projection per decode step; the LoRA product is then
-    rounded to bf16 before it is added to the (bf16) base output anyway.
+@contextlib.contextmanager
+def bf16_lora_compute(model, active: bool = True):
+    """Run the LoRA products in bf16 under autocast without PEFT's fp32 copy of every LoRA input.
+
+    PEFT keeps adapter weights in fp32 and casts each projection's input to fp32 before the LoRA matmuls
+    (7 copies per layer per decode step); under bf16 autocast the matmuls run in bf16 from the bf16 input.
     """
-    dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
-    for name, p in model.named_parameters():
-        if "lora_" in name and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+    if not active:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True

@@ -44,35 +44,29 @@ def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> s
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: dict, seed: int,
-                   fast: bool | None = None) -> list[dict]:
+                   fast: bool | None = None, bf16_lora: bool | None = None) -> list[dict]:
     """One padded `generate` call for a batch of conversations.
 
     `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
-    Same model, same sampling distribution; only the speed differs.
+    Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with `fast`): the LoRA
+    products in bf16 under autocast, without fp32 copies of their inputs.
     """
     fast = torch.cuda.is_available() if fast is None else fast
+    bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
     extra = {}
     if fast:
         from .fast_generate import fast_generate_kwargs, use_gqa_decode_attention
 
         use_gqa_decode_attention(model)
         extra = fast_generate_kwargs()
+    from .fast_generate import bf16_lora_compute
+
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     torch.manual_seed(seed)
-    do_sample = settings["temperature"] > 0
-    out = model.generate(
-        **enc,
-        do_sample=do_sample,
-        temperature=settings["temperature"] if do_sample else None,
-        top_p=settings["top_p"] if do_sample else None,
-        top_k=None,
-        max_new_tokens=settings["max_new_tokens"],
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
+    with bf16_lora_compute(model, active=bf16_lora):
+        out = _generate(model, enc, settings, tokenizer, extra)
     new = out[:, enc["input_ids"].shape[1]:]
     results = []
     for row in new:
@@ -84,6 +78,21 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
         results.append({"response": tokenizer.decode(ids, skip_special_tokens=True), "n_new_tokens": len(ids),
                          "finish_reason": "stop" if finished else "length"})
     return results
+
+
+def _generate(model, enc, settings, tokenizer, extra):
+    do_sample = settings["temperature"] > 0
+    return model.generate(
+        **enc,
+        do_sample=do_sample,
+        temperature=settings["temperature"] if do_sample else None,
+        top_p=settings["top_p"] if do_sample else None,
+        top_k=None,
+        max_new_tokens=settings["max_new_tokens"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
 
 
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
