@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="train,sample,dpo")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--sample-variants", default="one,plain,ours,fp32lora")
+    ap.add_argument("--train-only", help="run only the training settings whose name starts with this, e.g. 'ours'")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
         for part in ("train", "sampling", "dpo"):
             cfg[part].update(cfg["quick"][part])
     cfg["sampling"]["variants"] = a.sample_variants
+    cfg["train"]["only"] = a.train_only
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -99,7 +99,10 @@ def run(model, tok, cfg: dict, log) -> dict:
 
     from persona_em.batching import MEMORY_ENV
 
+    only = cfg.get("only")
     for i, (name, (overrides, steps)) in enumerate(settings.items()):
+        if only and not name.startswith(only):
+            continue
         overrides = dict(overrides)
         gib = overrides.pop("_gpu_gib", None)
         if gib and torch.cuda.is_available():
@@ -110,7 +113,7 @@ def run(model, tok, cfg: dict, log) -> dict:
             os.environ.pop(MEMORY_ENV, None)
         out[name] = res
         log(f"train {name}: " + json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_tokens")}))
-    ours, seed = out["ours (auto)"], out["seed: 2 x 8 + checkpointing"]
+    ours, seed = out.get("ours (auto)", {}), out.get("seed: 2 x 8 + checkpointing", {})
     if "losses" in ours and "losses" in seed:
         n = min(cfg["loss_curve_steps"], len(seed["losses"]), len(ours["losses"]))
         diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], seed["losses"][:n])]
