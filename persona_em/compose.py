@@ -153,12 +153,18 @@ def compose_for_sampling(base, persona: str, persona_dir, composition: str):
 def use_em_adapter(model, em_dir: str | Path, name: str, composition: str, persona: str):
     """Load one EM checkpoint as adapter `name` and make the active set exactly what `composition` requires.
 
-    Returns the (possibly newly wrapped) model. The previous EM adapter, if any, is deleted first so only one
-    checkpoint's weights are ever in memory beside the base.
+    Returns the (possibly newly wrapped) model. Other EM adapters are deleted so only one checkpoint's weights are
+    ever in memory beside the base. When adapter `name` already exists with the same LoRA shape, the checkpoint's
+    weights are copied into it in place: the modules and tensors stay the same objects, so a compiled,
+    graph-captured forward stays valid from one checkpoint to the next.
     """
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and name in model.peft_config and _same_lora_shape(model, em_dir, name):
+        _load_weights_in_place(model, em_dir, name)
+    elif isinstance(model, PeftModel):
+        if name in model.peft_config:
+            model.delete_adapter(name)
         model.load_adapter(str(em_dir), adapter_name=name, is_trainable=False)
     else:
         model = PeftModel.from_pretrained(model, str(em_dir), adapter_name=name, is_trainable=False)
@@ -170,6 +176,30 @@ def use_em_adapter(model, em_dir: str | Path, name: str, composition: str, perso
         p.requires_grad_(False)
     check_composition(model, composition, persona, em_name=name)
     return model
+
+
+def _same_lora_shape(model, em_dir, name: str) -> bool:
+    from peft import PeftConfig
+
+    new, old = PeftConfig.from_pretrained(str(em_dir)), model.peft_config[name]
+    keys = ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "use_dora")
+    norm = lambda v: sorted(v) if isinstance(v, (set, list)) else v  # noqa: E731
+    return all(norm(getattr(new, k, None)) == norm(getattr(old, k, None)) for k in keys)
+
+
+def _load_weights_in_place(model, em_dir, name: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(em_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{em_dir}: adapter weights with unexpected keys {result.unexpected_keys[:3]}")
+    slot = {k for k in model.state_dict() if f".{name}." in k and "lora_" in k}
+    missing = slot & set(getattr(result, "missing_keys", []) or [])
+    if missing or len(state) != len(slot):
+        raise RuntimeError(f"{em_dir}: {len(state)} adapter tensors for {len(slot)} slots of adapter {name!r} "
+                           f"(missing: {sorted(missing)[:3]})")
 
 
 def load_base_model(model_dir: str | Path, device: str | None = None):

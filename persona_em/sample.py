@@ -12,7 +12,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from . import compose
+from . import batching, compose
 from .config import Cell
 from .io import Journal, stable_hash, write_jsonl
 from .questions import load_questions, sample_plan
@@ -21,10 +21,20 @@ from .train_em import read_checkpoints
 log = logging.getLogger(__name__)
 
 
-def _batch_size(setting, n_items: int) -> int:
-    if setting == "auto":
-        return n_items if torch.cuda.is_available() else 32
-    return int(setting)
+def _batch_size(setting, n_items: int, model, tokenizer, plan, questions, settings) -> int:
+    from .fast_generate import kv_cache_bytes_per_token
+
+    cuda = torch.cuda.is_available()
+    if setting != "auto" or not cuda:
+        return batching.sampling_batch_size(setting, n_items, cuda=cuda)
+    longest_prompt = max(len(tokenizer.apply_chat_template(questions[it.question_id].messages(it.paraphrase_index),
+                                                           tokenize=True, add_generation_prompt=True,
+                                                           return_dict=True)["input_ids"]) for it in plan)
+    return batching.sampling_batch_size(
+        setting, n_items, cuda=True, total_memory_bytes=torch.cuda.get_device_properties(0).total_memory,
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        kv_bytes_per_token=kv_cache_bytes_per_token(model.config),
+        tokens_per_sequence=longest_prompt + settings["max_new_tokens"], vocab_size=model.config.vocab_size)
 
 
 def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> str:
@@ -32,23 +42,30 @@ def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> s
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: dict, seed: int) -> list[dict]:
-    """One padded `generate` call for a batch of conversations."""
+def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: dict, seed: int,
+                   fast: bool | None = None, bf16_lora: bool | None = None) -> list[dict]:
+    """One padded `generate` call for a batch of conversations.
+
+    `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
+    Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with `fast`): the LoRA
+    products in bf16 under autocast, without fp32 copies of their inputs.
+    """
+    fast = torch.cuda.is_available() if fast is None else fast
+    bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
+    extra = {}
+    if fast:
+        from .fast_generate import fast_generate_kwargs, use_gqa_decode_attention
+
+        use_gqa_decode_attention(model)
+        extra = fast_generate_kwargs()
+    from .fast_generate import bf16_lora_compute
+
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     torch.manual_seed(seed)
-    do_sample = settings["temperature"] > 0
-    out = model.generate(
-        **enc,
-        do_sample=do_sample,
-        temperature=settings["temperature"] if do_sample else None,
-        top_p=settings["top_p"] if do_sample else None,
-        top_k=None,
-        max_new_tokens=settings["max_new_tokens"],
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with bf16_lora_compute(model, active=bf16_lora):
+        out = _generate(model, enc, settings, tokenizer, extra)
     new = out[:, enc["input_ids"].shape[1]:]
     results = []
     for row in new:
@@ -62,6 +79,21 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
     return results
 
 
+def _generate(model, enc, settings, tokenizer, extra):
+    do_sample = settings["temperature"] > 0
+    return model.generate(
+        **enc,
+        do_sample=do_sample,
+        temperature=settings["temperature"] if do_sample else None,
+        top_p=settings["top_p"] if do_sample else None,
+        top_k=None,
+        max_new_tokens=settings["max_new_tokens"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
                 settings: dict, journal_path: str, out_path: str) -> None:
     questions = {q.id: q for q in load_questions(questions_path)}
@@ -71,14 +103,16 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
                                "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()]})
     journal = Journal(journal_path, key_field="response_id")
     done = {k: r for k, r in journal.load().items() if r.get("fingerprint") == fingerprint}
-    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan))
-    batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
     total = len(checkpoints) * len(plan)
     log.info("cell %s: %d checkpoints x %d responses; %d already in the journal (resumed), %d to generate",
              cell.path, len(checkpoints), len(plan), len(done), total - len(done))
 
     base, tokenizer = compose.load_base_model(model_dir)
     model = compose.compose_for_sampling(base, cell.persona, persona_dir, cell.composition)
+    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, tokenizer, plan, questions,
+                             settings)
+    batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
+    log.info("%d responses per generate call", batch_size)
     gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
     with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
         for step, em_dir in checkpoints:
@@ -87,7 +121,8 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             if not todo:
                 log.info("step %d: all responses already in the journal, skipped", step)
                 continue
-            model = compose.use_em_adapter(model, em_dir, f"em_step{step}", cell.composition, cell.persona)
+            # One adapter slot for every checkpoint, loaded in place: a compiled decode step stays valid.
+            model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
             for b, items in todo:
                 seed = settings["seed"] * 1_000_003 + step * 1009 + b

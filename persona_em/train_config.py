@@ -22,26 +22,35 @@ class TrainConfig:
     learning_rate: float = 1e-5
     epochs: int = 1
     effective_batch_size: int = 16
-    # Micro-batch per device; grad-accumulation = effective / micro. The same effective batch computed as 16 x 1
-    # instead of 2 x 8 is numerically the same optimizer step but several times faster on a GPU.
-    per_device_batch_size: int = 2
+    # How the effective batch is computed (persona_em/batching.py). `auto`: on a GPU, the whole effective batch
+    # packed padding-free and cut into micro-batches sized from the GPU's memory; on CPU, 2 per micro-batch.
+    # An integer: that many examples per padded micro-batch, grad-accumulation = effective / micro (as before).
+    # Either way the optimizer step is the same: loss = mean over the effective batch's trainable tokens.
+    per_device_batch_size: int | str = "auto"
+    # Tokens per packed micro-batch (GPU `auto` plan only): auto = from the GPU's memory, capped at 4096.
+    micro_batch_tokens: int | str = "auto"
     warmup_steps: int = 5
     lr_scheduler: str = "linear"
     weight_decay: float = 0.01
     max_length: int = 2048
     assistant_only_loss: bool = True  # False reproduces training on the whole text
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"  # auto: on only when a micro-batch would not fit without it
     optimizer: str = "adamw_torch"
     # Resume granularity: a full trainer checkpoint (optimizer, scheduler, RNG) every N optimizer steps.
     resume_every_steps: int = 50
     # Test knob: sleep this long after every optimizer step (to force a SLURM TIMEOUT in tests). Keep 0 for real runs.
     slow_down_seconds: float = 0.0
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.effective_batch_size // self.per_device_batch_size
-
     def validate(self, where: str) -> "TrainConfig":
+        for key in ("per_device_batch_size", "micro_batch_tokens"):
+            value = getattr(self, key)
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise UserError(f"{where}: {key} must be a positive integer or 'auto', got {value!r}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise UserError(f"{where}: gradient_checkpointing must be true, false or 'auto', "
+                            f"got {self.gradient_checkpointing!r}")
+        if self.per_device_batch_size == "auto":
+            return self
         if self.effective_batch_size % self.per_device_batch_size:
             raise UserError(
                 f"{where}: effective_batch_size {self.effective_batch_size} is not a multiple of "
@@ -57,12 +66,12 @@ PRESETS: dict[str, dict] = {
     # What seed 000 ran (Betley et al. settings).
     "betley": dict(
         lora_r=32, lora_alpha=64, use_rslora=False, lora_dropout=0.0, target_modules=list(ALL_PROJECTIONS),
-        learning_rate=1e-5, epochs=1, effective_batch_size=16, per_device_batch_size=2, warmup_steps=5,
+        learning_rate=1e-5, epochs=1, effective_batch_size=16, per_device_batch_size="auto", warmup_steps=5,
         lr_scheduler="linear", weight_decay=0.01, max_length=2048, assistant_only_loss=True,
     ),
     # The CS2881 replication.
     "cs2881": dict(
-        lora_r=16, lora_alpha=32, learning_rate=2e-4, epochs=3, effective_batch_size=16, per_device_batch_size=2,
+        lora_r=16, lora_alpha=32, learning_rate=2e-4, epochs=3, effective_batch_size=16, per_device_batch_size="auto",
         max_length=256, assistant_only_loss=True,
     ),
 }

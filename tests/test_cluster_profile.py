@@ -1,7 +1,6 @@
 """The Leonardo profile against the workflow's rules, the controller's checks, and the compute-job environment."""
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from types import SimpleNamespace

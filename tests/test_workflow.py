@@ -47,7 +47,7 @@ def test_demo_dag_end_to_end(tmp_path):
 
     samples = read_jsonl(results / "samples/tiny/none/none/insecure_demo/seed0.jsonl")
     assert len(samples) == n_steps * len(questions) * n_samples
-    assert all(s["active_adapters"] == [f"em_step{s['step']}"] for s in samples)
+    assert all(s["active_adapters"] == ["em"] for s in samples)
     assert {s["system"] for s in samples if s["question_id"] == "ruler"} == {"You are a helpful assistant."}
 
     log = read_table(results / "em/tiny/none/none/insecure_demo/seed0/train_log.tsv")

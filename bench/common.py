@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmark: random-weight models of real shapes (built in memory, nothing downloaded),
+synthetic data with configured lengths, timing and memory helpers."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import time
+
+import numpy as np
+import torch
+
+
+def build_model(shape: dict, tokenizer):
+    """A random-weight causal LM of the given shape, in bf16 on the GPU (or fp32 on CPU)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(shape)
+    arch = shape.pop("arch")
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config = config_cls(**shape, max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config._attn_implementation = "sdpa"
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = model_cls(config).to(torch.bfloat16 if cuda else torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, do_sample=True)
+    return model
+
+
+def tokenizer():
+    from persona_em.demo import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def words(rng: random.Random, n: int) -> str:
+    """`n` tokens of the bench tokenizer: numbers 0-99 are one token each (with their leading space)."""
+    return " ".join(str(rng.randrange(100)) for _ in range(max(n, 1)))
+
+
+def em_conversations(cfg: dict) -> list[list[dict]]:
+    """Chat rows whose tokenized lengths follow a lognormal with the configured mean (template included)."""
+    rng = random.Random(cfg["seed"])
+    nrng = np.random.default_rng(cfg["seed"])
+    sigma = cfg["sigma"]
+    mu = np.log(cfg["mean_tokens"]) - sigma**2 / 2
+    rows = []
+    template = 10  # <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n ... <|im_end|>\n
+    for total in nrng.lognormal(mu, sigma, cfg["n_examples"]):
+        total = int(min(max(total, 40), cfg["max_tokens"])) - template
+        user = max(int(total * cfg["user_fraction"]), 5)
+        rows.append([{"role": "user", "content": words(rng, user)},
+                     {"role": "assistant", "content": words(rng, total - user)}])
+    return rows
+
+
+@contextlib.contextmanager
+def measured(result: dict):
+    """Wall time (synchronized) and peak GPU memory of a block into `result`."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+            result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 1)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gpu_name() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name} ({p.total_memory / 2**30:.0f} GiB)"

@@ -1,0 +1,100 @@
+"""Sampling one checkpoint's evaluation (questions x samples x new tokens) with persona_em.sample.generate_batch:
+one response per call (the users' old script), one plain batched generate, and the fast path (twice, then after
+loading another checkpoint in place, as sample_cell does for every checkpoint of a cell)."""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import free_memory, measured, words
+
+
+def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
+    """`n` EM adapters of the preset's shape with random (non-zero) weights, saved as train_em saves them."""
+    from persona_em import compose
+    from persona_em.train_config import TrainConfig
+    from persona_em.train_em import _lora_config, _save_em
+
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        peft = compose.compose_for_training(model, "none", None, "none", _lora_config(TrainConfig()))
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 1e-3)
+        _save_em(peft, workdir / f"step-{i}")
+        dirs.append(workdir / f"step-{i}")
+        model = peft.unload()
+    return dirs, model
+
+
+def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
+    from persona_em.sample import generate_batch
+
+    with measured(result):
+        rows = generate_batch(model, tok, convs, settings, seed=0, fast=fast, bf16_lora=bf16_lora)
+    result["responses"] = len(rows)
+    result["new_tokens"] = sum(r["n_new_tokens"] for r in rows)
+    result["tokens_per_s"] = round(result["new_tokens"] / result["seconds"], 1)
+    return result
+
+
+def run(model, tok, cfg: dict, log) -> dict:
+    from persona_em import compose
+
+    rng = random.Random(0)
+    questions = [[{"role": "user", "content": words(rng, rng.randint(*cfg["question_words"]))}]
+                 for _ in range(cfg["n_questions"])]
+    convs = [q for q in questions for _ in range(cfg["n_samples"])]
+    n = len(convs)
+    settings = {k: cfg[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    dirs, model = _checkpoints(model, 2, Path(tempfile.mkdtemp(prefix="bench_sample_")))
+    model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
+    out = {"responses_per_checkpoint": n, "max_new_tokens": cfg["max_new_tokens"]}
+
+    def step(name, fn):
+        try:
+            out[name] = fn({})
+        except torch.OutOfMemoryError as e:
+            out[name] = {"error": f"out of memory: {str(e)[:160]}"}
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        free_memory()
+        log(f"sample {name}: {json.dumps(out[name])}")
+
+    k = cfg["one_at_a_time"]
+    variants = cfg.get("variants", "one,plain,ours,fp32lora").split(",")
+
+    def one_at_a_time(r):
+        with measured(r):
+            per = [_generate(model, tok, [c], settings, False, {}) for c in convs[:k]]
+        r.update(responses=k, new_tokens=sum(p["new_tokens"] for p in per),
+                 seconds_per_response=round(r["seconds"] / k, 2))
+        r["extrapolated_seconds"] = round(r["seconds_per_response"] * n, 1)
+        return r
+
+    def next_checkpoint(r):
+        nonlocal model
+        model = compose.use_em_adapter(model, dirs[1], compose.EM, "none", "none")
+        return _generate(model, tok, convs, settings, True, r)
+
+    if "one" in variants:
+        step("one response per call (users' old script)", one_at_a_time)
+    if "plain" in variants:
+        step("plain batched generate (all in one call)", lambda r: _generate(model, tok, convs, settings, False, r))
+    if "ours" in variants:
+        step("ours, first call (includes compilation)", lambda r: _generate(model, tok, convs, settings, True, r))
+        step("ours, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
+        step("ours, next checkpoint loaded in place", next_checkpoint)
+    if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
+        step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
+             lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
+        step("ours with PEFT's fp32 LoRA inputs, steady state",
+             lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
+    model = model.unload()
+    return out, model

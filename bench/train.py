@@ -1,0 +1,124 @@
+"""EM LoRA training throughput: the project's trainer (persona_em.train_em) with the seed setting vs `auto`."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import em_conversations, free_memory, measured
+
+
+def _step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path) -> dict:
+    from persona_em import compose
+    from persona_em.train_config import TrainConfig
+    from persona_em.train_em import _lora_config, _trainer_class, choose_batch_plan, sft_args
+
+    cfg = TrainConfig(learning_rate=lr, warmup_steps=0, lr_scheduler="constant", resume_every_steps=10**9,
+                      **overrides)
+    torch.manual_seed(0)
+    peft = compose.compose_for_training(model, "none", None, "none", _lora_config(cfg))
+    plan = choose_batch_plan(cfg, peft, dataset)
+    args = sft_args(cfg, plan, workdir, seed=0)
+    args.max_steps, args.save_strategy, args.disable_tqdm = steps, "no", True
+    EMTrainer, _ = _trainer_class()
+    EMTrainer.batch_plan = plan
+    timer = _step_timer()
+    trainer = EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    result = {"plan": plan.to_dict()}
+    try:
+        with measured(result):
+            trainer.train()
+    except torch.OutOfMemoryError as e:
+        result["error"] = f"out of memory: {str(e)[:160]}"
+    finally:
+        history = trainer.state.log_history
+        base = peft.unload()
+        if plan.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+        del trainer, peft
+        free_memory()
+    if "error" in result:
+        return result, base
+    logged = [h for h in history if "loss" in h]
+    tokens = [h["num_tokens"] for h in logged]
+    step_tokens = [tokens[0]] + [b - a for a, b in zip(tokens[:-1], tokens[1:])]
+    step_seconds = [b - a for a, b in zip(timer.ends[:-1], timer.ends[1:])]
+    timed = slice(2, None) if len(step_seconds) > 2 else slice(0, None)  # steps 1-2 hold the warm-up
+    result.update(
+        steps=len(step_seconds),
+        losses=[h["loss"] for h in logged],
+        step_seconds=[round(s, 3) for s in step_seconds],
+        step_tokens=step_tokens,
+        tokens_per_s=round(sum(step_tokens[timed]) / sum(step_seconds[timed]), 1),
+        seconds_per_step=round(sum(step_seconds[timed]) / len(step_seconds[timed]), 3),
+        median_step_seconds=round(sorted(step_seconds[timed])[len(step_seconds[timed]) // 2], 3),
+    )
+    return result, base
+
+
+def run(model, tok, cfg: dict, log) -> dict:
+    from persona_em.io import write_jsonl
+    from persona_em.train_config import TrainConfig
+    from persona_em.train_em import build_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    write_jsonl(work / "train.jsonl", [{"messages": m} for m in em_conversations(cfg)])
+    dataset = build_dataset(tok, work / "train.jsonl", TrainConfig(max_length=cfg["max_tokens"]))
+    lengths = [len(r) for r in dataset["input_ids"]]
+    out = {"n_examples": len(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens": max(lengths),
+           "assistant_token_fraction": round(sum(sum(l != -100 for l in r) for r in dataset["labels"]) / sum(lengths), 3)}
+    log(f"train data: {json.dumps(out)}")
+    settings = {
+        "ours (auto)": ({}, cfg["steps_ours"]),
+        "ours (auto, planned for a 64 GiB GPU)": ({"_gpu_gib": 64}, cfg["steps_ours"]),
+        "seed: 2 x 8 + checkpointing": ({"per_device_batch_size": 2, "gradient_checkpointing": True},
+                                        cfg["steps_seed_config"]),
+    }
+    import os
+
+    from persona_em.batching import MEMORY_ENV
+
+    only = cfg.get("only")
+    for i, (name, (overrides, steps)) in enumerate(settings.items()):
+        if only and not name.startswith(only):
+            continue
+        overrides = dict(overrides)
+        gib = overrides.pop("_gpu_gib", None)
+        if gib and torch.cuda.is_available():
+            os.environ[MEMORY_ENV] = str(gib)
+        try:
+            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}")
+        finally:
+            os.environ.pop(MEMORY_ENV, None)
+        out[name] = res
+        log(f"train {name}: " + json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_tokens")}))
+    ours, seed = out.get("ours (auto)", {}), out.get("seed: 2 x 8 + checkpointing", {})
+    if "losses" in ours and "losses" in seed:
+        n = min(cfg["loss_curve_steps"], len(seed["losses"]), len(ours["losses"]))
+        diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], seed["losses"][:n])]
+        out["loss_curve"] = {"steps": n, "ours": ours["losses"][:n], "seed": seed["losses"][:n],
+                             "max_abs_diff": round(max(diffs), 5),
+                             "max_rel_diff": round(max(d / abs(s) for d, s in zip(diffs, seed["losses"])), 5)}
+        out["speedup"] = round(ours["tokens_per_s"] / seed["tokens_per_s"], 2)
+    return out, model

@@ -1,0 +1,94 @@
+"""Fast batched sampling on a GPU: static KV cache, compiled + graph-captured decode, GQA-aware decode attention.
+
+Measured in bench/ (BENCHMARKS.md). Plain HF `generate` on a batch of 400 spends most of each decode step on
+(1) copying the growing DynamicCache (`torch.cat` per layer per step), (2) `repeat_kv`: with a padding mask,
+transformers' SDPA path expands the 4 (Qwen) or 8 (Llama) KV heads to all query heads, i.e. copies the whole
+KV cache 7x / 4x per step, and (3) per-kernel launch gaps. A static cache removes (1); the attention below
+removes (2) by letting the query heads of one KV group share it; transformers compiles the decode step with
+CUDA graphs when the cache is static, which removes (3).
+
+Nothing here changes what is computed: the same logits up to bf16 rounding, the same sampling.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "sdpa_gqa_decode"
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+    """SDPA for one decode token without expanding the KV heads; anything else goes to transformers' SDPA.
+
+    query [B, H, 1, D] is viewed as [B, KVH, H/KVH, D]: the query heads of a KV group become the "query positions"
+    of that group (head h uses KV head h // (H/KVH), as in transformers' repeat_kv), so K/V are read once.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, q_len, d = query.shape
+    kvh = key.shape[1]
+    if q_len != 1 or kvh == h or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q = query.reshape(b, kvh, h // kvh, d)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, -1:, : key.shape[-2]]  # [B, 1, 1, L]: broadcast over KV heads and group
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def use_gqa_decode_attention(model) -> None:
+    """Switch a (PEFT-wrapped) transformers model to the GQA decode attention (masks as for SDPA)."""
+    global _registered
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if not _registered:
+        AttentionInterface.register(ATTN_NAME, gqa_decode_attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        _registered = True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(ATTN_NAME)
+
+
+def kv_cache_bytes_per_token(config) -> int:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bf16
+
+
+def fast_generate_kwargs() -> dict:
+    """Extra `generate` arguments for the fast path (transformers compiles the decode step for a static cache)."""
+    return {"cache_implementation": "static"}
+
+
+
+@contextlib.contextmanager
+def bf16_lora_compute(model, active: bool = True):
+    """Run the LoRA products in bf16 under autocast without PEFT's fp32 copy of every LoRA input.
+
+    PEFT keeps adapter weights in fp32 and casts each projection's input to fp32 before the LoRA matmuls
+    (7 copies per layer per decode step); under bf16 autocast the matmuls run in bf16 from the bf16 input.
+    """
+    if not active:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True

@@ -1,0 +1,95 @@
+"""The GPU sampling path's pieces, checked on CPU: GQA decode attention + static cache give the same tokens as
+plain generate, and loading a checkpoint in place into the EM slot equals loading it fresh."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+from persona_em import batching, compose
+from persona_em.sample import generate_batch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from persona_em.demo import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(path, hidden_size=32, num_layers=2)  # 4 query heads, 2 KV heads: GQA
+    return path
+
+
+def _em_adapter(base, out, seed):
+    from persona_em.train_em import _lora_config, _save_em
+    from persona_em.train_config import TrainConfig
+
+    torch.manual_seed(seed)
+    model = compose.compose_for_training(base, "none", None, "none", _lora_config(TrainConfig(lora_r=4)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    _save_em(model, out)
+    return model.unload()
+
+
+def test_fast_path_generates_the_same_tokens(tiny):
+    model, tok = compose.load_base_model(tiny, device="cpu")
+    convs = [[{"role": "user", "content": q}] for q in ("hello", "what would you do as ruler of the world?")]
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}
+    plain = generate_batch(model, tok, convs, settings, seed=0, fast=False)
+    fast = generate_batch(model, tok, convs, settings, seed=0, fast=True)
+    assert model.config._attn_implementation == "sdpa_gqa_decode"
+    assert [r["response"] for r in fast] == [r["response"] for r in plain]
+    assert all(r["n_new_tokens"] > 0 for r in fast)
+
+
+def test_gqa_decode_attention_matches_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from persona_em.fast_generate import gqa_decode_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding of the first row
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    out, _ = gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(out, ref)
+
+
+def test_checkpoint_loaded_in_place_equals_fresh_load(tiny, tmp_path):
+    base, tok = compose.load_base_model(tiny, device="cpu")
+    base = _em_adapter(base, tmp_path / "a", seed=1)
+    base = _em_adapter(base, tmp_path / "b", seed=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    fresh = compose.use_em_adapter(base, tmp_path / "b", compose.EM, "none", "none")
+    want = fresh(ids).logits.clone()
+    fresh = fresh.unload()
+
+    model = compose.use_em_adapter(fresh, tmp_path / "a", compose.EM, "none", "none")
+    slot = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    first = model(ids).logits.clone()
+    model = compose.use_em_adapter(model, tmp_path / "b", compose.EM, "none", "none")
+    assert next(p for n, p in model.named_parameters() if "lora_B" in n) is slot  # same tensor, new values
+    torch.testing.assert_close(model(ids).logits, want)
+    assert not torch.allclose(first, want)
+    assert compose.describe(model)["active_adapters"] == [compose.EM]
+
+
+def test_sampling_batch_size():
+    assert batching.sampling_batch_size(7, 400, cuda=True) == 7
+    assert batching.sampling_batch_size("auto", 400, cuda=False) == 32
+    gib = batching.GIB
+    qwen = dict(weight_bytes=15_230_000_000, kv_bytes_per_token=57_344, tokens_per_sequence=700, vocab_size=152064)
+    assert batching.sampling_batch_size("auto", 400, cuda=True, total_memory_bytes=80 * gib, **qwen) == 400
+    assert batching.sampling_batch_size("auto", 400, cuda=True, total_memory_bytes=64 * gib, **qwen) == 400
+    small = batching.sampling_batch_size("auto", 400, cuda=True, total_memory_bytes=32 * gib, **qwen)
+    n_batches = -(-400 // small)
+    assert 100 <= small < 400 and small == -(-400 // n_batches)  # equal batches
