@@ -20,8 +20,14 @@ def main(stage: str, args_path: str, log_path: str) -> None:
     if delay:  # stretch each item's work (not its write) so the test can kill at chosen points
         from persona_em.io import Journal
 
-        append = Journal.append
-        Journal.append = lambda self, row: (time.sleep(delay), append(self, row))[1]
+        append_many = Journal.append_many  # Journal.append goes through append_many too
+
+        def one_at_a_time(self, rows):
+            for row in rows:
+                time.sleep(delay)
+                append_many(self, [row])
+
+        Journal.append_many = one_at_a_time
     from persona_em.config import Cell
 
     if stage == "train":
