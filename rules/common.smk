@@ -12,6 +12,7 @@ from persona_em.config import (
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
+from persona_em.persona.settings import check_persona_config, generator_settings
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
@@ -77,8 +78,23 @@ for _pair in config["evaluation"]["judge_agreement"]:
         raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
                         f"evaluation.judges")
 
+# The persona arm (rules/persona.smk). Prompts and teacher answers depend on the constitution only; the student's
+# answers, the pairs and the adapter on the base model too.
+PERSONA_PROMPTS = f"{RESULTS}/persona_data/{{persona}}/prompts.jsonl"
+PERSONA_PROMPTS_JOURNAL = f"{WORK}/persona_data/{{persona}}/prompts.journal.jsonl"
+TEACHER_RESPONSES = f"{RESULTS}/persona_data/{{persona}}/teacher.jsonl"
+TEACHER_JOURNAL = f"{WORK}/persona_data/{{persona}}/teacher.journal.jsonl"
+STUDENT_RESPONSES = f"{RESULTS}/personas/{{model}}/{{persona}}/student.jsonl"
+STUDENT_JOURNAL = f"{WORK}/personas/{{model}}/{{persona}}/student.journal.jsonl"
+DPO_PAIRS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.jsonl"
+DPO_PAIR_STATS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.stats.json"
+DPO_ADAPTER = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_adapter"
+DPO_WORK = f"{WORK}/personas/{{model}}/{{persona}}/dpo"  # resume state, not an output
+HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the hub cache stays in CACHE)
+
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
+check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
         raise UserError(f"config evaluation.judges: unknown judge {_judge!r} (defined: {sorted(config['judges'])})")
@@ -150,10 +166,41 @@ def dataset_source(wildcards):
 
 
 def persona_adapter(wildcards):
-    """The persona's adapter directory, or nothing for the no-persona cells."""
+    """The persona's adapter directory for the cell's base model, or nothing for the no-persona cells."""
     if wildcards.persona == NO_PERSONA:
         return []
-    return config["personas"][wildcards.persona]["adapter"]
+    spec = config["personas"][wildcards.persona]
+    if "hub" in spec:
+        return HUB_PERSONA.format(persona=wildcards.persona)
+    if "constitution" in spec:
+        return DPO_ADAPTER.format(model=wildcards.model, persona=wildcards.persona)
+    return spec["adapter"]
+
+
+def constitution_file(wildcards):
+    spec = config["personas"].get(wildcards.persona, {})
+    if "constitution" not in spec:
+        raise UserError(f"persona {wildcards.persona!r} has no constitution (config personas.{wildcards.persona})")
+    return spec["constitution"]
+
+
+def persona_generator(stage):
+    """The generator config of `stage` (expand | teacher), with its name; expand defaults to the teacher's."""
+
+    def settings(wildcards):
+        return generator_settings(config, stage)
+
+    return settings
+
+
+def persona_generator_model(stage):
+    """The prepared model a local (hf) generator of `stage` needs; nothing for an API generator."""
+
+    def model(wildcards):
+        gen = generator_settings(config, stage)
+        return MODEL.format(model=gen["model"]) if gen["backend"] == "hf" else []
+
+    return model
 
 
 def judge_model(wildcards):
