@@ -173,7 +173,7 @@ def make_backend(cfg: dict, settings: dict, model_dir: str | None = None, adapte
 
 def generator_identity(cfg: dict, settings: dict) -> str:
     """A fingerprint of everything that changes a generation: journal rows with another one are not reused."""
-    keys = ("backend", "model", "base_url")
+    keys = ("backend", "model")  # not base_url: the same model behind another address gives the same answers
     return stable_hash({**{k: cfg.get(k) for k in keys}, **settings})
 
 
