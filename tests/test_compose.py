@@ -91,7 +91,7 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
         EMTrainer.composition, EMTrainer.persona = composition, "p"
         args = SFTConfig(output_dir=str(root / f"t1_{composition}"), max_steps=3, per_device_train_batch_size=4,
                          learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
-                         dataloader_num_workers=0, disable_tqdm=True)
+                         dataloader_num_workers=0, disable_tqdm=True, bf16=False)
         trainer = EMTrainer(model=m, args=args, train_dataset=build_dataset(tok, data, cfg), processing_class=tok)
         trainer.train()
         after = dict(trainer.model.named_parameters())
