@@ -90,6 +90,10 @@ DPO_PAIRS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.jsonl"
 DPO_PAIR_STATS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.stats.json"
 DPO_ADAPTER = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_adapter"
 DPO_WORK = f"{WORK}/personas/{{model}}/{{persona}}/dpo"  # resume state, not an output
+INTROSPECTION = f"{RESULTS}/personas/{{model}}/{{persona}}/introspection.jsonl"
+INTROSPECTION_JOURNAL = f"{WORK}/personas/{{model}}/{{persona}}/introspection.journal.jsonl"
+SFT_WORK = f"{WORK}/personas/{{model}}/{{persona}}/sft"
+PERSONA_FINAL = f"{RESULTS}/personas/{{model}}/{{persona}}/adapter"  # cat(dpo, sft) when introspection is on
 HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the hub cache stays in CACHE)
 
 # --- the grid ----------------------------------------------------------------------------------------------------
@@ -173,7 +177,8 @@ def persona_adapter(wildcards):
     if "hub" in spec:
         return HUB_PERSONA.format(persona=wildcards.persona)
     if "constitution" in spec:
-        return DPO_ADAPTER.format(model=wildcards.model, persona=wildcards.persona)
+        trained = PERSONA_FINAL if config["persona_training"]["introspection"]["enabled"] else DPO_ADAPTER
+        return trained.format(model=wildcards.model, persona=wildcards.persona)
     return spec["adapter"]
 
 

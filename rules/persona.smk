@@ -113,3 +113,41 @@ rule train_dpo:
         "../envs/torch.yaml"
     script:
         "../scripts/train_dpo.py"
+
+
+rule introspection:
+    input:
+        constitution=constitution_file,
+        model=MODEL,
+        dpo_adapter=DPO_ADAPTER,
+    output:
+        INTROSPECTION,
+    params:
+        settings=lambda wc: {**config["persona_training"]["introspection"],
+                             "system_prompt_template": config["persona_training"]["teacher"]["system_prompt_template"]},
+        journal=INTROSPECTION_JOURNAL,
+    log:
+        f"{LOGS}/introspection/{{model}}/{{persona}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/introspection.py"
+
+
+rule train_sft:
+    input:
+        model=MODEL,
+        dpo_adapter=DPO_ADAPTER,
+        data=INTROSPECTION,
+    output:
+        directory(PERSONA_FINAL),
+    params:
+        settings=lambda wc: config["persona_training"]["sft"],
+        work=SFT_WORK,
+    log:
+        f"{LOGS}/train_sft/{{model}}/{{persona}}.log",
+    threads: 8
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/train_sft.py"
