@@ -7,13 +7,13 @@ from ..errors import UserError
 def generator_settings(config: dict, stage: str) -> dict:
     """The generator of `stage` (expand | teacher) with its name. expand uses the teacher's unless it names one."""
     pt = config.get("persona_training", {})
-    name = (pt.get(stage) or {}).get("generator") if stage == "expand" else None
-    name = name or (pt.get("teacher") or {}).get("generator")
+    key = stage if (pt.get(stage) or {}).get("generator") else "teacher"
+    name = (pt.get(key) or {}).get("generator")
     if not name:
         raise UserError("config persona_training.teacher.generator: needed to train personas from a constitution")
     gens = pt.get("generators") or {}
     if name not in gens:
-        raise UserError(f"config persona_training.{stage}.generator: unknown generator {name!r} "
+        raise UserError(f"config persona_training.{key}.generator: unknown generator {name!r} "
                         f"(defined under persona_training.generators: {sorted(gens) or 'none'})")
     return {**gens[name], "name": name}
 
