@@ -133,6 +133,8 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
     torch.manual_seed(s.seed)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(s))
+    if trainer.ref_model is not None:  # the reference must be this model with adapters off, not a second copy
+        raise RuntimeError("DPOTrainer built a separate reference model")
     resume = latest_checkpoint(trainer_dir)
     log.info("%s on %s: %d pairs, %d epochs; %s", persona, model_name, len(rows), epochs,
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
