@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, demo_config, run_snakemake
+from conftest import demo_config, run_snakemake
 from persona_em.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,6 @@ pytestmark = pytest.mark.slow
 
 def persona_demo(tmp_path, **grid):
     cfg = demo_config(tmp_path)
-    cfg["personas"]["demo_persona"]["constitution"] = str(REPO / cfg["personas"]["demo_persona"]["constitution"])
     cfg["sampling"].update(n_samples=2, max_new_tokens=8)
     cfg["grid"].update({"personas": ["demo_persona"], "compositions": ["stacked"], "datasets": ["insecure_demo"],
                         "seeds": [0], **grid})
