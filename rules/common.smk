@@ -116,6 +116,19 @@ API_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"
 LOCAL_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] != "openai"])
 
 
+# Persona-arm generators likewise: an API generator on the submit host (expand_prompts_api, teacher_api), a local
+# one as a GPU job (expand_prompts, teacher). The backend is per stage, shared by every constitution persona.
+def generator_personas(stage, api):
+    trained = [n for n, p in config["personas"].items() if "constitution" in p]
+    return name_pattern([n for n in trained if (generator_settings(config, stage)["backend"] == "openai") == api])
+
+
+API_EXPAND_PERSONAS = generator_personas("expand", api=True)
+LOCAL_EXPAND_PERSONAS = generator_personas("expand", api=False)
+API_TEACHER_PERSONAS = generator_personas("teacher", api=True)
+LOCAL_TEACHER_PERSONAS = generator_personas("teacher", api=False)
+
+
 def questions_file():
     """The question set: a local path, or the downloaded copy of {url, sha256} (fetched by fetch_questions)."""
     q = config["evaluation"]["questions"]

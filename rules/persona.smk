@@ -5,6 +5,8 @@
 
 localrules:
     fetch_hub_persona,
+    expand_prompts_api,
+    teacher_api,
 
 
 rule fetch_hub_persona:
@@ -27,6 +29,8 @@ rule expand_prompts:
         generator_model=persona_generator_model("expand"),
     output:
         PERSONA_PROMPTS,
+    wildcard_constraints:
+        persona=LOCAL_EXPAND_PERSONAS,
     params:
         generator=persona_generator("expand"),
         settings=lambda wc: config["persona_training"]["expand"],
@@ -48,6 +52,8 @@ rule teacher:
         generator_model=persona_generator_model("teacher"),
     output:
         TEACHER_RESPONSES,
+    wildcard_constraints:
+        persona=LOCAL_TEACHER_PERSONAS,
     params:
         generator=persona_generator("teacher"),
         settings=lambda wc: config["persona_training"]["teacher"],
@@ -58,6 +64,17 @@ rule teacher:
         "../envs/torch.yaml"
     script:
         "../scripts/teacher.py"
+
+
+# API generators need the internet: the same stages on the submit host.
+use rule expand_prompts as expand_prompts_api with:
+    wildcard_constraints:
+        persona=API_EXPAND_PERSONAS,
+
+
+use rule teacher as teacher_api with:
+    wildcard_constraints:
+        persona=API_TEACHER_PERSONAS,
 
 
 rule student:

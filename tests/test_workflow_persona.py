@@ -66,3 +66,13 @@ def test_unknown_persona_generator_is_a_config_error(tmp_path):
     res = run_snakemake(tmp_path, cfg, "-n")
     assert res.returncode != 0
     assert "persona_training.teacher.generator: unknown generator 'nope'" in res.stdout
+
+
+def test_api_generators_run_on_the_submit_host(tmp_path):
+    cfg = persona_demo(tmp_path)
+    cfg["persona_training"]["generators"]["api"] = {"backend": "openai", "model": "glm-4.5-air"}
+    cfg["persona_training"]["teacher"]["generator"] = "api"
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "rule teacher_api:" in res.stdout and "rule expand_prompts_api:" in res.stdout
+    assert "rule teacher:" not in res.stdout and "models/tiny" in res.stdout  # the student still needs the model
