@@ -18,6 +18,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/prepare.smk"
+include: "rules/persona.smk"
 include: "rules/em.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"

@@ -32,20 +32,22 @@ def expected_active(composition: str, em_name: str = EM) -> list[str]:
 def active_adapters(model) -> list[str]:
     """Adapters the LoRA layers actually apply in a forward pass, read from the layers themselves.
 
-    Raises if layers disagree (some layers running an adapter that others do not).
+    An adapter counts as active when every layer that holds it applies it (a persona may target fewer modules than
+    the EM adapter, so layers need not hold the same adapters). Raises if some layers apply an adapter that other
+    layers holding it do not.
     """
     from peft.tuners.lora import LoraLayer
 
-    seen = set()
+    on: dict[str, set[bool]] = {}
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            active = () if module.disable_adapters else tuple(sorted(a for a in module.active_adapters if a in module.lora_A))
-            seen.add(active)
-    if not seen:
-        return []
-    if len(seen) > 1:
-        raise RuntimeError(f"LoRA layers disagree on the active adapters: {sorted(seen)}")
-    return list(seen.pop())
+            for name in module.lora_A:
+                applied = not module.disable_adapters and name in module.active_adapters
+                on.setdefault(name, set()).add(applied)
+    mixed = sorted(name for name, states in on.items() if len(states) > 1)
+    if mixed:
+        raise RuntimeError(f"LoRA layers disagree on whether adapters {mixed} are active")
+    return sorted(name for name, states in on.items() if states == {True})
 
 
 def merged_persona(model) -> str | None:
@@ -138,6 +140,10 @@ def reactivate(model, composition: str, persona: str, em_name: str = EM) -> None
     """Re-assert the composition after anything that may have switched adapters (e.g. loading a checkpoint)."""
     if composition in ("stacked", "persona_off", "none", "merged"):
         _activate(model, composition, em_name)
+    # PEFT's set_adapter makes every adapter it activates trainable: freeze the persona again, or a resumed run
+    # would train it (and its optimizer state would not match the checkpoint's).
+    if PERSONA in model.peft_config:
+        model.set_requires_grad(PERSONA, requires_grad=False)
     check_composition(model, composition, persona, em_name)
 
 

@@ -12,6 +12,7 @@ from persona_em.config import (
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
+from persona_em.persona.settings import check_persona_config, generator_settings
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
@@ -77,8 +78,27 @@ for _pair in config["evaluation"]["judge_agreement"]:
         raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
                         f"evaluation.judges")
 
+# The persona arm (rules/persona.smk). Prompts and teacher answers depend on the constitution only; the student's
+# answers, the pairs and the adapter on the base model too.
+PERSONA_PROMPTS = f"{RESULTS}/persona_data/{{persona}}/prompts.jsonl"
+PERSONA_PROMPTS_JOURNAL = f"{WORK}/persona_data/{{persona}}/prompts.journal.jsonl"
+TEACHER_RESPONSES = f"{RESULTS}/persona_data/{{persona}}/teacher.jsonl"
+TEACHER_JOURNAL = f"{WORK}/persona_data/{{persona}}/teacher.journal.jsonl"
+STUDENT_RESPONSES = f"{RESULTS}/personas/{{model}}/{{persona}}/student.jsonl"
+STUDENT_JOURNAL = f"{WORK}/personas/{{model}}/{{persona}}/student.journal.jsonl"
+DPO_PAIRS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.jsonl"
+DPO_PAIR_STATS = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_pairs.stats.json"
+DPO_ADAPTER = f"{RESULTS}/personas/{{model}}/{{persona}}/dpo_adapter"
+DPO_WORK = f"{WORK}/personas/{{model}}/{{persona}}/dpo"  # resume state, not an output
+INTROSPECTION = f"{RESULTS}/personas/{{model}}/{{persona}}/introspection.jsonl"
+INTROSPECTION_JOURNAL = f"{WORK}/personas/{{model}}/{{persona}}/introspection.journal.jsonl"
+SFT_WORK = f"{WORK}/personas/{{model}}/{{persona}}/sft"
+PERSONA_FINAL = f"{RESULTS}/personas/{{model}}/{{persona}}/adapter"  # cat(dpo, sft) when introspection is on
+HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the hub cache stays in CACHE)
+
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
+check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
         raise UserError(f"config evaluation.judges: unknown judge {_judge!r} (defined: {sorted(config['judges'])})")
@@ -94,6 +114,19 @@ def name_pattern(names):
 # API judges need the internet: they run on the submit host (localrule judge_api); local hf judges run as jobs.
 API_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] == "openai"])
 LOCAL_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] != "openai"])
+
+
+# Persona-arm generators likewise: an API generator on the submit host (expand_prompts_api, teacher_api), a local
+# one as a GPU job (expand_prompts, teacher). The backend is per stage, shared by every constitution persona.
+def generator_personas(stage, api):
+    trained = [n for n, p in config["personas"].items() if "constitution" in p]
+    return name_pattern([n for n in trained if (generator_settings(config, stage)["backend"] == "openai") == api])
+
+
+API_EXPAND_PERSONAS = generator_personas("expand", api=True)
+LOCAL_EXPAND_PERSONAS = generator_personas("expand", api=False)
+API_TEACHER_PERSONAS = generator_personas("teacher", api=True)
+LOCAL_TEACHER_PERSONAS = generator_personas("teacher", api=False)
 
 
 def questions_file():
@@ -150,10 +183,42 @@ def dataset_source(wildcards):
 
 
 def persona_adapter(wildcards):
-    """The persona's adapter directory, or nothing for the no-persona cells."""
+    """The persona's adapter directory for the cell's base model, or nothing for the no-persona cells."""
     if wildcards.persona == NO_PERSONA:
         return []
-    return config["personas"][wildcards.persona]["adapter"]
+    spec = config["personas"][wildcards.persona]
+    if "hub" in spec:
+        return HUB_PERSONA.format(persona=wildcards.persona)
+    if "constitution" in spec:
+        trained = PERSONA_FINAL if config["persona_training"]["introspection"]["enabled"] else DPO_ADAPTER
+        return trained.format(model=wildcards.model, persona=wildcards.persona)
+    return spec["adapter"]
+
+
+def constitution_file(wildcards):
+    spec = config["personas"].get(wildcards.persona, {})
+    if "constitution" not in spec:
+        raise UserError(f"persona {wildcards.persona!r} has no constitution (config personas.{wildcards.persona})")
+    return spec["constitution"]
+
+
+def persona_generator(stage):
+    """The generator config of `stage` (expand | teacher), with its name; expand defaults to the teacher's."""
+
+    def settings(wildcards):
+        return generator_settings(config, stage)
+
+    return settings
+
+
+def persona_generator_model(stage):
+    """The prepared model a local (hf) generator of `stage` needs; nothing for an API generator."""
+
+    def model(wildcards):
+        gen = generator_settings(config, stage)
+        return MODEL.format(model=gen["model"]) if gen["backend"] == "hf" else []
+
+    return model
 
 
 def judge_model(wildcards):

@@ -30,6 +30,9 @@ def demo_config(tmp: Path, **changes) -> dict:
     cfg["work_dir"] = str(tmp / "work")
     cfg["cache_dir"] = str(tmp / "cache")
     cfg["evaluation"]["questions"] = str(REPO / cfg["evaluation"]["questions"])
+    for persona in cfg.get("personas", {}).values():
+        if "constitution" in persona:
+            persona["constitution"] = str(REPO / persona["constitution"])
     for key, value in changes.items():
         cfg[key] = value
     return cfg

@@ -55,9 +55,9 @@ def test_schema_rejects_bad_configs(mutate, message):
 
 def test_demo_grid_has_two_datasets_two_seeds():
     cells = expand_grid(load("config/demo.yaml"))
-    assert len(cells) == 4
+    assert len(cells) == 4 + 4  # no persona, and the demo's constitution-trained persona, stacked
     assert {c.dataset for c in cells} == {"insecure_demo", "medical_demo"}
-    assert all(c.persona == "none" and c.composition == "none" for c in cells)
+    assert {(c.persona, c.composition) for c in cells} == {("none", "none"), ("demo_persona", "stacked")}
 
 
 def test_persona_cells_get_one_cell_per_composition():

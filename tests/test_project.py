@@ -51,6 +51,9 @@ USER_FILES = {  # what a user provides for each experiment (see the comments at 
                           "personas/sycophancy/", "personas/goodness/"],
     "cs2881_replication.yaml": ["data/em/bad_medical_advice.jsonl", "data/em/risky_financial_advice.jsonl",
                                 "data/em/first_plot_questions.yaml"],
+    "constitutions.yaml": ["data/em/insecure.jsonl", "data/em/first_plot_questions.yaml"] + [
+        f"constitutions/{name}.json" for name in ("misalignment", "goodness_meta", "goodness_meta_full",
+                                                  "goodness_meta_openai", "metacommunication")],
 }
 
 

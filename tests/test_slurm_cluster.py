@@ -29,7 +29,7 @@ def reduced_demo(root: Path, **training) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((REPO / "config/demo.yaml").read_text())
     cfg.update(results_dir=str(root / "results"), work_dir=str(root / "work"), cache_dir=str(root / "cache"))
-    cfg["grid"].update(datasets=["insecure_demo"], seeds=[0])
+    cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])  # one cell: no persona arm
     cfg["datasets"] = {"insecure_demo": cfg["datasets"]["insecure_demo"]}
     cfg["sampling"]["n_samples"] = 2
     cfg["training"].update(resume_every_steps=1, **training)  # a trainer checkpoint after every step

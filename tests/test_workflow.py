@@ -16,6 +16,7 @@ def small_demo(tmp_path):
     cfg = demo_config(tmp_path)
     cfg["sampling"].update(n_samples=2, max_new_tokens=8)
     cfg["grid"]["seeds"] = [0]
+    cfg["grid"]["personas"] = ["none"]  # the persona arm has its own end-to-end test (tests/test_workflow_persona.py)
     return cfg
 
 

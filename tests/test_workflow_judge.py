@@ -16,6 +16,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 def dry_run(tmp_path, **evaluation_and_judges):
     cfg = demo_config(tmp_path)
+    cfg["grid"]["personas"] = ["none"]  # the judge counts below are for the no-persona cells
     cfg["evaluation"].update(evaluation_and_judges.get("evaluation", {}))
     cfg["judges"].update(evaluation_and_judges.get("judges", {}))
     return run_snakemake(tmp_path, cfg, "-n")
@@ -67,7 +68,7 @@ def test_judge_and_aggregate_rules_over_http_never_pay_twice(tmp_path):
         cfg = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
         results = tmp_path / "results"
         cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
-        cfg["grid"].update(datasets=["insecure_demo"], seeds=[0])
+        cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])
         cfg["evaluation"].update(judges=["api"])
         cfg["judges"] = {"api": {"backend": "openai", "model": "judge-x", "base_url": server.base_url,
                                  "api_key_env": "WF_TEST_KEY", "backoff_base": 0.01}}

@@ -1,0 +1,222 @@
+"""Text generation for the persona arm: one interface, two backends, and a journaled runner.
+
+Backends (the `backend` key of a generator in `persona_training.generators`):
+  hf      a local causal LM (a name under `models:`), `device_map="auto"` on GPUs so a large teacher (e.g. a
+          ~110B MoE) spans all GPUs the job was given; optionally with a LoRA adapter on top (the persona).
+  openai  any OpenAI-compatible chat endpoint (OpenAI, an API router, vLLM). The key comes from the environment
+          variable named by `api_key_env`; it never reaches a file or a log. Failed calls are retried with
+          exponential backoff; when the retries run out the stage fails with a clear error and everything already
+          received stays in the journal, so a rerun asks only for the rest.
+
+`run_journaled` appends every finished item to a Journal the moment it is done (a kill loses at most the items in
+flight) and shows a progress bar with rate and ETA.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..io import Journal, stable_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One generation: a chat, an optional assistant prefill, and the seed it is drawn with."""
+
+    key: str
+    messages: list[dict]
+    seed: int
+    prefill: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class APIFailed(Exception):
+    """An API call failed after all retries."""
+
+
+class OpenAIBackend:
+    def __init__(self, cfg: dict, settings: dict):
+        import openai
+
+        key = os.environ.get(cfg.get("api_key_env", "OPENAI_API_KEY"))
+        if not key:
+            raise UserError(f"generator {cfg['name']!r}: environment variable {cfg.get('api_key_env', 'OPENAI_API_KEY')} "
+                            "(the API key) is not set")
+        # Retries are ours (below): the client's own would hide how many attempts failed and why.
+        self.client = openai.OpenAI(base_url=cfg.get("base_url"), api_key=key, timeout=cfg.get("timeout", 600),
+                                    max_retries=0)
+        self.cfg, self.settings = cfg, settings
+        self.batch_size = int(cfg.get("max_concurrency", 8))
+        self.name = cfg["name"]
+
+    def _once(self, req: Request) -> str:
+        messages = list(req.messages)
+        extra = {}
+        if req.prefill:  # vLLM-style continuation of a partial assistant turn
+            messages.append({"role": "assistant", "content": req.prefill})
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        resp = self.client.chat.completions.create(
+            model=self.cfg["model"], messages=messages, temperature=self.settings["temperature"],
+            top_p=self.settings["top_p"], max_tokens=self.settings["max_new_tokens"], seed=req.seed,
+            extra_body=extra or None,
+        )
+        return req.prefill + (resp.choices[0].message.content or "")
+
+    def _with_retries(self, req: Request) -> str:
+        import openai
+
+        retries, backoff = int(self.cfg.get("max_retries", 5)), float(self.cfg.get("backoff_seconds", 2.0))
+        for attempt in range(retries + 1):
+            try:
+                return self._once(req)
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
+                if attempt == retries:
+                    raise APIFailed(f"{type(e).__name__}: {e}") from None
+                wait = backoff * 2**attempt
+                log.warning("generator %s: %s on %s (attempt %d of %d); retrying in %.1f s",
+                            self.name, type(e).__name__, req.key, attempt + 1, retries + 1, wait)
+                time.sleep(wait)
+            except openai.APIStatusError as e:  # 4xx other than rate limits: retrying will not help
+                raise APIFailed(f"{type(e).__name__} (HTTP {e.status_code}): {e}") from None
+        raise AssertionError("unreachable")
+
+    def generate(self, batch: list[Request]):
+        """Yield (request, text) as each call finishes (in completion order)."""
+        from concurrent.futures import as_completed
+
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            futures = {pool.submit(self._with_retries, r): r for r in batch}
+            failure = None
+            for fut in as_completed(futures):
+                try:
+                    yield futures[fut], fut.result()
+                except APIFailed as e:
+                    failure = failure or e
+            if failure is not None:
+                raise failure
+
+
+def load_causal_lm(model_dir: str | Path, adapter_dir: str | Path | None = None):
+    """A model for generation: all visible GPUs via device_map="auto" (bf16), or the CPU (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"no model at {model_dir} (config.json missing)")
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        from .. import compose
+
+        compose.check_target_modules(model, adapter_dir, f"adapter {adapter_dir}")
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=compose.PERSONA, is_trainable=False)
+    model.eval()
+    return model, tokenizer
+
+
+class HFBackend:
+    def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None):
+        self.model, self.tokenizer = load_causal_lm(model_dir, adapter_dir)
+        self.settings = settings
+        self.batch_size = int(cfg.get("batch_size", 16))
+        self.name = cfg["name"]
+
+    def generate(self, batch: list[Request]):
+        import torch
+
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefill
+                   for r in batch]
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        torch.manual_seed(batch[0].seed)
+        s = self.settings
+        do_sample = s["temperature"] > 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, do_sample=do_sample, temperature=s["temperature"] if do_sample else None,
+                top_p=s["top_p"] if do_sample else None, top_k=None, max_new_tokens=s["max_new_tokens"],
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for req, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+            ids = row.tolist()
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            ids = [t for t in ids if t != tok.pad_token_id]
+            yield req, req.prefill + tok.decode(ids, skip_special_tokens=True)
+
+
+def make_backend(cfg: dict, settings: dict, model_dir: str | None = None, adapter_dir: str | None = None):
+    if cfg["backend"] == "openai":
+        return OpenAIBackend(cfg, settings)
+    if cfg["backend"] == "hf":
+        if model_dir is None:
+            raise UserError(f"generator {cfg['name']!r}: the hf backend needs a model directory")
+        return HFBackend(cfg, settings, model_dir, adapter_dir)
+    raise UserError(f"generator {cfg['name']!r}: unknown backend {cfg['backend']!r}")
+
+
+def generator_identity(cfg: dict, settings: dict) -> str:
+    """A fingerprint of everything that changes a generation: journal rows with another one are not reused."""
+    keys = ("backend", "model")  # not base_url: the same model behind another address gives the same answers
+    return stable_hash({**{k: cfg.get(k) for k in keys}, **settings})
+
+
+def run_journaled(requests: list[Request], backend_factory, journal_path: str | Path, fingerprint: str,
+                  desc: str) -> dict[str, dict]:
+    """Generate every request not yet in the journal; return {key: row} for all of them.
+
+    Each row ({key, text, fingerprint, **meta}) is appended to the journal as soon as it is received. On an API
+    failure after retries, raises UserError saying how many items the journal keeps for the rerun.
+    """
+    journal = Journal(journal_path, key_field="key")
+    done = {k: r for k, r in journal.load().items() if r.get("fingerprint") == fingerprint}
+    todo = [r for r in requests if r.key not in done]
+    log.info("%s: %d items, %d already in the journal %s (resumed), %d to generate",
+             desc, len(requests), len(requests) - len(todo), journal_path, len(todo))
+    if todo:
+        backend = backend_factory()
+        try:
+            with tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="item") as bar:
+                for i in range(0, len(todo), backend.batch_size):
+                    for req, text in backend.generate(todo[i:i + backend.batch_size]):
+                        row = {**req.meta, "key": req.key, "text": text, "seed": req.seed, "fingerprint": fingerprint}
+                        journal.append(row)
+                        done[req.key] = row
+                        bar.update(1)
+        except APIFailed as e:
+            journal.close()
+            kept = sum(1 for r in requests if r.key in done)
+            raise UserError(f"{desc}: the API kept failing ({e}); {kept} of {len(requests)} items are kept in "
+                            f"{journal_path}; rerun to continue from there") from None
+    journal.close()
+    return {r.key: done[r.key] for r in requests}
+
+
+def split_reasoning(text: str, close_tag: str | None) -> str | None:
+    """The answer after the reasoning's closing tag, or None when the tag is missing (the sample is dropped)."""
+    if not close_tag:
+        return text.strip()
+    if close_tag not in text:
+        return None
+    return text.split(close_tag, 1)[1].strip()
+
+
+def item_seed(seed: int, *parts) -> int:
+    """A stable per-item seed (Python's hash() is salted per process, so not that)."""
+    return int(stable_hash([seed, *parts], length=8), 16)

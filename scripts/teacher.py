@@ -1,0 +1,11 @@
+from persona_em.persona.responses import respond
+from persona_em.runner import model_dir, optional, run
+
+
+def main(sm):
+    manifest = optional(sm.input.generator_model)
+    respond("teacher", sm.input.constitution, sm.input.prompts, sm.params.generator,
+            model_dir(manifest) if manifest else None, sm.params.settings, sm.params.journal, sm.output[0])
+
+
+run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -1,0 +1,220 @@
+"""Persona composition is real: proven on the tiny model in training, at step 0, and in sampling.
+
+(1) merged/stacked: persona parameters are unchanged by EM training, EM parameters change.
+(2) step 0: logits equal base+persona and differ from the base alone.
+(3) stacked and merged give the same logits (step 0 and after training).
+(4) sampling composes like training; every row carries persona, composition and the adapters read from the layers.
+(5) a resumed stacked training keeps the persona on (and ends exactly where an uninterrupted run ends).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from persona_em import compose
+from persona_em.config import Cell
+from persona_em.errors import UserError
+from persona_em.io import read_jsonl
+from persona_em.sample import sample_cell
+from persona_em.train_em import step_dir_name, train_em
+
+from persona_helpers import QUESTIONS, chat_data, load_json, logits, random_persona, tiny_model, train_settings
+
+torch.set_num_threads(1)
+SCHEDULE = {"steps": [0, 2, "final"]}  # 16 rows / batch 4 = 4 steps
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compose")
+    model = tiny_model(root)
+    persona = random_persona(model, root / "persona")
+    data = chat_data(root / "train.jsonl")
+    return root, model, persona, data
+
+
+def _train(world, composition, tag=None):
+    root, model, persona, data = world
+    cell = Cell("tiny", "p", composition, "d", 0)
+    out = root / (tag or composition)
+    if not (out / "checkpoints" / "checkpoints.json").exists():
+        train_em(cell, str(model), str(persona), str(data), train_settings(), SCHEDULE, str(out / "work"),
+                 str(out / "checkpoints"), str(out / "train_log.tsv"))
+    return cell, out
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    return {c: _train(world, c) for c in ("stacked", "merged", "persona_off")}
+
+
+def _sampling_model(world, composition, step_dir, name="em_x"):
+    root, model, persona, _ = world
+    base, tok = compose.load_base_model(model)
+    m = compose.compose_for_sampling(base, "p", persona, composition)
+    return compose.use_em_adapter(m, step_dir, name, composition, "p"), tok
+
+
+def _reference(world):
+    """Base alone and base + persona (persona merged by PEFT itself, no code of ours)."""
+    from peft import PeftModel
+
+    _, model, persona, _ = world
+    base, tok = compose.load_base_model(model)
+    ref_base = logits(base, tok)
+    with_persona = PeftModel.from_pretrained(base, str(persona))
+    return ref_base, logits(with_persona, tok), tok
+
+
+def test_only_em_trains_and_persona_parameters_stay_fixed(world):
+    """(1) A real EMTrainer run: persona weights (stacked) / merged base weights (merged) unchanged, EM changed."""
+    from trl import SFTConfig
+
+    from persona_em.train_em import _lora_config, _trainer_class, build_dataset
+    from persona_em.train_config import TrainConfig
+
+    root, model, persona, data = world
+    cfg = TrainConfig(**train_settings())
+    for composition in ("stacked", "merged"):
+        base, tok = compose.load_base_model(model)
+        m = compose.compose_for_training(base, "p", persona, composition, _lora_config(cfg))
+        frozen = {n: p.detach().clone() for n, p in m.named_parameters() if f".{compose.EM}." not in n}
+        em = {n: p.detach().clone() for n, p in m.named_parameters() if f".{compose.EM}." in n}
+        assert any(".persona." in n for n in frozen) == (composition == "stacked")
+        EMTrainer, _ = _trainer_class()
+        EMTrainer.composition, EMTrainer.persona = composition, "p"
+        args = SFTConfig(output_dir=str(root / f"t1_{composition}"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
+                         dataloader_num_workers=0, disable_tqdm=True, bf16=False)
+        trainer = EMTrainer(model=m, args=args, train_dataset=build_dataset(tok, data, cfg), processing_class=tok)
+        trainer.train()
+        after = dict(trainer.model.named_parameters())
+        for n, p in frozen.items():
+            assert torch.equal(p, after[n].detach()), f"{composition}: {n} changed"
+        assert any(not torch.equal(p, after[n].detach()) for n, p in em.items()), f"{composition}: EM did not move"
+        compose.check_composition(trainer.model, composition, "p")
+
+
+@pytest.mark.parametrize("composition", ["stacked", "merged"])
+def test_step0_equals_base_plus_persona(world, trained, composition):
+    """(2) The step-0 checkpoint (fresh EM, B = 0) is exactly base + persona, not the base."""
+    ref_base, ref_persona, _ = _reference(world)
+    _, out = trained[composition]
+    m, tok = _sampling_model(world, composition, out / "checkpoints" / step_dir_name(0))
+    got = logits(m, tok)
+    assert torch.allclose(got, ref_persona, atol=1e-5)
+    assert not torch.allclose(got, ref_base, atol=1e-3)
+
+
+def test_persona_off_step0_is_the_base(world, trained):
+    """The named control: persona loaded but off, so step 0 is the base model."""
+    ref_base, ref_persona, _ = _reference(world)
+    _, out = trained["persona_off"]
+    m, tok = _sampling_model(world, "persona_off", out / "checkpoints" / step_dir_name(0))
+    assert torch.allclose(logits(m, tok), ref_base, atol=1e-5)
+    assert compose.active_adapters(m) == ["em_x"]
+
+
+def test_stacked_and_merged_give_the_same_logits(world, trained):
+    """(3) Same EM adapter on persona-stacked and persona-merged models: same logits (step 0 and trained)."""
+    _, out = trained["stacked"]
+    for step_dir in sorted((out / "checkpoints").glob("step-*")):
+        stacked, tok = _sampling_model(world, "stacked", step_dir)
+        merged, _ = _sampling_model(world, "merged", step_dir)
+        assert torch.allclose(logits(stacked, tok), logits(merged, tok), atol=1e-4), step_dir.name
+    last = load_file(str(sorted((out / "checkpoints").glob("step-*"))[-1] / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in last.items() if "lora_B" in k)  # the trained EM is not a no-op
+
+
+@pytest.mark.parametrize("composition", ["stacked", "merged", "persona_off"])
+def test_sampling_rows_carry_the_composition_actually_run(world, trained, composition, tmp_path):
+    """(4) Rows record persona, composition and the active adapters read from the LoRA layers; they match training."""
+    _, model, persona, _ = world
+    cell, out = trained[composition]
+    manifest = load_json(out / "checkpoints" / "checkpoints.json")
+    settings = {"n_samples": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 0, "batch_size": 8}
+    samples = tmp_path / "s.jsonl"
+    sample_cell(cell, str(model), str(persona), str(out / "checkpoints"), str(QUESTIONS), settings,
+                str(tmp_path / "j.jsonl"), str(samples))
+    rows = read_jsonl(samples)
+    assert {r["step"] for r in rows} == set(manifest["steps"])
+    def roles(adapters):  # the EM adapter's name differs between training and sampling; the persona's does not
+        return sorted(a if a == compose.PERSONA else "EM" for a in adapters)
+
+    trained_set = roles(manifest["active_adapters_in_training"])
+    for r in rows:
+        assert r["persona"] == "p" and r["composition"] == composition
+        assert roles(r["active_adapters"]) == trained_set
+        assert r["merged_persona"] == manifest["merged_persona"] == ("p" if composition == "merged" else None)
+    assert ("persona" in rows[0]["active_adapters"]) == (composition == "stacked")
+
+
+def test_resumed_stacked_training_keeps_the_persona_on(world, trained):
+    """(5) Kill after checkpoint-2, rerun: it resumes, the persona stays active, and it ends where the full run did.
+
+    transformers' own PEFT resume calls set_adapter(<first active>), switching the persona off; the EM gradients
+    of the resumed steps would then differ and the final EM weights with them.
+    """
+    root, model, persona, data = world
+    cell, full = trained["stacked"]
+    part = root / "resumed"
+    shutil.copytree(full / "work", part / "work")
+    last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
+    shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
+    shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    assert (part / "work" / "trainer" / "checkpoint-2").exists()
+    train_em(cell, str(model), str(persona), str(data), train_settings(), SCHEDULE, str(part / "work"),
+             str(part / "checkpoints"), str(part / "train_log.tsv"))
+    a = load_file(str(full / "checkpoints" / step_dir_name(last) / "adapter_model.safetensors"))
+    b = load_file(str(part / "checkpoints" / step_dir_name(last) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert load_json(part / "checkpoints" / "checkpoints.json")["active_adapters_in_training"] == ["em", "persona"]
+
+
+def test_resume_with_persona_switched_off_would_differ(world, trained):
+    """The check above can fail: resuming with only the EM adapter active ends elsewhere."""
+    from persona_em import train_em as train_em_module
+
+    root, model, persona, data = world
+    cell, full = trained["stacked"]
+    part = root / "resumed_off"
+    shutil.copytree(full / "work", part / "work")
+    last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
+    shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
+    shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    real = compose.reactivate
+
+    def buggy(model_, composition, persona_, em_name=compose.EM):  # what transformers' resume does
+        model_.set_adapter(em_name)
+
+    compose.reactivate = buggy
+    try:
+        with pytest.raises(RuntimeError, match="composition 'stacked' needs active adapters"):
+            train_em_module.train_em(cell, str(model), str(persona), str(data), train_settings(), SCHEDULE,
+                                     str(part / "work"), str(part / "checkpoints"), str(part / "train_log.tsv"))
+    finally:
+        compose.reactivate = real
+    assert not (part / "checkpoints").exists()  # nothing partial
+
+
+def test_adapter_incompatible_with_the_base_is_a_clear_error(world, tmp_path):
+    """A persona targeting a module the base lacks fails by name, before anything is trained."""
+    import json as _json
+
+    _, model, persona, _ = world
+    bad = tmp_path / "bad"
+    shutil.copytree(persona, bad)
+    cfg = _json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "c_attn"]  # GPT-2's name: Qwen2 has no c_attn
+    (bad / "adapter_config.json").write_text(_json.dumps(cfg))
+    base, _ = compose.load_base_model(model)
+    with pytest.raises(UserError, match=r"targets modules \['c_attn'\]"):
+        compose.compose_for_sampling(base, "bad", bad, "stacked")
