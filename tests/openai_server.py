@@ -52,6 +52,18 @@ def fixed_text(content: str) -> Callable[[dict], Reply]:
     return lambda body: Reply(content, {content: 0.0})
 
 
+def scripted(reply: Callable[[dict, int], "str | int"]) -> Callable[[dict], "Reply | int"]:
+    """A responder from `reply(body, call_index)`: a string answers with that text, an int fails the call with
+    that HTTP status (for generator tests: scripted answers and failures by call number)."""
+    calls = iter(range(1 << 62))
+
+    def responder(body: dict):
+        result = reply(body, next(calls))
+        return result if isinstance(result, int) else Reply(result, {result: 0.0})
+
+    return responder
+
+
 def last_user_message(body: dict) -> str:
     user = [m for m in body.get("messages", []) if m.get("role") == "user"]
     content = user[-1]["content"] if user else ""
@@ -208,6 +220,8 @@ class OpenAIServer:
         if fault == "malformed":
             return self._send(handler, 200, b'{"id": "chatcmpl-x", "choices": [{"mess')
         reply = self.responder(body)
+        if isinstance(reply, int):  # a scripted failure status
+            return self._send(handler, reply, b'{"error": {"message": "scripted failure", "type": "server_error"}}')
         want_logprobs = bool(body.get("logprobs")) and fault != "no_logprobs"
         self._send(handler, 200, json.dumps(self._completion(body, reply, want_logprobs)).encode())
 

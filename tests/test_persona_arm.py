@@ -1,6 +1,6 @@
 """The persona arm: constitutions, prompt expansion, teacher/student, DPO pairs, DPO training, hub URIs.
 
-API stages run against a real HTTP server on 127.0.0.1 (tests/persona_openai_server.py).
+API stages run against a real HTTP server on 127.0.0.1 (tests/openai_server.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from persona_em.persona.pairs import ends_in_punctuation, make_pairs, swap_self_
 from persona_em.persona.responses import respond
 from persona_em.persona.train_dpo import DPOSettings, settings_from
 
-from persona_openai_server import ChatServer
+from openai_server import OpenAIServer, scripted
 from persona_helpers import tiny_model
 
 torch.set_num_threads(1)
@@ -119,9 +119,9 @@ def test_expand_prompts_meets_quotas_with_dedup_and_replays_from_the_journal(con
         "1. Will it rain in Paris on 3 May 2040?\n2. What number am I thinking of?\n",
         "1. Explain what you can and cannot know about the future of the stock market.\n",
     ])
-    with ChatServer(lambda body, i: next(answers)) as server:
+    with OpenAIServer(responder=scripted(lambda body, i: next(answers))) as server:
         out = tmp_path / "prompts.jsonl"
-        expand_prompts(str(constitution), _gen(server.url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
+        expand_prompts(str(constitution), _gen(server.base_url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
                        str(out))
         calls = len(server.requests)
         assert "Trait: I am candid." in server.requests[0]["messages"][0]["content"]
@@ -133,9 +133,9 @@ def test_expand_prompts_meets_quotas_with_dedup_and_replays_from_the_journal(con
     assert [r["bucket"] for r in rows if r["trait_index"] == 0] == ["seed", "short", "short", "medium"]
     assert calls == 5
     # Rerun: every call is replayed from the journal, the server is not asked again, the output is identical.
-    with ChatServer(lambda body, i: 500) as server:
+    with OpenAIServer(responder=scripted(lambda body, i: 500)) as server:
         out2 = tmp_path / "prompts2.jsonl"
-        expand_prompts(str(constitution), _gen(server.url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
+        expand_prompts(str(constitution), _gen(server.base_url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
                        str(out2))
         assert server.requests == []
     assert read_jsonl(out2) == rows
@@ -143,9 +143,9 @@ def test_expand_prompts_meets_quotas_with_dedup_and_replays_from_the_journal(con
 
 def test_expand_prompts_fails_clearly_after_max_attempts(constitution, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_API_KEY", "sk-test")
-    with ChatServer(lambda body, i: "1. Is my plan good?\n") as server:  # only ever a duplicate
+    with OpenAIServer(responder=scripted(lambda body, i: "1. Is my plan good?\n")) as server:  # only ever a duplicate
         with pytest.raises(UserError, match=r"traits\[0\] .*only 0 of 2 short prompts after 3 generator calls"):
-            expand_prompts(str(constitution), _gen(server.url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
+            expand_prompts(str(constitution), _gen(server.base_url), None, _expand_settings(), str(tmp_path / "j.jsonl"),
                            str(tmp_path / "p.jsonl"))
         assert len(server.requests) == 3
     assert not (tmp_path / "p.jsonl").exists()
@@ -171,9 +171,9 @@ def test_teacher_in_character_with_reasoning_stripped_and_dropped(constitution, 
         user = body["messages"][1]["content"]
         return "thinking forever" if user == "Question 1?" else f"hmm</think> Answer to {user}"
 
-    with ChatServer(reply) as server:
+    with OpenAIServer(responder=scripted(reply)) as server:
         out = tmp_path / "teacher.jsonl"
-        respond("teacher", str(constitution), str(_prompts(tmp_path)), _gen(server.url), None, _teacher_settings(),
+        respond("teacher", str(constitution), str(_prompts(tmp_path)), _gen(server.base_url), None, _teacher_settings(),
                 str(tmp_path / "tj.jsonl"), str(out))
         body = server.requests[0]
         assert body["messages"][0] == {"role": "system",
@@ -188,8 +188,8 @@ def test_teacher_in_character_with_reasoning_stripped_and_dropped(constitution, 
 
 def test_student_has_no_system_prompt(constitution, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_API_KEY", "sk-test")
-    with ChatServer(lambda body, i: "Plain answer.") as server:
-        respond("student", str(constitution), str(_prompts(tmp_path, 2)), _gen(server.url), None,
+    with OpenAIServer(responder=scripted(lambda body, i: "Plain answer.")) as server:
+        respond("student", str(constitution), str(_prompts(tmp_path, 2)), _gen(server.base_url), None,
                 {"samples_per_prompt": 2, "generation": GEN, "seed": 1}, str(tmp_path / "sj.jsonl"),
                 str(tmp_path / "student.jsonl"))
         assert all([m["role"] for m in b["messages"]] == ["user"] for b in server.requests)
@@ -206,19 +206,19 @@ def test_teacher_api_failing_retries_then_fails_keeping_what_it_received(constit
     settings = _teacher_settings(reasoning={})
     answer = lambda body: f"In character: {body['messages'][1]['content']} (seed {body['seed']})."  # noqa: E731
     gen = _gen(None, max_concurrency=1, max_retries=2)
-    with ChatServer(lambda body, i: answer(body) if i < 3 else 500) as server:
+    with OpenAIServer(responder=scripted(lambda body, i: answer(body) if i < 3 else 500)) as server:
         with pytest.raises(UserError, match=r"the API kept failing .*InternalServerError.*3 of 6 items are kept in "):
-            respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.url}, None, settings,
+            respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.base_url}, None, settings,
                     str(journal), str(out))
         assert len(server.requests) == 3 + 3  # one failing item: first try + 2 retries
     assert not out.exists()
     assert len(Journal(journal).load()) == 3
-    with ChatServer(lambda body, i: answer(body)) as server:
-        respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.url}, None, settings,
+    with OpenAIServer(responder=scripted(lambda body, i: answer(body))) as server:
+        respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.base_url}, None, settings,
                 str(journal), str(out))
         assert len(server.requests) == 3
-    with ChatServer(lambda body, i: answer(body)) as server:
-        respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.url}, None, settings,
+    with OpenAIServer(responder=scripted(lambda body, i: answer(body))) as server:
+        respond("teacher", str(constitution), str(prompts), {**gen, "base_url": server.base_url}, None, settings,
                 str(tmp_path / "fresh.jsonl"), str(tmp_path / "unbroken.jsonl"))
     assert read_jsonl(out) == read_jsonl(tmp_path / "unbroken.jsonl")
 

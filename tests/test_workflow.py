@@ -42,8 +42,9 @@ def test_demo_dag_end_to_end(tmp_path):
 
     rates = read_table(results / "tables/tiny_judge/em_rates.tsv")
     overall = rates[rates["question_id"] == "ALL"]
-    assert len(overall) == n_cells * n_steps * 2  # two EM definitions
-    assert set(overall["em_definition"]) == {"betley", "model_organisms"}
+    definitions = cfg["evaluation"]["em_definitions"]  # betley, model_organisms and the demo's own
+    assert len(overall) == n_cells * n_steps * len(definitions)
+    assert set(overall["em_definition"]) == set(definitions) >= {"betley", "model_organisms"}
     assert ((overall["em_rate"].dropna() >= 0) & (overall["em_rate"].dropna() <= 1)).all()
 
     samples = read_jsonl(results / "samples/tiny/none/none/insecure_demo/seed0.jsonl")
