@@ -98,6 +98,15 @@ def save_adapter(model, out: Path) -> None:
         sub.rmdir()
 
 
+def _checkpointing(config_cls, enabled: bool) -> dict:
+    """transformers >= 5.2x names it activation_checkpointing (gradient_checkpointing deprecated); older 5.x
+    (e.g. the GPU image's 5.17) only knows gradient_checkpointing."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, settings: dict, work_dir: str,
               out_dir: str) -> None:
     from datasets import Dataset
@@ -126,7 +135,7 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
         gradient_accumulation_steps=s.effective_batch_size // s.per_device_batch_size,
         learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
         beta=s.beta, max_length=s.max_length, loss_type=loss_type, loss_weights=loss_weights,
-        activation_checkpointing=s.gradient_checkpointing, bf16=cuda, seed=s.seed, data_seed=s.seed,
+        **_checkpointing(DPOConfig, s.gradient_checkpointing), bf16=cuda, seed=s.seed, data_seed=s.seed,
         dataloader_num_workers=0, logging_steps=1, save_strategy="steps", save_steps=s.resume_every_steps,
         save_total_limit=2, report_to=[], disable_tqdm=False,
     )
