@@ -458,7 +458,7 @@ def call_cost(cfg: dict, prompt_tokens: float, completion_tokens: float) -> floa
 
 # --- the stage -----------------------------------------------------------------------------------------------------
 KEEP = ("model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
-        "sample_index", "response_id", "question")
+        "sample_index", "response_id", "question", "host", "gpu")  # host/gpu: where the response was generated
 
 
 @dataclass

@@ -37,6 +37,13 @@ def _batch_size(setting, n_items: int, model, tokenizer, plan, questions, settin
         tokens_per_sequence=longest_prompt + settings["max_new_tokens"], vocab_size=model.config.vocab_size)
 
 
+def machine_identity() -> dict:
+    import socket
+
+    return {"host": socket.gethostname(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+
+
 def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> str:
     return f"{cell.path}|step{step}|{question_id}|{sample_index}"
 
@@ -113,6 +120,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
                              settings)
     batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
     log.info("%d responses per generate call", batch_size)
+    machine = machine_identity()  # provenance: where these responses were generated
     gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
     with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
         for step, em_dir in checkpoints:
@@ -134,7 +142,8 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
                         "paraphrase_index": it.paraphrase_index, "sample_index": it.sample_index,
                         "response_id": response_id(cell, step, it.question_id, it.sample_index),
                         "question": q.paraphrases[it.paraphrase_index], "system": q.system, **res, **gen_keys,
-                        "batch_seed": seed, "sampling_seed": settings["seed"], **state, "fingerprint": fingerprint,
+                        "batch_seed": seed, "sampling_seed": settings["seed"], **state, **machine,
+                        "fingerprint": fingerprint,
                     }
                     journal.append(row)
                     done[row["response_id"]] = row
