@@ -41,21 +41,13 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
-_registered = False
-
-
 def use_gqa_decode_attention(model) -> None:
     """Switch a (PEFT-wrapped) transformers model to the GQA decode attention (masks as for SDPA)."""
-    global _registered
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    if not _registered:
-        AttentionInterface.register(ATTN_NAME, gqa_decode_attention)
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-        _registered = True
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTN_NAME)
+    from .packed_attention import use_attention
+
+    use_attention(model, ATTN_NAME, gqa_decode_attention, sdpa_mask)
 
 
 def kv_cache_bytes_per_token(config) -> int:

@@ -60,17 +60,22 @@ def _mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-_registered = False
-
-
-def use_packed_attention(model) -> None:
-    global _registered
+def use_attention(model, name: str, attention, mask) -> None:
+    """Register `attention` (and its mask builder) with transformers under `name` once, and switch the (possibly
+    PEFT-wrapped) model to it. Shared by the packed training attention and the GQA decode attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if not _registered:
-        AttentionInterface.register(ATTN_NAME, packed_sdpa)
-        AttentionMaskInterface.register(ATTN_NAME, _mask)
-        _registered = True
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+        _REGISTERED.add(name)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTN_NAME)
+    base.set_attn_implementation(name)
+
+
+_REGISTERED: set[str] = set()
+
+
+def use_packed_attention(model) -> None:
+    use_attention(model, ATTN_NAME, packed_sdpa, _mask)
