@@ -22,8 +22,9 @@ def run(snakemake, main) -> None:
     sys.stderr = stream
     logging.basicConfig(stream=stream, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("rule %s, wildcards %s, attempt %s", snakemake.rule, dict(snakemake.wildcards.items()),
-             getattr(snakemake, "attempt", 1))
+    # Snakemake gives scripts no attempt number; the resources show a retry (runtime grows with each attempt).
+    log.info("rule %s, wildcards %s, resources %s", snakemake.rule, dict(snakemake.wildcards.items()),
+             {k: v for k, v in snakemake.resources.items() if not k.startswith("_")})
     try:
         main(snakemake)
     except (UserError, OSError) as e:
