@@ -155,6 +155,15 @@ def test_sampling_rows_carry_the_composition_actually_run(world, trained, compos
     assert ("persona" in rows[0]["active_adapters"]) == (composition == "stacked")
 
 
+def interrupted_copy(full, part) -> int:
+    """`part`: the work dir of the finished run `full` as if killed before its last step; returns that step."""
+    shutil.copytree(full / "work", part / "work")
+    last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
+    shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
+    shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    return last
+
+
 def test_resumed_stacked_training_keeps_the_persona_on(world, trained):
     """(5) Kill after checkpoint-2, rerun: it resumes, the persona stays active, and it ends where the full run did.
 
@@ -164,10 +173,7 @@ def test_resumed_stacked_training_keeps_the_persona_on(world, trained):
     root, model, persona, data = world
     cell, full = trained["stacked"]
     part = root / "resumed"
-    shutil.copytree(full / "work", part / "work")
-    last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
-    shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
-    shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    last = interrupted_copy(full, part)
     assert (part / "work" / "trainer" / "checkpoint-2").exists()
     train_em(cell, str(model), str(persona), str(data), train_settings(), SCHEDULE, str(part / "work"),
              str(part / "checkpoints"), str(part / "train_log.tsv"))
@@ -186,10 +192,7 @@ def test_resume_with_persona_switched_off_would_differ(world, trained):
     root, model, persona, data = world
     cell, full = trained["stacked"]
     part = root / "resumed_off"
-    shutil.copytree(full / "work", part / "work")
-    last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
-    shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
-    shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    interrupted_copy(full, part)
     real = compose.reactivate
 
     def buggy(model_, composition, persona_, em_name=compose.EM):  # what transformers' resume does
