@@ -138,7 +138,7 @@ def test_any_rule_hitting_a_full_disk_is_one_error_line(tmp_path, capfd):
     def main(sm):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache/x.jsonl"))
 
-    sm = SimpleNamespace(log=[str(tmp_path / "rule.log")], rule="fetch_dataset", wildcards={})
+    sm = SimpleNamespace(log=[str(tmp_path / "rule.log")], rule="fetch_dataset", wildcards={}, resources={})
     stderr = sys.stderr
     try:
         with pytest.raises(SystemExit) as exit_:
