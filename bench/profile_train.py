@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from bench import common
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-7b")
+    ap.add_argument("--trl-loss", action="store_true", help="TRL's compute_loss (with its metrics) instead of ours")
     ap.add_argument("--override", default="{}", help="TrainConfig overrides as YAML, e.g. '{micro_batch_tokens: 2400}'")
     a = ap.parse_args()
     cfg = yaml.safe_load(Path(__file__).with_name("config.yaml").read_text())
@@ -41,19 +43,23 @@ def main():
     args.max_steps, args.save_strategy, args.disable_tqdm = 7, "no", True
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
 
+    marks = {}
+
     class P(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
+            if state.global_step in (3, 6):
                 torch.cuda.synchronize()
-                prof.start()
-            if state.global_step == 6:
-                torch.cuda.synchronize()
-                prof.stop()
+                marks[state.global_step] = time.perf_counter()
+                (prof.start if state.global_step == 3 else prof.stop)()
 
     EMTrainer, _ = _trainer_class()
-    EMTrainer.batch_plan = plan
+    EMTrainer.batch_plan, EMTrainer.lean_loss = plan, not a.trl_loss
     EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[P()]).train()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+    events = prof.key_averages()
+    wall = (marks[6] - marks[3]) / 3
+    gpu = sum(e.self_device_time_total for e in events) / 3 / 1e6
+    print(f"optimizer step: {wall:.3f} s wall, {gpu:.3f} s of GPU kernels ({gpu / wall:.0%} busy)")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -106,15 +106,17 @@ def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
     trainer.args.disable_tqdm = True
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "loss" in h]
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return losses, weights
+    return losses, weights, tokens
 
 
 def test_packed_micro_batches_give_the_seed_settings_step(tmp_path):
     seed_plan = BatchPlan(2, 8, False, False, None, "seed")
     packed = BatchPlan(16, 1, False, True, 60, "packed, several micro-batches per step")
-    seed_losses, seed_w = _train(tmp_path, "seed", seed_plan)
-    packed_losses, packed_w = _train(tmp_path, "packed", packed)
+    seed_losses, seed_w, seed_tokens = _train(tmp_path, "seed", seed_plan)
+    packed_losses, packed_w, packed_tokens = _train(tmp_path, "packed", packed)
+    assert packed_tokens == seed_tokens  # the lean packed loss keeps the token count the training log reports
     assert len(seed_losses) == len(packed_losses) == 2
     assert packed_losses == pytest.approx(seed_losses, rel=1e-4)
     assert seed_losses[1] != pytest.approx(seed_losses[0], rel=1e-3)  # the step moved the weights
