@@ -18,7 +18,6 @@ from bench import common
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-7b")
-    ap.add_argument("--trl-loss", action="store_true", help="TRL's compute_loss (with its metrics) instead of ours")
     ap.add_argument("--override", default="{}", help="TrainConfig overrides as YAML, e.g. '{micro_batch_tokens: 2400}'")
     a = ap.parse_args()
     cfg = yaml.safe_load(Path(__file__).with_name("config.yaml").read_text())
@@ -53,7 +52,7 @@ def main():
                 (prof.start if state.global_step == 3 else prof.stop)()
 
     EMTrainer, _ = _trainer_class()
-    EMTrainer.batch_plan, EMTrainer.lean_loss = plan, not a.trl_loss
+    EMTrainer.batch_plan = plan
     EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[P()]).train()
     events = prof.key_averages()
     wall = (marks[6] - marks[3]) / 3

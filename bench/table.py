@@ -21,9 +21,6 @@ def render(results: list[dict]) -> str:
             variants = [("seed: 2 x 8, checkpointing, padded", seed), ("ours: auto plan", ours)]
             if ours64:
                 variants.append(("ours: auto plan as on a 64 GiB GPU", ours64))
-            trl_loss = t.get("ours (auto) with TRL's loss and metrics")
-            if trl_loss:
-                variants.append(("ours: auto plan, but TRL's compute_loss (entropy, accuracy)", trl_loss))
             for label, x in variants:
                 plan = x.get("plan", {})
                 desc = label if not plan.get("packed") else (

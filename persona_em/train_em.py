@@ -106,7 +106,6 @@ def _trainer_class():
         composition: str = "none"
         persona: str = "none"
         batch_plan: batching.BatchPlan | None = None
-        lean_loss: bool = True
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Packed plan: the dataloader batch is the whole effective batch in one padding-free row; run it as
@@ -124,28 +123,10 @@ def _trainer_class():
                 total = loss if total is None else total + loss
             return total
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Packed GPU path: the loss alone. TRL's compute_loss also computes entropy and token accuracy for
-            # its logs, each a full pass over the vocabulary, and reads them with `.item()` per micro-batch,
-            # which stalls the CPU until the GPU catches up. Neither metric is used here.
-            plan = self.batch_plan
-            if return_outputs or plan is None or not plan.packed or not model.training or not self.lean_loss:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
-            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-            self._total_train_tokens += inputs["position_ids"].size(1)  # a CPU-side size: no synchronisation
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            return loss
-
         def _prepare_packed(self, model):
             from peft.tuners.tuners_utils import BaseTunerLayer
-            from trl.trainer.utils import add_fused_lm_head
 
             packed_attention.use_packed_attention(self.model)
-            if self.lean_loss:  # per-token log-probabilities only (TRL's head also computes entropy and top-1)
-                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                add_fused_lm_head(base, outputs=("log_probs",))
             if self.args.bf16:
                 # Under bf16 autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is pure waste: the
                 # LoRA matmul casts it back to bf16 (same values), but the fp32 copy is kept for backward

@@ -116,7 +116,7 @@ def test_packed_micro_batches_give_the_seed_settings_step(tmp_path):
     packed = BatchPlan(16, 1, False, True, 60, "packed, several micro-batches per step")
     seed_losses, seed_w, seed_tokens = _train(tmp_path, "seed", seed_plan)
     packed_losses, packed_w, packed_tokens = _train(tmp_path, "packed", packed)
-    assert packed_tokens == seed_tokens  # the lean packed loss keeps the token count the training log reports
+    assert packed_tokens == seed_tokens  # the training log counts the same tokens
     assert len(seed_losses) == len(packed_losses) == 2
     assert packed_losses == pytest.approx(seed_losses, rel=1e-4)
     assert seed_losses[1] != pytest.approx(seed_losses[0], rel=1e-3)  # the step moved the weights
