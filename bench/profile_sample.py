@@ -74,7 +74,8 @@ def main():
     gpu_us = sum(e.self_device_time_total for e in events) / a.steps
     print(f"decode step: {wall * 1e3:.1f} ms wall, {gpu_us / 1e3:.1f} ms of GPU kernels "
           f"(batch {len(convs)}, prompt {enc['input_ids'].shape[1]} tokens)")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ def render(results: list[dict]) -> str:
             variants = [("seed: 2 x 8, checkpointing, padded", seed), ("ours: auto plan", ours)]
             if ours64:
                 variants.append(("ours: auto plan as on a 64 GiB GPU", ours64))
-            unfused = t.get("ours (auto) with PEFT's LoRA forward")
-            if unfused:
-                variants.append(("ours: auto plan, but PEFT's LoRA forward (no fused LoRA)", unfused))
             for label, x in variants:
                 plan = x.get("plan", {})
                 desc = label if not plan.get("packed") else (

@@ -29,7 +29,7 @@ def _step_timer():
     return StepTimer()
 
 
-def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path, fused_lora=True) -> dict:
+def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path) -> dict:
     from persona_em import compose
     from persona_em.train_config import TrainConfig
     from persona_em.train_em import _lora_config, _trainer_class, choose_batch_plan, sft_args
@@ -42,7 +42,7 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     args = sft_args(cfg, plan, workdir, seed=0)
     args.max_steps, args.save_strategy, args.disable_tqdm = steps, "no", True
     EMTrainer, _ = _trainer_class()
-    EMTrainer.batch_plan, EMTrainer.fused_lora = plan, fused_lora
+    EMTrainer.batch_plan = plan
     timer = _step_timer()
     trainer = EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
     result = {"plan": plan.to_dict()}
@@ -92,7 +92,6 @@ def run(model, tok, cfg: dict, log) -> dict:
     settings = {
         "ours (auto)": ({}, cfg["steps_ours"]),
         "ours (auto, planned for a 64 GiB GPU)": ({"_gpu_gib": 64}, cfg["steps_ours"]),
-        "ours (auto) with PEFT's LoRA forward": ({"_peft_lora": True}, cfg["steps_ours"]),
         "seed: 2 x 8 + checkpointing": ({"per_device_batch_size": 2, "gradient_checkpointing": True},
                                         cfg["steps_seed_config"]),
     }
@@ -106,12 +105,10 @@ def run(model, tok, cfg: dict, log) -> dict:
             continue
         overrides = dict(overrides)
         gib = overrides.pop("_gpu_gib", None)
-        fused = not overrides.pop("_peft_lora", False)
         if gib and torch.cuda.is_available():
             os.environ[MEMORY_ENV] = str(gib)
         try:
-            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}",
-                              fused_lora=fused)
+            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}")
         finally:
             os.environ.pop(MEMORY_ENV, None)
         out[name] = res

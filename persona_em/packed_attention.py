@@ -2,15 +2,16 @@
 
 Without it, transformers turns a packed row into a dense block-diagonal [T, T] mask, and SDPA then runs a masked
 kernel over all T^2 pairs (cuDNN on an H100, with a per-shape graph build on the CPU at every step): measured as
-~20% of the GPU time and ~30% of the CPU time of a 7B LoRA step (BENCHMARKS.md). Here each sequence gets an
-unmasked causal SDPA call (flash kernel), which only does the work inside its own triangle. The sequence bounds
-come from `packed_sequences(...)` around the forward+backward (set by train_em's EMTrainer), not from the
-device, so no host-device sync happens per layer. Outside that context this is transformers' SDPA, unchanged.
+~20% of the GPU time and ~30% of the CPU time of a 7B LoRA step (BENCHMARKS.md). Here each sequence gets
+unmasked causal flash attention (on a GPU one variable-length flash call for all of them), which only does the work
+inside its own triangle. The sequence bounds come from `packed_sequences(...)` around the forward+backward (set by
+train_em's EMTrainer), not from the device, so no host-device sync happens per layer. Outside that context this is transformers' SDPA, unchanged.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -18,34 +19,87 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_NAME = "sdpa_packed"
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_BOUNDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("packed_bounds", default=None)
+
+
+class _Packed:
+    """The sequence offsets of the current micro-batch, and (once, on first use) their copy on the GPU."""
+
+    def __init__(self, bounds: list[int]):
+        self.bounds = list(bounds)
+        self.max_len = max((b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])), default=0)
+        self._cu = None
+
+    def cu_seqlens(self, device) -> torch.Tensor:
+        if self._cu is None:  # pinned + non_blocking: the copy does not wait for the GPU to drain
+            self._cu = torch.tensor(self.bounds, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+        return self._cu
+
+
+_PACKED: contextvars.ContextVar[_Packed | None] = contextvars.ContextVar("packed_bounds", default=None)
 
 
 @contextlib.contextmanager
 def packed_sequences(bounds: list[int]):
     """Token offsets [0, end_1, ..., T] of the sequences laid back to back in the current micro-batch."""
-    token = _BOUNDS.set(list(bounds))
+    token = _PACKED.set(_Packed(bounds))
     try:
         yield
     finally:
-        _BOUNDS.reset(token)
+        _PACKED.reset(token)
+
+
+def _varlen_attention():
+    """PyTorch's variable-length flash attention (one kernel for all sequences of a micro-batch), with the keyword
+    arguments for causal masking and GQA of the installed version (2.9-2.11 take `is_causal`; later versions a
+    `window_size`; `enable_gqa` came later); None where it is missing (then one SDPA call per sequence)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        causal = {"is_causal": True}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN = _varlen_attention()
+USE_VARLEN = True  # bench/check_packed_attention.py compares both paths
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = _BOUNDS.get()
-    if bounds is None or query.shape[0] != 1 or bounds[-1] != query.shape[2]:
+    packed = _PACKED.get()
+    if packed is None or query.shape[0] != 1 or packed.bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    dropout = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
+    if _VARLEN is not None and USE_VARLEN and query.is_cuda and not dropout:
+        # One kernel per layer instead of one SDPA call per sequence (and a concatenation): the step is partly
+        # bound by the CPU launching kernels (BENCHMARKS.md).
+        varlen_attn, causal, takes_gqa = _VARLEN
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
+        extra = {}
+        if gqa and takes_gqa:
+            extra["enable_gqa"] = True
+        elif gqa:  # query head h uses KV head h // group, as transformers' repeat_kv
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        cu = packed.cu_seqlens(q.device)
+        out = varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, scale=scaling, **causal, **extra)
+        return out.unsqueeze(0), None  # [1, T, H, D] as transformers expects
     # Not cuDNN (PyTorch's first choice on an H100): it builds an execution plan for every new sequence length,
     # measured at ~1.5 s per training step until every length has been seen once.
+    bounds = packed.bounds
     with sdpa_kernel(_BACKENDS):
         outs = [
             F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                           dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                           enable_gqa=gqa)
+                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D] as transformers expects
@@ -55,7 +109,7 @@ def _mask(*args, **kwargs):
     """No [T, T] mask inside a packed micro-batch (the attention above ignores it); SDPA's mask otherwise."""
     from transformers.masking_utils import sdpa_mask
 
-    if _BOUNDS.get() is not None:
+    if _PACKED.get() is not None:
         return None
     return sdpa_mask(*args, **kwargs)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import batching, compose, fused_lora, packed_attention
+from . import batching, compose, packed_attention
 from .config import Cell
 from .data import load_chat_jsonl
 from .errors import UserError
@@ -106,7 +106,6 @@ def _trainer_class():
         composition: str = "none"
         persona: str = "none"
         batch_plan: batching.BatchPlan | None = None
-        fused_lora: bool = True  # packed path: LoRA without PEFT's full-width elementwise passes (fused_lora.py)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Packed plan: the dataloader batch is the whole effective batch in one padding-free row; run it as
@@ -128,8 +127,6 @@ def _trainer_class():
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             packed_attention.use_packed_attention(self.model)
-            if self.fused_lora:
-                fused_lora.use_fused_lora(self.model)
             if self.args.bf16:
                 # Under bf16 autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is pure waste: the
                 # LoRA matmul casts it back to bf16 (same values), but the fp32 copy is kept for backward

@@ -93,3 +93,34 @@ def test_sampling_batch_size():
     small = batching.sampling_batch_size("auto", 400, cuda=True, total_memory_bytes=32 * gib, **qwen)
     n_batches = -(-400 // small)
     assert 100 <= small < 400 and small == -(-400 // n_batches)  # equal batches
+
+
+def test_exact_sampler_draws_from_the_tempered_nucleus():
+    from persona_em.sample import ExactSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(40000, 1)
+    draws = ExactSampler(temperature=0.7, top_p=1.0)(None, logits.clone()).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.01, rtol=0)
+
+    draws = ExactSampler(temperature=1.0, top_p=0.8)(None, logits.clone()).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    p = torch.softmax(logits[0], -1)  # 0.55, 0.20, 0.12, ...: the 0.8 nucleus is the first three tokens
+    torch.testing.assert_close(freq, torch.cat([p[:3] / p[:3].sum(), torch.zeros(2)]), atol=0.01, rtol=0)
+
+
+def test_the_models_own_generation_defaults_do_not_apply(tiny):
+    from transformers import GenerationConfig
+
+    model, tok = compose.load_base_model(tiny, device="cpu")
+    convs = [[{"role": "user", "content": "hello there"}]]
+    for temperature in (0.0, 1.0):
+        settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": 16}
+        model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        clean = generate_batch(model, tok, convs, settings, seed=3, fast=False)
+        # what a model's generation_config.json may carry (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20)
+        model.generation_config = GenerationConfig(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1,
+                                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert generate_batch(model, tok, convs, settings, seed=3, fast=False) == clean
+        assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
