@@ -7,6 +7,7 @@ from persona_em.config import (
     Cell,
     checkpoint_spec,
     expand_grid,
+    model_source,
     sampling_settings,
     train_settings,
 )
@@ -157,11 +158,6 @@ def all_targets():
     for judge_a, judge_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=judge_a, judge_b=judge_b))
     return targets + figure_targets()
-
-
-def model_source(name):
-    """Where a model comes from: its config entry without size_b (a size label must not retrain anything)."""
-    return {k: v for k, v in config["models"][name].items() if k != "size_b"}
 
 
 # Parameters in billions of each model (config models.<name>.size_b); None where not given.
