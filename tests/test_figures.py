@@ -172,8 +172,9 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     """`snakemake figures` with only the figure rules allowed: no model, no GPU; then `snakemake --report`."""
     import yaml
 
+    from conftest import judge_key_of
+
     results = tmp_path / "results"
-    shutil.copytree(FIXTURE, results)
     config = {
         "results_dir": str(results), "work_dir": str(tmp_path / "work"), "cache_dir": str(tmp_path / "cache"),
         "models": {m: {"build_tiny": {}, "size_b": s} for m, s in SIZES.items()},
@@ -182,9 +183,14 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
         "checkpoints": {"steps": [0, 10, 20]},
         "grid": {"models": ["small", "large"], "personas": ["none", "caring", "cynic"], "compositions": ["stacked"],
                  "datasets": ["insecure", "medical"], "seeds": [0, 1]},
-        "evaluation": {"questions": "config/demo/questions.yaml", "judges": [JUDGE]},
+        "evaluation": {"questions": str(ROOT / "config/demo/questions.yaml"), "judges": [JUDGE]},
         "judges": {JUDGE: {"backend": "hf", "model": "small"}},
     }
+    key = judge_key_of(config, JUDGE)  # the workflow reads the tables under the judge's path key
+    shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns("tables"))
+    for name in ("scores.tsv", "em_rates.tsv"):
+        frame = read_table(FIXTURE / "tables" / JUDGE / name)
+        write_table(results / "tables" / key / name, frame.assign(judge_key=key))
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -193,7 +199,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     allowed = ["--allowed-rules", "summary_tables", "plot_figures", "report_pages", "figures"]
     run = subprocess.run([*snakemake, "figures", *allowed], env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    png = results / "figures" / JUDGE / "em_rate_vs_step.png"
+    png = results / "figures" / key / "em_rate_vs_step.png"
     assert png.stat().st_size > 0
     report = tmp_path / "report.html"
     run = subprocess.run([*snakemake, "--report", str(report), "figures"], env=env, capture_output=True, text=True,
