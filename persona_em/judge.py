@@ -32,9 +32,9 @@ Throughput, cost, resume
 ------------------------
 The `openai` backend (OpenAI, OpenRouter, Azure OpenAI, vLLM: anything OpenAI-compatible) uses `AsyncOpenAI` with
 at most `concurrency` requests in flight and retries 429 / 5xx / timeouts / malformed bodies with exponential
-backoff, honouring Retry-After. Every answer is stored in a persistent cache keyed by (judge model, mode, prompt
-template hash, question, answer), so reruns never pay twice, and every judgment is appended to the cell's journal as
-it arrives, so a killed job asks only for the missing ones. Before spending, the estimated cost is logged; a budget
+backoff, honouring Retry-After. Every answer is stored in a persistent cache keyed by (judge model and endpoint,
+mode, prompt template hash, question, answer), so reruns never pay twice, and every judgment is appended to the
+cell's journal as it arrives, so a killed job asks only for the missing ones. Before spending, the estimated cost is logged; a budget
 cap stops cleanly with everything judged so far kept. The API key is read from the environment variable named in
 config and is never written anywhere.
 """
@@ -561,8 +561,13 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         raise UserError(f"judge {judge_name!r}: unknown mode {cfg['mode']!r} (logprobs or text)")
     questions = {q.id: q for q in load_questions(questions_path)}
     identity = judge_identity(judge_name, cfg, questions.values(), judge_key)
-    ident_model = (f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
-                   if cfg["backend"] == "hf" and judge_model_dir else cfg["model"])
+    # Whose answers the cache holds: a local model by its files; an API model by its name and, off the default
+    # endpoint, its base_url (endpoints serving one model name can differ: the path key hashes base_url too, and a
+    # new endpoint's path must not be filled with the old endpoint's cached answers).
+    if cfg["backend"] == "hf" and judge_model_dir:
+        ident_model = f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
+    else:
+        ident_model = f"{cfg['model']}@{cfg['base_url']}" if cfg.get("base_url") else cfg["model"]
     jobs: list[_Job] = []
     for s in read_samples(samples_path):
         q = questions.get(s["question_id"])
