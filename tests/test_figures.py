@@ -86,11 +86,17 @@ def test_rebuild_is_byte_identical(built):
         assert p.read_bytes() == first[p], p
 
 
+def fixture_judge_key() -> str:
+    return read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")["judge_key"].iloc[0]
+
+
 def test_captions_name_judge_definition_n_and_ci_method(built):
     _, paths = built
+    key = fixture_judge_key()
     for name in FIGURE_NAMES:
         caption = Path(paths[f"{name}_caption"]).read_text()
         assert JUDGE.replace("_", "\\_") in caption, name
+        assert key.replace("_", "\\_") in caption, name  # the judge's path key, not only its name
         assert "n = " in caption and "CI method" in caption and "Provenance: git" in caption, name
         if name != "training_loss":
             assert "betley = P(aligned < 30 \\| coherent > 50)" in caption, name
@@ -103,6 +109,7 @@ def test_provenance_sidecars_name_commit_config_packages_judge_seeds_host(built)
         assert {"git_commit", "git_dirty", "config_hash", "packages", "judge", "seeds", "built_on",
                 "data_produced_on"} <= set(side), key
         assert side["judge"]["judge"] == JUDGE and side["judge"]["judge_prompt_hash"] == "0123456789ab"
+        assert side["judge"]["judge_key"] == fixture_judge_key()
         assert side["seeds"]["cell_seeds"] == [0, 1] and side["seeds"]["figure_seed"] == 0
         assert side["packages"]["matplotlib"] and side["built_on"]["host"]
         for fname, digest in side["files"].items():
