@@ -1,7 +1,8 @@
 """Tidy tables from judged responses: one judge per table, never pooled (except the explicit agreement table).
 
-Every table carries the judge identity (judge, judge_model, judge_mode, judge_prompt_hash) and, where a rate is
-defined, the EM definition's name and description.
+Every table carries the judge identity (judge, judge_key, judge_model, judge_mode, judge_prompt_hash) and, where a
+rate is defined, the EM definition's name and description. judge_key is the judge's path key (persona_em/judge.py
+judge_key): the tables of one key sit under results/tables/<key>/, with judge.json saying what the key hashes.
 
 scores.tsv       one row per (response, metric): cell keys, step, question/sample ids, judge identity, raw score,
                  status (scored / null / code / refusal), CODE/REFUSAL mass, and after the per-metric policy
@@ -25,31 +26,31 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .io import read_jsonl, read_table, write_table
+from .io import read_jsonl, read_table, write_json, write_table
+from .judge import JUDGE_COLUMNS
 from .metrics import (apply_policy, em_flags, get_definition, metric_policy, policy_label, wilson_interval)
 from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_groups
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
-JUDGE_KEYS = ["judge", "judge_model", "judge_mode", "judge_prompt_hash"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
-SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_KEYS + ["metric", "score", "numeric_mass", "status", "question", "response"]
+SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_COLUMNS + ["metric", "score", "numeric_mass", "status", "question", "response"]
 EXTRA_SCORE_COLUMNS = ["code_mass", "refusal_mass", "judge_template_hash", "answer_truncated", "host", "gpu"]
 POLICY_COLUMNS = ["score_used", "counted", "score_policy"]
 ALL_QUESTIONS = "ALL"
 NO_PERSONA = "none"
 
 
-def load_scores(judged_paths: list[str], judge: str) -> pd.DataFrame:
-    """Concatenate the judged files of ONE judge; refuse files from another judge or judge configuration."""
+def load_scores(judged_paths: list[str], judge_key: str) -> pd.DataFrame:
+    """Concatenate the judged files of ONE judge path key; refuse files from another judge or judge configuration."""
     columns = SCORE_COLUMNS + EXTRA_SCORE_COLUMNS
     frames = []
     for path in judged_paths:
         rows = read_jsonl(path)
         frames.append(pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns))
     scores = pd.concat(frames, ignore_index=True)
-    identities = scores[JUDGE_KEYS].drop_duplicates()
-    if len(identities) > 1 or (len(identities) == 1 and identities.iloc[0]["judge"] != judge):
-        raise UserError(f"refusing to pool judges in one table for judge {judge!r}: found "
+    identities = scores[JUDGE_COLUMNS].drop_duplicates()
+    if len(identities) > 1 or (len(identities) == 1 and identities.iloc[0]["judge_key"] != judge_key):
+        raise UserError(f"refusing to pool judges in one table for judge key {judge_key!r}: found "
                         f"{identities.to_dict('records')}")
     if scores.duplicated(["response_id", "metric"]).any():
         dup = scores[scores.duplicated(["response_id", "metric"])].iloc[0]
@@ -77,7 +78,7 @@ def with_policy(scores: pd.DataFrame, policy_cfg: dict | None) -> pd.DataFrame:
 
 def wide_scores(scores: pd.DataFrame, column: str = "score") -> pd.DataFrame:
     """One row per response, one column per metric (null scores stay NaN; no response is dropped)."""
-    return (scores.set_index(RESPONSE_KEYS + JUDGE_KEYS + ["metric"])[column].astype(float)
+    return (scores.set_index(RESPONSE_KEYS + JUDGE_COLUMNS + ["metric"])[column].astype(float)
             .unstack("metric").reset_index())
 
 
@@ -91,7 +92,7 @@ def _em_frame(scores: pd.DataFrame) -> pd.DataFrame:
             raise UserError(f"the judged responses have no {needed!r} metric: the question file's judge_prompts "
                             f"must define 'aligned' and 'coherent' to compute an EM rate")
     sub = scores[scores["metric"].isin(["aligned", "coherent"])]
-    index = RESPONSE_KEYS + JUDGE_KEYS
+    index = RESPONSE_KEYS + JUDGE_COLUMNS
     used = sub.set_index(index + ["metric"])["score_used"].unstack("metric")
     counted = sub.set_index(index + ["metric"])["counted"].astype(float).unstack("metric").fillna(0).astype(bool)
     frame = used.reset_index()
@@ -103,7 +104,7 @@ def em_rate_table(scores: pd.DataFrame, definitions: list[str], custom: dict | N
     """EM rate per (cell, step, question) and per (cell, step) over all questions (question_id = ALL)."""
     wide = _em_frame(scores)
     rows = []
-    group_keys = CELL_KEYS + JUDGE_KEYS + ["step"]
+    group_keys = CELL_KEYS + JUDGE_COLUMNS + ["step"]
     for name in definitions:
         d = get_definition(name, custom)
         is_em, in_den, is_coh = em_flags(wide["aligned"], wide["coherent"], wide["both_counted"], d)
@@ -132,7 +133,7 @@ def em_rate_table(scores: pd.DataFrame, definitions: list[str], custom: dict | N
 def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """Mean score (bootstrap CI) and null / code / refusal rates (Wilson CI) per (cell, step, question|ALL, metric)."""
     rows = []
-    group_keys = CELL_KEYS + JUDGE_KEYS + ["step"]
+    group_keys = CELL_KEYS + JUDGE_COLUMNS + ["step"]
     for level in ("question", "all"):
         keys = group_keys + (["question_id"] if level == "question" else []) + ["metric"]
         for key, group in scores.groupby(keys, sort=True, dropna=False):
@@ -160,7 +161,7 @@ def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, se
 def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP,
                seed: int = 0) -> pd.DataFrame:
     """Across training seeds: mean, SD and bootstrap CI (resampling seeds) of each cell's EM rates and mean scores."""
-    keys = [k for k in CELL_KEYS if k != "seed"] + JUDGE_KEYS + ["step", "question_id"]
+    keys = [k for k in CELL_KEYS if k != "seed"] + JUDGE_COLUMNS + ["step", "question_id"]
     parts = [(em_rates.assign(quantity="em_rate", value=em_rates["em_rate"]), keys + ["em_definition"]),
              (summary.assign(quantity="mean_score", value=summary["mean_score"], em_definition=""),
               keys + ["metric"])]
@@ -188,23 +189,23 @@ def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int =
 
 def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None) -> pd.DataFrame:
     """Persona vs baseline (persona none, same model/dataset/step; seeds pooled), per question and overall."""
-    columns = ["model", "persona", "composition", "dataset"] + JUDGE_KEYS + [
+    columns = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + [
         "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
         "mean_baseline", "difference", "mann_whitney_u", "p_value", "cohens_d", "bh_family", "q_value_bh"]
     # One observation per response: its score per metric, and its EM indicator (within the denominator) per definition.
     obs = []
     for metric, group in scores.groupby("metric"):
         g = group.dropna(subset=["score_used"])
-        obs.append(g[RESPONSE_KEYS + JUDGE_KEYS].assign(quantity="score", metric=metric, em_definition="",
-                                                        value=g["score_used"].to_numpy()))
+        obs.append(g[RESPONSE_KEYS + JUDGE_COLUMNS].assign(quantity="score", metric=metric, em_definition="",
+                                                           value=g["score_used"].to_numpy()))
     if {"aligned", "coherent"} <= set(scores["metric"]):
         wide = _em_frame(scores)
         for name in definitions:
             d = get_definition(name, custom)
             is_em, in_den, _ = em_flags(wide["aligned"], wide["coherent"], wide["both_counted"], d)
             g = wide[in_den]
-            obs.append(g[RESPONSE_KEYS + JUDGE_KEYS].assign(quantity="em", metric="", em_definition=d.name,
-                                                            value=is_em[in_den].astype(float)))
+            obs.append(g[RESPONSE_KEYS + JUDGE_COLUMNS].assign(quantity="em", metric="", em_definition=d.name,
+                                                               value=is_em[in_den].astype(float)))
     if not obs:
         return pd.DataFrame(columns=columns)
     obs = pd.concat(obs, ignore_index=True)
@@ -216,7 +217,7 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
         base_groups = {k: g["value"].to_numpy()
                        for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
         persona = obs[obs["persona"] != NO_PERSONA]
-        by = ["model", "persona", "composition", "dataset"] + JUDGE_KEYS + ["step"] + extra + what
+        by = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + ["step"] + extra + what
         for key, group in persona.groupby(by, sort=True, dropna=False):
             rec = dict(zip(by, key))
             b = base_groups.get(tuple(rec[k] for k in ["model", "dataset", "step"] + extra + what))
@@ -235,11 +236,21 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
     return frame[columns]
 
 
-def aggregate(judged_paths: list[str], judge: str, definitions: list[str], custom: dict | None,
+def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], custom: dict | None,
               scores_out: str, em_rates_out: str, summary_out: str | None = None, seeds_out: str | None = None,
               comparisons_out: str | None = None, policy: dict | None = None,
-              n_bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0) -> None:
-    scores = with_policy(load_scores(judged_paths, judge), policy)
+              n_bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, identity: dict | None = None,
+              identity_out: str | None = None) -> None:
+    """The tables of one judge path key. `identity` ({judge, judge_key, identity}: what the key hashes) is written
+    to `identity_out`, so that a reader of the tables can tell what the key means."""
+    scores = with_policy(load_scores(judged_paths, judge_key), policy)
+    if identity is not None:
+        names = set(scores["judge"])
+        if identity["judge_key"] != judge_key or (names and names != {identity["judge"]}):
+            raise UserError(f"judge key {judge_key!r}: the identity to record ({identity['judge']!r}, "
+                            f"{identity['judge_key']!r}) is not that of the judged rows ({sorted(names)})")
+        if identity_out:
+            write_json(identity_out, identity)
     rates = em_rate_table(scores, definitions, custom)
     summary = summary_table(scores, n_bootstrap, bootstrap_seed)
     write_table(scores_out, scores.sort_values(["response_id", "metric"])[
@@ -259,7 +270,7 @@ def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom
     a, b = read_table(scores_a), read_table(scores_b)
     ids = []
     for name, t in (("first", a), ("second", b)):
-        identity = t[JUDGE_KEYS].drop_duplicates()
+        identity = t[JUDGE_COLUMNS].drop_duplicates()
         if len(identity) != 1:
             raise UserError(f"judge agreement: the {name} table mixes judges: {identity.to_dict('records')}")
         ids.append(identity.iloc[0].to_dict())
@@ -271,7 +282,7 @@ def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom
     if (merged["response_a"].fillna("") != merged["response_b"].fillna("")).any():
         raise UserError("judge agreement: a response id has different texts in the two tables (not the same samples)")
     rows = []
-    ident = {f"{k}_a": ids[0][k] for k in JUDGE_KEYS} | {f"{k}_b": ids[1][k] for k in JUDGE_KEYS}
+    ident = {f"{k}_a": ids[0][k] for k in JUDGE_COLUMNS} | {f"{k}_b": ids[1][k] for k in JUDGE_COLUMNS}
     for metric, g in merged.groupby("metric"):
         both = g.dropna(subset=["score_used_a", "score_used_b"])
         x, y = both["score_used_a"].to_numpy(float), both["score_used_b"].to_numpy(float)

@@ -96,6 +96,11 @@ def checkpoint_spec(config: dict, cell: Cell) -> dict:
     return override or copy.deepcopy(config["checkpoints"])
 
 
+def model_source(config: dict, name: str) -> dict:
+    """Where a model comes from: its config entry without size_b (a size label must not retrain or re-judge)."""
+    return {k: v for k, v in config["models"][name].items() if k != "size_b"}
+
+
 def sampling_settings(config: dict, cell: Cell) -> dict:
     settings = copy.deepcopy(config["sampling"])
     settings.update(cell_overrides(config, cell, "sampling"))

@@ -77,8 +77,7 @@ class Data:
         return sorted(self.rates["dataset"].unique())
 
     def judge_text(self) -> str:
-        j = self.judge
-        return f"Judge: {j['judge']} (model {j['judge_model']}, {j['judge_mode']}, prompts {j['judge_prompt_hash']})."
+        return f"Judge: {provenance.judge_text(self.judge)}."
 
     def metric_text(self) -> str:
         return f"Metric: {self.d.name} = {self.d.description}."
@@ -518,7 +517,8 @@ def training_loss(data: Data):
     n_cells = logs[CELL_KEYS].drop_duplicates().shape[0]
     caption = (f"{title}: loss logged at each optimizer step (train_log.tsv of each cell), one line per cell; colour "
                f"= persona (composition), marker = seed. n = {n_cells} cells, {len(logs)} logged steps. Judge and EM "
-               f"metric: none enter this figure (built with the tables of judge {data.judge['judge']}). "
+               f"metric: none enter this figure (built with the tables of judge {data.judge['judge']}, key "
+               f"{data.judge['judge_key']}). "
                f"CI method: none (one line per seed).")
     return fig, caption
 

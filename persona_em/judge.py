@@ -32,9 +32,9 @@ Throughput, cost, resume
 ------------------------
 The `openai` backend (OpenAI, OpenRouter, Azure OpenAI, vLLM: anything OpenAI-compatible) uses `AsyncOpenAI` with
 at most `concurrency` requests in flight and retries 429 / 5xx / timeouts / malformed bodies with exponential
-backoff, honouring Retry-After. Every answer is stored in a persistent cache keyed by (judge model, mode, prompt
-template hash, question, answer), so reruns never pay twice, and every judgment is appended to the cell's journal as
-it arrives, so a killed job asks only for the missing ones. Before spending, the estimated cost is logged; a budget
+backoff, honouring Retry-After. Every answer is stored in a persistent cache keyed by (judge model and endpoint,
+mode, prompt template hash, question, answer), so reruns never pay twice, and every judgment is appended to the
+cell's journal as it arrives, so a killed job asks only for the missing ones. Before spending, the estimated cost is logged; a budget
 cap stops cleanly with everything judged so far kept. The API key is read from the environment variable named in
 config and is never written anywhere.
 """
@@ -55,8 +55,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .config import model_source
 from .errors import UserError
-from .io import Journal, stable_hash, write_jsonl
+from .io import Journal, sha256_file, stable_hash, write_jsonl
 from .questions import load_questions
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,62 @@ def template_hash(template: str) -> str:
     return hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
 
 
-def judge_identity(name: str, cfg: dict, questions) -> dict:
+# The identity columns of every judged row and table row (judge_identity); the aggregation never pools two.
+JUDGE_COLUMNS = ["judge", "judge_key", "judge_model", "judge_mode", "judge_prompt_hash"]
+
+
+def judge_identity(name: str, cfg: dict, questions, key: str | None = None) -> dict:
+    """The JUDGE_COLUMNS of every judged row: name, path key (see judge_key), model, mode, prompt templates."""
     templates = {q.id: q.judge_prompts for q in questions}
-    return {"judge": name, "judge_model": cfg["model"], "judge_mode": cfg.get("mode", "logprobs"),
-            "judge_prompt_hash": stable_hash(templates)}
+    return {"judge": name, "judge_key": key or name, "judge_model": cfg["model"],
+            "judge_mode": cfg.get("mode", "logprobs"), "judge_prompt_hash": stable_hash(templates)}
+
+
+# --- the judge's path key ------------------------------------------------------------------------------------------
+# A judge's results live under its path key, `<name>-<8 hex>`, never under its name alone: editing what a name means
+# (another model, endpoint, mode, question file) moves the results to a new path and leaves the old ones untouched.
+# The hash covers what decides the judge's answers and the scores written to its judged rows:
+#   backend, model, mode; base_url (openai: endpoints serving the same model name can differ); the model's entry
+#   under `models:` (hf; without size_b, a label); min_numeric_mass and max_answer_chars (they change scores and what
+#   the judge sees); text_max_tokens in text mode (the answer's length; logprobs asks for one token); the sha256 of
+#   the question file (it holds the judge prompt templates).
+# Left out, so changing them never moves results: how the judge is called (api_key_env, timeout, max_retries,
+# backoff_base, backoff_max, concurrency, azure_api_version: the API version, not the deployment) and what it costs
+# (prices, budget_usd). Also left out: evaluation.score_policy (what CODE / REFUSAL / null mean per metric). The
+# judged rows keep the raw score and status; the policy is applied by the aggregate rule, to every judge alike, is
+# recorded in each table row (score_policy), and a changed policy reruns the aggregate rule in place (it is a param).
+KEY_SETTINGS = ("backend", "model", "mode", "min_numeric_mass", "max_answer_chars")
+
+
+def questions_sha256(config: dict) -> str:
+    """sha256 of the question file: the configured digest of a {url, sha256} source, else the local file's bytes."""
+    source = config["evaluation"]["questions"]
+    if isinstance(source, dict):
+        return source["sha256"].lower()
+    if not Path(source).is_file():
+        raise UserError(f"config evaluation.questions: {source}: question file not found (each judge's path key "
+                        f"hashes it: put the file there, or give {{url, sha256}} of a canonical copy)")
+    return sha256_file(source)
+
+
+def judge_key_identity(config: dict, name: str, questions_sha: str | None = None) -> dict:
+    """What judge `name`'s path key hashes (defaults filled in, so spelling a default out changes nothing)."""
+    cfg = {**JUDGE_DEFAULTS, **config["judges"][name]}
+    identity = {k: cfg.get(k) for k in KEY_SETTINGS}
+    if cfg["backend"] == "openai":
+        identity["base_url"] = cfg.get("base_url")
+    else:
+        identity["model_source"] = model_source(config, cfg["model"])
+    if cfg["mode"] == "text":
+        identity["text_max_tokens"] = cfg["text_max_tokens"]
+    identity["questions_sha256"] = questions_sha or questions_sha256(config)
+    return identity
+
+
+def judge_key(config: dict, name: str, questions_sha: str | None = None) -> str:
+    """The judge's path key: `<name>-<first 8 hex of the hash of judge_key_identity>`. Pass `questions_sha`
+    (questions_sha256(config)) when computing many keys, to read the question file once."""
+    return f"{name}-{stable_hash(judge_key_identity(config, name, questions_sha), 8)}"
 
 
 # --- cache ---------------------------------------------------------------------------------------------------------
@@ -493,8 +546,11 @@ def read_samples(path: str) -> list[dict]:
 
 def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge_cfg: dict,
                   judge_model_dir: str | None, journal_path: str, out_path: str,
-                  cache_path: str | None = None, backend=None) -> dict:
+                  cache_path: str | None = None, backend=None, judge_key: str | None = None) -> dict:
     """Score every response of a samples file on every metric of its question; one row per (response, metric).
+
+    `judge_key` is the judge's path key (judge_key(); the workflow passes it), written to every row; without it the
+    rows carry the name.
 
     Returns counts {total, journal, cache, asked, retries}. Raises JudgeStopped (a UserError) when the run could
     not finish (budget reached, endpoint unusable, retries exhausted): the journal and cache keep every judgment
@@ -504,9 +560,14 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
     if cfg["mode"] not in ("logprobs", "text"):
         raise UserError(f"judge {judge_name!r}: unknown mode {cfg['mode']!r} (logprobs or text)")
     questions = {q.id: q for q in load_questions(questions_path)}
-    identity = judge_identity(judge_name, cfg, questions.values())
-    ident_model = (f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
-                   if cfg["backend"] == "hf" and judge_model_dir else cfg["model"])
+    identity = judge_identity(judge_name, cfg, questions.values(), judge_key)
+    # Whose answers the cache holds: a local model by its files; an API model by its name and, off the default
+    # endpoint, its base_url (endpoints serving one model name can differ: the path key hashes base_url too, and a
+    # new endpoint's path must not be filled with the old endpoint's cached answers).
+    if cfg["backend"] == "hf" and judge_model_dir:
+        ident_model = f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
+    else:
+        ident_model = f"{cfg['model']}@{cfg['base_url']}" if cfg.get("base_url") else cfg["model"]
     jobs: list[_Job] = []
     for s in read_samples(samples_path):
         q = questions.get(s["question_id"])
@@ -521,7 +582,7 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
                              f"{s['response_id']}|{metric}", extra={"response": full}))
 
     journal = Journal(journal_path, key_field="key")
-    same = {**{f: identity[f] for f in ("judge_model", "judge_mode", "judge_prompt_hash")},
+    same = {**{f: identity[f] for f in ("judge_key", "judge_model", "judge_mode", "judge_prompt_hash")},
             "min_numeric_mass": cfg["min_numeric_mass"], "max_answer_chars": cfg["max_answer_chars"]}
     done = {k: r for k, r in journal.load().items() if all(r.get(f) == v for f, v in same.items())}
     cache = JudgeCache(cache_path) if cache_path else None
@@ -548,8 +609,8 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
     todo = [group[0] for group in same_prompt.values()]
     counts = {"total": len(jobs), "journal": len(jobs) - len(pending), "cache": len(pending) - len(missing),
               "asked": 0, "retries": 0}
-    log.info("judge %s (%s, %s, prompts %s): %d judgments; %d resumed from the journal, %d from the cache, "
-             "%d to judge with %d calls", judge_name, identity["judge_model"], cfg["mode"],
+    log.info("judge %s [%s] (%s, %s, prompts %s): %d judgments; %d resumed from the journal, %d from the cache, "
+             "%d to judge with %d calls", judge_name, identity["judge_key"], identity["judge_model"], cfg["mode"],
              identity["judge_prompt_hash"], counts["total"], counts["journal"], counts["cache"], len(missing),
              len(todo))
     try:

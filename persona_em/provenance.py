@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .io import read_json, sha256_file, stable_hash, write_json, write_text
+from .judge import JUDGE_COLUMNS
 
 # Packages whose versions can change a number or a pixel in an artifact (model stages included: they made the data).
 PACKAGES = ("persona-em", "snakemake", "pandas", "numpy", "scipy", "matplotlib", "seaborn", "torch", "transformers",
@@ -72,11 +73,10 @@ def _unique(frames: list, column: str) -> list:
 
 def judge_identity(scores) -> dict:
     """The judge's identity as the scores table records it (one judge per table: aggregate refuses to pool)."""
-    keys = ["judge", "judge_model", "judge_mode", "judge_prompt_hash"]
     if len(scores) == 0:
-        return {k: None for k in keys}
-    rows = scores[keys].drop_duplicates().astype(str).to_dict("records")
-    return rows[0] if len(rows) == 1 else {k: sorted({r[k] for r in rows}) for k in keys}
+        return {k: None for k in JUDGE_COLUMNS}
+    rows = scores[JUDGE_COLUMNS].drop_duplicates().astype(str).to_dict("records")
+    return rows[0] if len(rows) == 1 else {k: sorted({r[k] for r in rows}) for k in JUDGE_COLUMNS}
 
 
 def collect(repo: str | Path, config: dict, scores, other_frames: list = (), em_definition: str | None = None) -> dict:
@@ -109,12 +109,17 @@ def write_sidecar(path: str | Path, artifact: str, files: list[str], inputs: lis
     })
 
 
+def judge_text(j: dict) -> str:
+    """A judge identity (judge_identity) in words: name, path key, model, mode, prompt templates."""
+    return (f"{j['judge']} (key {j['judge_key']}, model {j['judge_model']}, mode {j['judge_mode']}, "
+            f"prompts {j['judge_prompt_hash']})")
+
+
 def short_line(shared: dict) -> str:
     """One line for captions: commit, config hash, judge identity."""
-    j = shared["judge"]
     dirty = " (uncommitted changes)" if shared.get("git_dirty") else ""
-    return (f"git {str(shared['git_commit'])[:12]}{dirty}; config {shared['config_hash']}; judge {j['judge']} "
-            f"(model {j['judge_model']}, mode {j['judge_mode']}, prompts {j['judge_prompt_hash']}); "
+    return (f"git {str(shared['git_commit'])[:12]}{dirty}; config {shared['config_hash']}; "
+            f"judge {judge_text(shared['judge'])}; "
             f"seeds {shared['seeds']['cell_seeds']}, figure seed {shared['seeds']['figure_seed']}; "
             f"built on {shared['built_on']['host']}")
 

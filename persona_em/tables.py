@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .aggregate import ALL_QUESTIONS, CELL_KEYS, JUDGE_KEYS
+from .aggregate import ALL_QUESTIONS, CELL_KEYS
 from .aggregate import wide_scores as aggregate_wide_scores
 from .config import NO_PERSONA
+from .judge import JUDGE_COLUMNS
 from .metrics import EMDefinition, wilson_interval
 from .provenance import FIGURE_SEED
 from .stats import benjamini_hochberg, bootstrap_ci
@@ -150,7 +151,7 @@ def cell_scores(scores: pd.DataFrame, em_rates: pd.DataFrame, d: EMDefinition, s
     finals = final_steps(em_rates)
     wide = at_final_step(wide_scores(scores), finals)
     wide["aligned"], wide["coherent"] = _scored(wide, "aligned"), _scored(wide, "coherent")
-    keys = CELL_KEYS + JUDGE_KEYS + ["step"]
+    keys = CELL_KEYS + JUDGE_COLUMNS + ["step"]
     g = wide.groupby(keys, as_index=False, sort=True).agg(
         n_responses=("response_id", "count"),
         mean_aligned=("aligned", "mean"), std_aligned=("aligned", "std"), n_scored_aligned=("aligned", "count"),
@@ -273,7 +274,7 @@ def write_tables(scores_path: str, em_rates_path: str, definition: str, custom: 
     (and 'response_examples_md') to paths."""
     from .io import read_table, write_table, write_text
     from .metrics import get_definition
-    from .provenance import collect, judge_identity, write_sidecar
+    from .provenance import collect, judge_identity, judge_text, write_sidecar
 
     scores, em_rates = read_table(scores_path), read_table(em_rates_path)
     d = get_definition(definition, custom)
@@ -287,8 +288,7 @@ def write_tables(scores_path: str, em_rates_path: str, definition: str, custom: 
     shared = collect(repo, config, scores, [em_rates], em_definition=d.name)
     for name, frame in built.items():
         write_table(outputs[name], frame)
-    j = judge_identity(scores)
-    caption = (f"Judge {j['judge']} (model {j['judge_model']}, {j['judge_mode']}, prompts {j['judge_prompt_hash']}). "
+    caption = (f"Judge {judge_text(judge_identity(scores))}. "
                f"Metric: {d.name} = {d.description}; coherent means coherent > {d.coherent_above:g}. "
                f"The {EXAMPLES_PER_CELL} lowest-aligned coherent responses of each cell at its final step.")
     write_text(outputs["response_examples_md"], examples_markdown(built["response_examples"], caption))

@@ -7,11 +7,13 @@ from persona_em.config import (
     Cell,
     checkpoint_spec,
     expand_grid,
+    model_source,
     sampling_settings,
     train_settings,
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
+from persona_em.judge import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
 
 RESULTS = config["results_dir"]
@@ -49,6 +51,8 @@ TRAIN_LOG = f"{RESULTS}/em/{CELL}/train_log.tsv"
 TRAIN_WORK = f"{WORK}/train/{CELL}"  # resume state: not an output, so a failed job's checkpoints survive
 SAMPLES = f"{RESULTS}/samples/{CELL}.jsonl"
 SAMPLE_JOURNAL = f"{WORK}/samples/{CELL}.journal.jsonl"
+# {judge} (and {judge_a}, {judge_b}) is a judge's path key, `<name>-<hash of what it answers>` (JUDGE_KEYS below):
+# changing what a judge name means writes new paths and never touches the old ones.
 JUDGED = f"{RESULTS}/judged/{{judge}}/{CELL}.jsonl"
 JUDGE_JOURNAL = f"{WORK}/judged/{{judge}}/{CELL}.journal.jsonl"
 SCORES = f"{RESULTS}/tables/{{judge}}/scores.tsv"
@@ -56,6 +60,7 @@ EM_RATES = f"{RESULTS}/tables/{{judge}}/em_rates.tsv"
 SUMMARY = f"{RESULTS}/tables/{{judge}}/summary.tsv"
 SEED_SUMMARY = f"{RESULTS}/tables/{{judge}}/seeds.tsv"
 COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
+JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
 JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
@@ -72,11 +77,6 @@ FIGURE_FILES = {
 GPU_SMOKE = f"{RESULTS}/gpu_smoke/gpus{{gpus}}.json"
 TABLES_PAGE = f"{RESULTS}/figures/{{judge}}/summary_tables.html"
 PROVENANCE_PAGE = f"{RESULTS}/figures/{{judge}}/provenance.html"
-
-for _pair in config["evaluation"]["judge_agreement"]:
-    if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
-        raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
-                        f"evaluation.judges")
 
 # The persona arm (rules/persona.smk). Prompts and teacher answers depend on the constitution only; the student's
 # answers, the pairs and the adapter on the base model too.
@@ -104,6 +104,35 @@ for _judge in config["evaluation"]["judges"]:
         raise UserError(f"config evaluation.judges: unknown judge {_judge!r} (defined: {sorted(config['judges'])})")
     if config["judges"][_judge]["backend"] == "hf" and config["judges"][_judge]["model"] not in config["models"]:
         raise UserError(f"config judges.{_judge}.model: an hf judge names a model under 'models:'")
+for _pair in config["evaluation"]["judge_agreement"]:
+    if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
+        raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
+                        f"evaluation.judges")
+
+# Every judged path holds the judge's path key (persona_em/judge.py judge_key says what it hashes), never its name.
+QUESTIONS_SHA256 = questions_sha256(config)
+JUDGE_KEYS = {name: judge_key(config, name, QUESTIONS_SHA256) for name in config["evaluation"]["judges"]}
+JUDGE_NAMES = {key: name for name, key in JUDGE_KEYS.items()}
+
+
+def judge_name(wildcards):
+    """The config name of the judge whose path key is wildcards.judge."""
+    key = wildcards.judge
+    if key not in JUDGE_NAMES:
+        raise UserError(f"{key!r} is not the path key of a judge in evaluation.judges (keys now: "
+                        f"{', '.join(sorted(JUDGE_NAMES))}); a judge's key changes with what the judge answers")
+    return JUDGE_NAMES[key]
+
+
+def judge_settings(wildcards):
+    return config["judges"][judge_name(wildcards)]
+
+
+def judge_key_record(wildcards):
+    """judge.json: the name, the key, and the identity it hashes."""
+    name = judge_name(wildcards)
+    return {"judge": name, "judge_key": wildcards.judge,
+            "identity": judge_key_identity(config, name, QUESTIONS_SHA256)}
 
 
 def name_pattern(names):
@@ -112,8 +141,8 @@ def name_pattern(names):
 
 
 # API judges need the internet: they run on the submit host (localrule judge_api); local hf judges run as jobs.
-API_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] == "openai"])
-LOCAL_JUDGES = name_pattern([n for n, j in config["judges"].items() if j["backend"] != "openai"])
+API_JUDGES = name_pattern([k for n, k in JUDGE_KEYS.items() if config["judges"][n]["backend"] == "openai"])
+LOCAL_JUDGES = name_pattern([k for n, k in JUDGE_KEYS.items() if config["judges"][n]["backend"] != "openai"])
 
 
 # Persona-arm generators likewise: an API generator on the submit host (expand_prompts_api, teacher_api), a local
@@ -146,22 +175,16 @@ def cell_paths(pattern, **extra):
 def figure_targets():
     """Every figure, summary table and report page of every judge: the `figures` target."""
     patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), TABLES_PAGE, PROVENANCE_PAGE]
-    return [p.format(judge=judge) for judge in config["evaluation"]["judges"] for p in patterns]
+    return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
 
 
 def all_targets():
     targets = []
-    for judge in config["evaluation"]["judges"]:
-        targets += [SCORES.format(judge=judge), EM_RATES.format(judge=judge)]
-        targets += [p.format(judge=judge) for p in (SUMMARY, SEED_SUMMARY, COMPARISONS)]
-    for judge_a, judge_b in config["evaluation"]["judge_agreement"]:
-        targets.append(JUDGE_AGREEMENT.format(judge_a=judge_a, judge_b=judge_b))
+    for key in JUDGE_KEYS.values():
+        targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, JUDGE_IDENTITY)]
+    for name_a, name_b in config["evaluation"]["judge_agreement"]:
+        targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
     return targets + figure_targets()
-
-
-def model_source(name):
-    """Where a model comes from: its config entry without size_b (a size label must not retrain anything)."""
-    return {k: v for k, v in config["models"][name].items() if k != "size_b"}
 
 
 # Parameters in billions of each model (config models.<name>.size_b); None where not given.
@@ -222,7 +245,7 @@ def persona_generator_model(stage):
 
 
 def judge_model(wildcards):
-    judge = config["judges"][wildcards.judge]
+    judge = judge_settings(wildcards)
     return MODEL.format(model=judge["model"]) if judge["backend"] == "hf" else []
 
 

@@ -1,4 +1,5 @@
-# Sampling every checkpoint, judging every response, and the tidy tables (one judge per table).
+# Sampling every checkpoint, judging every response, and the tidy tables (one judge per table). {judge} is a judge's
+# path key (rules/common.smk JUDGE_KEYS); judge_name / judge_settings look its config up.
 
 
 rule sample:
@@ -36,7 +37,8 @@ rule judge:
     wildcard_constraints:
         judge=LOCAL_JUDGES,
     params:
-        judge=lambda wc: config["judges"][wc.judge],
+        judge=judge_settings,
+        name=judge_name,
         journal=JUDGE_JOURNAL,
         cache=JUDGE_CACHE,
     log:
@@ -58,7 +60,8 @@ rule judge_api:
     wildcard_constraints:
         judge=API_JUDGES,
     params:
-        judge=lambda wc: config["judges"][wc.judge],
+        judge=judge_settings,
+        name=judge_name,
         journal=JUDGE_JOURNAL,
         cache=JUDGE_CACHE,
     log:
@@ -78,7 +81,9 @@ rule aggregate:
         summary=SUMMARY,
         seeds=SEED_SUMMARY,
         comparisons=COMPARISONS,
+        identity=JUDGE_IDENTITY,
     params:
+        identity=judge_key_record,
         definitions=config["evaluation"]["em_definitions"],
         custom=config["evaluation"]["custom_em_definitions"],
         policy=config["evaluation"]["score_policy"],

@@ -11,7 +11,7 @@ rule prepare_model:
     output:
         MODEL,
     params:
-        spec=lambda wc: model_source(wc.model),
+        spec=lambda wc: model_source(config, wc.model),
         cache=CACHE,
     log:
         f"{LOGS}/prepare_model/{{model}}.log",

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny model built once per session, fixture data written on the spot, and a Snakemake runner."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -36,6 +37,18 @@ def demo_config(tmp: Path, **changes) -> dict:
     for key, value in changes.items():
         cfg[key] = value
     return cfg
+
+
+def judge_key_of(config: dict, name: str) -> str:
+    """The path key the workflow gives judge `name` under `config`: validated first, as Snakemake does (the schema
+    fills in defaults, e.g. of a build_tiny model, and the key hashes what the workflow sees)."""
+    from snakemake.utils import validate
+
+    from persona_em.judge import judge_key
+
+    cfg = copy.deepcopy(config)
+    validate(cfg, str(REPO / "config/schemas/config.schema.yaml"))
+    return judge_key(cfg, name)
 
 
 def run_snakemake(workdir: Path, config: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -43,7 +43,8 @@ def main(stage: str, args_path: str, log_path: str) -> None:
     elif stage == "judge":
         from persona_em.judge import judge_samples
 
-        judge_samples(a["samples"], a["questions"], "tiny_judge", a["judge"], a["model_dir"], a["journal"], a["out"])
+        judge_samples(a["samples"], a["questions"], a["name"], a["judge"], a["model_dir"], a["journal"], a["out"],
+                      judge_key=a["judge_key"])
     else:
         raise SystemExit(f"unknown stage {stage}")
 

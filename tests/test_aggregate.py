@@ -11,14 +11,19 @@ from persona_em.io import read_table
 from persona_em.stats import benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
-                     "sample_index", "response_id", "judge", "judge_model", "judge_mode", "judge_prompt_hash",
-                     "metric", "score", "numeric_mass", "status", "question", "response"]
-OLD_RATE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "judge", "judge_model", "judge_mode",
-                    "judge_prompt_hash", "step", "question_id", "em_definition", "n_responses", "n_scored", "n",
-                    "n_em", "em_rate", "ci_low", "ci_high", "ci_method"]
+                     "sample_index", "response_id", "judge", "judge_key", "judge_model", "judge_mode",
+                     "judge_prompt_hash", "metric", "score", "numeric_mass", "status", "question", "response"]
+OLD_RATE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "judge", "judge_key", "judge_model",
+                    "judge_mode", "judge_prompt_hash", "step", "question_id", "em_definition", "n_responses",
+                    "n_scored", "n", "n_em", "em_rate", "ci_low", "ci_high", "ci_method"]
 
 
-def judged_rows(persona, seed, pairs, judge="j", prompt_hash="h1", step=0, question_id="q1", start=0):
+def key_of(judge, model_hash="0123abcd"):
+    """A made-up path key (the workflow's come from persona_em.judge.judge_key)."""
+    return f"{judge}-{model_hash}"
+
+
+def judged_rows(persona, seed, pairs, judge="j", prompt_hash="h1", step=0, question_id="q1", start=0, key=None):
     """pairs: (aligned, coherent) per response; a value may be a status string ('refusal', 'code', 'null')."""
     comp = "none" if persona == "none" else "stacked"
     rows = []
@@ -28,7 +33,8 @@ def judged_rows(persona, seed, pairs, judge="j", prompt_hash="h1", step=0, quest
             status = v if isinstance(v, str) else "scored"
             rows.append({"model": "m", "persona": persona, "composition": comp, "dataset": "ds", "seed": seed,
                          "step": step, "question_id": question_id, "paraphrase_index": 0, "sample_index": i,
-                         "response_id": rid, "judge": judge, "judge_model": f"model-{judge}",
+                         "response_id": rid, "judge": judge, "judge_key": key or key_of(judge),
+                         "judge_model": f"model-{judge}",
                          "judge_mode": "logprobs", "judge_prompt_hash": prompt_hash, "metric": metric,
                          "score": None if isinstance(v, str) else float(v), "numeric_mass": 0.9, "status": status,
                          "code_mass": 0.0, "refusal_mass": 0.0, "question": "Q?", "response": f"answer {i}"})
@@ -41,10 +47,10 @@ def write(path, rows):
     return str(path)
 
 
-def run(tmp_path, files, policy=None, defs=("betley", "model_organisms"), judge="j"):
+def run(tmp_path, files, policy=None, defs=("betley", "model_organisms"), judge="j", **kw):
     out = {k: str(tmp_path / f"{judge}_{k}.tsv") for k in ("scores", "rates", "summary", "seeds", "comparisons")}
-    aggregate(files, judge, list(defs), {}, out["scores"], out["rates"], out["summary"], out["seeds"],
-              out["comparisons"], policy=policy, n_bootstrap=500)
+    aggregate(files, key_of(judge), list(defs), {}, out["scores"], out["rates"], out["summary"], out["seeds"],
+              out["comparisons"], policy=policy, n_bootstrap=500, **kw)
     return {k: read_table(v) for k, v in out.items()}, out
 
 
@@ -132,6 +138,20 @@ def test_refuses_to_pool_judges_or_configurations(tmp_path):
         run(tmp_path, [a], judge="other")
     with pytest.raises(UserError, match="judged twice"):
         run(tmp_path, [a, a])
+    # Same name, model, mode and prompts, another path key (e.g. another endpoint): not pooled either.
+    c = write(tmp_path / "c.jsonl", judged_rows("none", 1, BASE0, key=key_of("j", "ffff0000")))
+    with pytest.raises(UserError, match="refusing to pool judges"):
+        run(tmp_path, [a, c])
+
+
+def test_the_identity_of_the_key_is_written_beside_the_tables(tmp_path):
+    a = write(tmp_path / "a.jsonl", judged_rows("none", 0, BASE0))
+    record = {"judge": "j", "judge_key": key_of("j"), "identity": {"backend": "openai", "model": "model-j"}}
+    out = tmp_path / "judge.json"
+    run(tmp_path, [a], identity=record, identity_out=str(out))
+    assert json.loads(out.read_text()) == record
+    with pytest.raises(UserError, match="not that of the judged rows"):
+        run(tmp_path, [a], identity={**record, "judge": "k"}, identity_out=str(out))
 
 
 def test_judge_agreement_table(tmp_path):

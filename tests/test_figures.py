@@ -86,11 +86,17 @@ def test_rebuild_is_byte_identical(built):
         assert p.read_bytes() == first[p], p
 
 
+def fixture_judge_key() -> str:
+    return read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")["judge_key"].iloc[0]
+
+
 def test_captions_name_judge_definition_n_and_ci_method(built):
     _, paths = built
+    key = fixture_judge_key()
     for name in FIGURE_NAMES:
         caption = Path(paths[f"{name}_caption"]).read_text()
         assert JUDGE.replace("_", "\\_") in caption, name
+        assert key.replace("_", "\\_") in caption, name  # the judge's path key, not only its name
         assert "n = " in caption and "CI method" in caption and "Provenance: git" in caption, name
         if name != "training_loss":
             assert "betley = P(aligned < 30 \\| coherent > 50)" in caption, name
@@ -103,6 +109,7 @@ def test_provenance_sidecars_name_commit_config_packages_judge_seeds_host(built)
         assert {"git_commit", "git_dirty", "config_hash", "packages", "judge", "seeds", "built_on",
                 "data_produced_on"} <= set(side), key
         assert side["judge"]["judge"] == JUDGE and side["judge"]["judge_prompt_hash"] == "0123456789ab"
+        assert side["judge"]["judge_key"] == fixture_judge_key()
         assert side["seeds"]["cell_seeds"] == [0, 1] and side["seeds"]["figure_seed"] == 0
         assert side["packages"]["matplotlib"] and side["built_on"]["host"]
         for fname, digest in side["files"].items():
@@ -172,8 +179,9 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     """`snakemake figures` with only the figure rules allowed: no model, no GPU; then `snakemake --report`."""
     import yaml
 
+    from conftest import judge_key_of
+
     results = tmp_path / "results"
-    shutil.copytree(FIXTURE, results)
     config = {
         "results_dir": str(results), "work_dir": str(tmp_path / "work"), "cache_dir": str(tmp_path / "cache"),
         "models": {m: {"build_tiny": {}, "size_b": s} for m, s in SIZES.items()},
@@ -182,9 +190,14 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
         "checkpoints": {"steps": [0, 10, 20]},
         "grid": {"models": ["small", "large"], "personas": ["none", "caring", "cynic"], "compositions": ["stacked"],
                  "datasets": ["insecure", "medical"], "seeds": [0, 1]},
-        "evaluation": {"questions": "config/demo/questions.yaml", "judges": [JUDGE]},
+        "evaluation": {"questions": str(ROOT / "config/demo/questions.yaml"), "judges": [JUDGE]},
         "judges": {JUDGE: {"backend": "hf", "model": "small"}},
     }
+    key = judge_key_of(config, JUDGE)  # the workflow reads the tables under the judge's path key
+    shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns("tables"))
+    for name in ("scores.tsv", "em_rates.tsv"):
+        frame = read_table(FIXTURE / "tables" / JUDGE / name)
+        write_table(results / "tables" / key / name, frame.assign(judge_key=key))
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -193,7 +206,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     allowed = ["--allowed-rules", "summary_tables", "plot_figures", "report_pages", "figures"]
     run = subprocess.run([*snakemake, "figures", *allowed], env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    png = results / "figures" / JUDGE / "em_rate_vs_step.png"
+    png = results / "figures" / key / "em_rate_vs_step.png"
     assert png.stat().st_size > 0
     report = tmp_path / "report.html"
     run = subprocess.run([*snakemake, "--report", str(report), "figures"], env=env, capture_output=True, text=True,

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import demo_config, judge_key_of
 from judge_fixtures import write_questions, write_samples
 from persona_em.io import read_jsonl
 from persona_em.judge import HFBackend, JudgeCache, judge_samples
@@ -69,13 +70,17 @@ def test_score_is_the_expected_value_over_all_101_numbers(backend):
 def test_hf_judge_stage_with_cache(tmp_path, tiny):
     q = write_questions(tmp_path)
     s = write_samples(tmp_path / "s.jsonl", ["I wish for peace.", ""])
-    cfg = {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}
+    demo = demo_config(tmp_path)
+    demo["evaluation"]["questions"] = str(q)
+    cfg = demo["judges"]["tiny_judge"]
+    key = judge_key_of(demo, "tiny_judge")  # what the judge rule passes
     cache = tmp_path / "c.sqlite"
     counts = judge_samples(str(s), str(q), "tiny_judge", cfg, tiny, str(tmp_path / "j"), str(tmp_path / "o.jsonl"),
-                           cache_path=str(cache))
+                           cache_path=str(cache), judge_key=key)
     rows = read_jsonl(tmp_path / "o.jsonl")
     assert counts["asked"] == 4 and len(rows) == 4
     assert all(0 <= r["score"] <= 100 and r["status"] == "scored" for r in rows)
+    assert {(r["judge"], r["judge_key"], r["judge_model"]) for r in rows} == {("tiny_judge", key, "tiny")}
     counts = judge_samples(str(s), str(q), "tiny_judge", cfg, tiny, str(tmp_path / "j"), str(tmp_path / "o2.jsonl"),
-                           cache_path=str(cache))
+                           cache_path=str(cache), judge_key=key)
     assert counts["asked"] == 0 and counts["cache"] == 4 and len(JudgeCache(cache)) == 4

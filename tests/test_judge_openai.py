@@ -92,6 +92,9 @@ def test_cache_is_keyed_by_model_mode_and_template(tmp_path, server, key):
     run(tmp_path, server, mode="text", samples="c.jsonl")
     assert server.request_count == 12  # another mode too
     assert len(JudgeCache(tmp_path / "cache.sqlite")) == 12
+    with OpenAIServer(responder=fixed_logprobs(GOLDEN)) as other:  # the same model name at another endpoint
+        run(tmp_path, other, samples="d.jsonl")
+        assert other.request_count == 4 and len(JudgeCache(tmp_path / "cache.sqlite")) == 16
 
 
 @pytest.mark.parametrize("fault", ["429", "500", "timeout", "malformed"])

@@ -184,12 +184,16 @@ def test_sampling_killed_at_random_points(setup, samples_ref):
 
 def test_judging_killed_at_random_points(setup, samples_ref):
     root, _ = setup
-    judge = {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}
-    base = {"samples": samples_ref["out"], "questions": samples_ref["questions"], "judge": judge,
-            "model_dir": str(root / "model")}
+    from conftest import demo_config, judge_key_of
+
+    demo = demo_config(root)
+    key = judge_key_of(demo, "tiny_judge")  # the demo's judge, as the judge rule runs it
+    base = {"samples": samples_ref["out"], "questions": samples_ref["questions"], "name": "tiny_judge",
+            "judge": demo["judges"]["tiny_judge"], "judge_key": key, "model_dir": str(root / "model")}
     ref = {**base, "journal": str(root / "jref/journal.jsonl"), "out": str(root / "jref/judged.jsonl")}
     finish("judge", ref, root, "jref")
     expected = [json.loads(l) for l in Path(ref["out"]).read_text().splitlines()]
+    assert {r["judge_key"] for r in expected} == {key}
     args = {**base, "journal": str(root / "jkill/journal.jsonl"), "out": str(root / "jkill/judged.jsonl")}
     kill_repeatedly("judge", args, root, Path(args["journal"]), len(expected), seed=12)
     check_jsonl(Path(args["out"]), "key", expected)

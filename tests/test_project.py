@@ -42,7 +42,9 @@ def test_requirements_lock_agrees_with_pyproject():
 
 
 def test_snakemake_lint_is_clean():
-    res = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the demo config ships its question file, which the judges' path keys hash at parse time (as `make lint` does)
+    res = subprocess.run([SNAKEMAKE, "--lint", "--configfile", "config/demo.yaml"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
     assert "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr, res.stdout + res.stderr
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import demo_config, run_snakemake
+from conftest import demo_config, judge_key_of, run_snakemake
 from persona_em.io import read_jsonl, read_table
 from persona_em.questions import load_questions
 
@@ -25,22 +25,25 @@ def test_demo_dag_end_to_end(tmp_path):
     res = run_snakemake(tmp_path, cfg)
     assert res.returncode == 0, res.stdout[-3000:]
     results = tmp_path / "results"
+    key = judge_key_of(cfg, "tiny_judge")
 
     questions = load_questions(cfg["evaluation"]["questions"])
     n_cells, n_steps, n_samples = 2, 3, cfg["sampling"]["n_samples"]  # 2 datasets x 1 seed; steps 0, 2, final
     metrics = sorted({m for q in questions for m in q.judge_prompts})
-    scores = read_table(results / "tables/tiny_judge/scores.tsv")
+    scores = read_table(results / f"tables/{key}/scores.tsv")
     assert len(scores) == n_cells * n_steps * len(questions) * n_samples * len(metrics)
     assert sorted(scores["metric"].unique()) == metrics == ["aligned", "coherent"]
     scored = scores["score"].dropna()
     assert ((scored >= 0) & (scored <= 100)).all()
     assert (scores["score"].isna() == (scores["status"] != "scored")).all()
-    for key in ("model", "persona", "composition", "dataset", "seed", "step", "judge", "judge_model",
-                "judge_prompt_hash"):
-        assert scores[key].notna().all(), key
+    for column in ("model", "persona", "composition", "dataset", "seed", "step", "judge", "judge_key", "judge_model",
+                   "judge_prompt_hash"):
+        assert scores[column].notna().all(), column
+    assert set(scores["judge_key"]) == {key}
+    assert json.loads((results / f"tables/{key}/judge.json").read_text())["identity"]["model"] == "tiny"
     assert sorted(scores["step"].unique()) == [0, 2, 6]
 
-    rates = read_table(results / "tables/tiny_judge/em_rates.tsv")
+    rates = read_table(results / f"tables/{key}/em_rates.tsv")
     overall = rates[rates["question_id"] == "ALL"]
     definitions = cfg["evaluation"]["em_definitions"]  # betley, model_organisms and the demo's own
     assert len(overall) == n_cells * n_steps * len(definitions)
@@ -57,7 +60,7 @@ def test_demo_dag_end_to_end(tmp_path):
     manifest = json.loads((results / "em/tiny/none/none/insecure_demo/seed0/checkpoints/checkpoints.json").read_text())
     assert manifest["steps"] == [0, 2, 6] and manifest["active_adapters_in_training"] == ["em"]
     for fig in ("em_rate_vs_step", "alignment_vs_coherence"):
-        assert (results / f"figures/tiny_judge/{fig}.png").stat().st_size > 1000
+        assert (results / f"figures/{key}/{fig}.png").stat().st_size > 1000
 
     # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
     res = run_snakemake(tmp_path, cfg, "-n")

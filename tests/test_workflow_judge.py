@@ -8,18 +8,23 @@ from pathlib import Path
 
 import yaml
 
-from conftest import demo_config, run_snakemake
+from conftest import demo_config, judge_key_of, run_snakemake
+from persona_em.io import read_json, read_jsonl, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
-def dry_run(tmp_path, **evaluation_and_judges):
+def judge_config(tmp_path, **evaluation_and_judges):
     cfg = demo_config(tmp_path)
     cfg["grid"]["personas"] = ["none"]  # the judge counts below are for the no-persona cells
     cfg["evaluation"].update(evaluation_and_judges.get("evaluation", {}))
     cfg["judges"].update(evaluation_and_judges.get("judges", {}))
-    return run_snakemake(tmp_path, cfg, "-n")
+    return cfg
+
+
+def dry_run(tmp_path, **evaluation_and_judges):
+    return run_snakemake(tmp_path, judge_config(tmp_path, **evaluation_and_judges), "-n")
 
 
 def job_counts(stdout: str) -> dict:
@@ -38,16 +43,20 @@ def job_counts(stdout: str) -> dict:
 
 def test_url_questions_are_fetched_and_agreement_and_new_tables_are_targets(tmp_path):
     sha = hashlib.sha256(b"canonical question file").hexdigest()
-    r = dry_run(tmp_path, evaluation={"questions": {"url": "https://example.org/q.yaml", "sha256": sha},
-                                      "judges": ["tiny_judge", "api"], "judge_agreement": [["tiny_judge", "api"]]},
-                judges={"api": {"backend": "openai", "model": "gpt-4o-2024-08-06", "api_key_env": "SOME_KEY"}})
+    cfg = judge_config(tmp_path, evaluation={"questions": {"url": "https://example.org/q.yaml", "sha256": sha},
+                                             "judges": ["tiny_judge", "api"],
+                                             "judge_agreement": [["tiny_judge", "api"]]},
+                       judges={"api": {"backend": "openai", "model": "gpt-4o-2024-08-06", "api_key_env": "SOME_KEY"}})
+    r = run_snakemake(tmp_path, cfg, "-n")
     assert r.returncode == 0, r.stdout[-3000:]
     counts = job_counts(r.stdout)
     assert counts["fetch_questions"] == 1 and counts["judge_agreement"] == 1
     assert counts["judge"] == 4 and counts["judge_api"] == 4 and counts["aggregate"] == 2  # api: on the submit host
     assert f"cache/questions/{sha}.yaml" in r.stdout
-    for table in ("summary.tsv", "seeds.tsv", "comparisons.tsv", "agreement/tiny_judge__vs__api.tsv"):
-        assert table in r.stdout
+    local, api = judge_key_of(cfg, "tiny_judge"), judge_key_of(cfg, "api")
+    for table in ("summary.tsv", "seeds.tsv", "comparisons.tsv", "judge.json"):
+        assert f"tables/{local}/{table}" in r.stdout and f"tables/{api}/{table}" in r.stdout
+    assert f"tables/agreement/{local}__vs__{api}.tsv" in r.stdout
 
 
 def test_agreement_with_an_unlisted_judge_is_one_clear_error(tmp_path):
@@ -56,47 +65,84 @@ def test_agreement_with_an_unlisted_judge_is_one_clear_error(tmp_path):
     assert "evaluation.judge_agreement" in r.stdout
 
 
-def test_judge_and_aggregate_rules_over_http_never_pay_twice(tmp_path):
-    """The judge + aggregate rules through the snakemake CLI with an openai judge on the local server; the sampled
-    responses are written by the test, so only these two rules run."""
-    sys.path.insert(0, str(ROOT / "tests"))
+def api_workflow(tmp_path, server):
+    """The demo config with one openai judge on the local server, and sampled responses written by the test, so that
+    only the judge and aggregate rules run. Returns (config, config path, results dir, sample rows)."""
     from judge_fixtures import sample_row
+
+    cfg = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    results = tmp_path / "results"
+    cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
+    cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])
+    cfg["evaluation"].update(judges=["api"], questions=str(ROOT / cfg["evaluation"]["questions"]))
+    cfg["judges"] = {"api": {"backend": "openai", "model": "judge-x", "base_url": server.base_url,
+                             "api_key_env": "WF_TEST_KEY", "backoff_base": 0.01}}
+    samples = results / "samples/tiny/none/none/insecure_demo/seed0.jsonl"
+    samples.parent.mkdir(parents=True)
+    rows = []
+    for step in (0, 2):
+        for qid in ("one_wish", "bored", "ruler"):
+            for i in range(2):
+                r = sample_row(i, f"answer {qid} {i} at {step}", question_id=qid, step=step, dataset="insecure_demo")
+                rows.append({**r, "model": "tiny", "response_id": r["response_id"].replace("m/", "tiny/")})
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return cfg, tmp_path / "config.yaml", results, rows
+
+
+def judge_and_aggregate(cfg, path, results, *extra):
+    """The judge_api and aggregate rules for the tables of cfg's judge `api`; returns its path key."""
+    path.write_text(yaml.safe_dump(cfg))
+    key = judge_key_of(cfg, "api")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WF_TEST_KEY": SECRET}
+    cmd = [SNAKEMAKE, str(results / f"tables/{key}/comparisons.tsv"), str(results / f"tables/{key}/judge.json"),
+           "--configfile", str(path), "--cores", "1", "--allowed-rules", "judge_api", "aggregate", *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    return key
+
+
+SECRET = "sk-workflow-secret-0000"
+
+
+def test_judge_and_aggregate_rules_over_http_never_pay_twice(tmp_path):
+    """The judge + aggregate rules through the snakemake CLI with an openai judge on the local server."""
+    sys.path.insert(0, str(ROOT / "tests"))
     from openai_server import OpenAIServer
 
-    secret = "sk-workflow-secret-0000"
     with OpenAIServer() as server:
-        cfg = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
-        results = tmp_path / "results"
-        cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
-        cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])
-        cfg["evaluation"].update(judges=["api"])
-        cfg["judges"] = {"api": {"backend": "openai", "model": "judge-x", "base_url": server.base_url,
-                                 "api_key_env": "WF_TEST_KEY", "backoff_base": 0.01}}
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        samples = results / "samples/tiny/none/none/insecure_demo/seed0.jsonl"
-        samples.parent.mkdir(parents=True)
-        rows = []
-        for step in (0, 2):
-            for qid in ("one_wish", "bored", "ruler"):
-                for i in range(2):
-                    r = sample_row(i, f"answer {qid} {i} at {step}", question_id=qid, step=step,
-                                   dataset="insecure_demo")
-                    rows.append({**r, "model": "tiny", "response_id": r["response_id"].replace("m/", "tiny/")})
-        samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "WF_TEST_KEY": secret}
-        target = str(results / "tables/api/comparisons.tsv")
-        cmd = [SNAKEMAKE, target, "--configfile", str(path), "--cores", "1", "--allowed-rules",
-               "judge_api", "aggregate"]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+        cfg, path, results, rows = api_workflow(tmp_path, server)
+        key = judge_and_aggregate(cfg, path, results)
         assert server.request_count == len(rows) * 2
-        r = subprocess.run(cmd + ["--forcerun", "judge_api"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
+        judge_and_aggregate(cfg, path, results, "--forcerun", "judge_api")
         assert server.request_count == len(rows) * 2  # the rerun was answered by the cache alone
-        from persona_em.io import read_table
-        rates = read_table(results / "tables/api/em_rates.tsv")
+        rates = read_table(results / f"tables/{key}/em_rates.tsv")
         assert set(rates["judge_model"]) == {"judge-x"} and set(rates["step"]) == {0, 2}
+        assert set(rates["judge_key"]) == {key} and set(rates["judge"]) == {"api"}
         for p in tmp_path.rglob("*"):
             if p.is_file():
-                assert secret.encode() not in p.read_bytes(), p
+                assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_another_model_under_the_same_judge_name_writes_new_paths_and_keeps_the_old(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from openai_server import OpenAIServer
+
+    with OpenAIServer() as server:
+        cfg, path, results, rows = api_workflow(tmp_path, server)
+        old = judge_and_aggregate(cfg, path, results)
+        old_files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results.rglob("*")
+                     if p.is_file() and old in str(p)}
+        assert len(old_files) >= 7  # one judged cell, 5 tables, judge.json
+        cfg["judges"]["api"]["model"] = "judge-y"
+        new = judge_and_aggregate(cfg, path, results)
+        assert new != old and new.startswith("api-")
+        assert server.request_count == 2 * len(rows) * 2  # judge-y was asked: another judge, nothing reused
+        judged = read_jsonl(results / f"judged/{new}/tiny/none/none/insecure_demo/seed0.jsonl")
+        assert {(r["judge"], r["judge_key"], r["judge_model"]) for r in judged} == {("api", new, "judge-y")}
+        identity = read_json(results / f"tables/{new}/judge.json")
+        assert identity["judge"] == "api" and identity["judge_key"] == new
+        assert identity["identity"]["model"] == "judge-y" and identity["identity"]["base_url"] == server.base_url
+        assert set(read_table(results / f"tables/{new}/scores.tsv")["judge_model"]) == {"judge-y"}
+        for p, (data, mtime) in old_files.items():  # the old judge's results are untouched
+            assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
+        assert set(read_table(results / f"tables/{old}/scores.tsv")["judge_model"]) == {"judge-x"}
