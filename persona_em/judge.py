@@ -568,6 +568,8 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         ident_model = f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
     else:
         ident_model = f"{cfg['model']}@{cfg['base_url']}" if cfg.get("base_url") else cfg["model"]
+    # A text-mode answer is cut at text_max_tokens: a longer limit must not reuse shorter cached answers.
+    cache_mode = f"text:{cfg['text_max_tokens']}" if cfg["mode"] == "text" else cfg["mode"]
     jobs: list[_Job] = []
     for s in read_samples(samples_path):
         q = questions.get(s["question_id"])
@@ -578,7 +580,7 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         full = clean_answer(s.get("response"), sys.maxsize)[0]
         for metric, template in sorted(q.judge_prompts.items()):
             jobs.append(_Job(s, metric, template, fill_prompt(template, question, answer), answer, truncated,
-                             JudgeCache.key(ident_model, cfg["mode"], template, question, answer),
+                             JudgeCache.key(ident_model, cache_mode, template, question, answer),
                              f"{s['response_id']}|{metric}", extra={"response": full}))
 
     journal = Journal(journal_path, key_field="key")
