@@ -14,6 +14,7 @@ import sys, yaml
 c = yaml.safe_load(open("config/demo.yaml"))
 c.update(results_dir="results/gpu", work_dir="results/gpu/.work", cache_dir="results/gpu/cache")
 c["grid"]["seeds"] = [0]
+c["training"]["per_device_batch_size"] = "auto"  # the GPU plan: packed micro-batches, varlen flash attention
 open(sys.argv[1], "w").write(yaml.safe_dump(c, sort_keys=False))
 PY
 python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name())"
