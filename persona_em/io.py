@@ -185,3 +185,22 @@ class Journal:
         self.close()
         if self.path.exists():
             self.path.unlink()
+
+
+def latest_trainer_checkpoint(trainer_dir: Path, log=None) -> Path | None:
+    """The newest whole `checkpoint-N` of a transformers Trainer under `trainer_dir`, or None.
+
+    transformers writes trainer_state.json last, so a checkpoint is whole once that file parses. A process killed
+    while writing it (SIGKILL at the end of a SLURM KillWait, a node failure) leaves it empty or cut off; such a
+    checkpoint is skipped and the one before it is used.
+    """
+    ckpts = sorted(Path(trainer_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for path in ckpts:
+        try:
+            if "global_step" in json.loads((path / "trainer_state.json").read_text()):
+                return path
+        except (OSError, ValueError):
+            pass
+        if log is not None:
+            log.warning("skipped incomplete checkpoint %s (the process was killed while writing it)", path)
+    return None

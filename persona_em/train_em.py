@@ -24,7 +24,7 @@ from . import batching, compose, packed_attention
 from .config import Cell
 from .data import load_chat_jsonl
 from .errors import UserError
-from .io import Journal, atomic_dir, write_json, write_table
+from .io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
 from .schedule import expand_schedule, steps_per_epoch
 from .train_config import TrainConfig
 
@@ -90,6 +90,12 @@ def _save_em(model, out: Path) -> None:
             for f in sub.iterdir():
                 shutil.move(str(f), tmp / f.name)
             sub.rmdir()
+
+
+def _export_step(checkpoint: Path, adapters_dir: Path, step: int) -> None:
+    """Copy a scheduled step's EM adapter out of its trainer checkpoint (which the rotation deletes later)."""
+    with atomic_dir(adapters_dir / step_dir_name(step)) as tmp:
+        shutil.copytree(checkpoint / compose.EM, tmp, dirs_exist_ok=True)
 
 
 def _trainer_class():
@@ -164,10 +170,8 @@ def _trainer_class():
 
         def on_save(self, args, state, control, model=None, **kw):
             if state.global_step in self.schedule:
-                src = Path(args.output_dir) / f"checkpoint-{state.global_step}" / compose.EM
-                dst = self.adapters_dir / step_dir_name(state.global_step)
-                with atomic_dir(dst) as tmp:
-                    shutil.copytree(src, tmp, dirs_exist_ok=True)
+                _export_step(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.adapters_dir,
+                             state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
@@ -253,12 +257,6 @@ def sft_args(cfg: TrainConfig, plan: batching.BatchPlan, output_dir, seed: int):
     )
 
 
-def _latest_checkpoint(trainer_dir: Path) -> Path | None:
-    ckpts = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
-             and (p / compose.EM / "adapter_model.safetensors").exists()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def train_em(
     cell: Cell,
     model_dir: str,
@@ -302,9 +300,14 @@ def train_em(
     on_sigterm, install_sigterm = _sigterm_checkpoint()
     trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         callbacks=[callback, on_sigterm])
-    resume = _latest_checkpoint(trainer_dir)
+    resume = latest_trainer_checkpoint(trainer_dir, log)
     if resume is not None:
         log.info("resumed from step %s (%s)", resume.name.split("-")[1], resume)
+        step = int(resume.name.split("-")[1])
+        if step in schedule and not (adapters_dir / step_dir_name(step)).exists():
+            # killed after the trainer saved this scheduled step but before on_save exported it
+            log.info("exported scheduled step %d from its checkpoint (the earlier run was killed first)", step)
+            _export_step(resume, adapters_dir, step)
         prior = json.loads((resume / "trainer_state.json").read_text())
         logged = [h for h in prior.get("log_history", []) if "num_tokens" in h]
         callback.last_tokens = logged[-1]["num_tokens"] if logged else 0.0

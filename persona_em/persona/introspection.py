@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
 from .constitution import load_constitution, system_prompt
 from .generation import Request, generator_identity, item_seed, make_backend, run_journaled
 
@@ -101,7 +101,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
 
     from ..compose import load_base_model
     from ..train_em import tokenize_conversation
-    from .train_dpo import check_targets_exist, latest_checkpoint, save_adapter
+    from .train_dpo import check_targets_exist, save_adapter
 
     rows = read_jsonl(data_path)
     if not rows:
@@ -125,7 +125,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
                      dataloader_num_workers=0, logging_steps=1, save_strategy="steps",
                      save_steps=s["resume_every_steps"], save_total_limit=2, report_to=[], disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    resume = latest_checkpoint(trainer_dir)
+    resume = latest_trainer_checkpoint(trainer_dir, log)
     log.info("SFT on the DPO-merged model: %d conversations; %s", len(dataset),
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_dir, read_jsonl, write_json
+from ..io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
 from ..train_config import ALL_PROJECTIONS
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,6 @@ def check_targets_exist(model, targets, what: str) -> None:
                         f"(its projections: {sorted(n for n in names if n.endswith('proj'))})")
 
 
-def latest_checkpoint(trainer_dir: Path) -> Path | None:
-    ckpts = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def save_adapter(model, out: Path) -> None:
     """The trained LoRA as a plain adapter directory (adapter_config.json at its top)."""
     model.save_pretrained(str(out))
@@ -144,7 +139,7 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
                          peft_config=lora_config(s))
     if trainer.ref_model is not None:  # the reference must be this model with adapters off, not a second copy
         raise RuntimeError("DPOTrainer built a separate reference model")
-    resume = latest_checkpoint(trainer_dir)
+    resume = latest_trainer_checkpoint(trainer_dir, log)
     log.info("%s on %s: %d pairs, %d epochs; %s", persona, model_name, len(rows), epochs,
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
