@@ -110,7 +110,13 @@ for _pair in config["evaluation"]["judge_agreement"]:
                         f"evaluation.judges")
 
 # Every judged path holds the judge's path key (persona_em/judge.py judge_key says what it hashes), never its name.
-QUESTIONS_SHA256 = questions_sha256(config)
+try:
+    QUESTIONS_SHA256 = questions_sha256(config)
+except UserError:
+    # A local question file that is not there yet has no digest. Its judges' keys get a placeholder, and since the
+    # file is an input of every sampling and judging job, Snakemake stops on it before running any of those; stages
+    # before them (and `snakemake --lint`) still work. Nothing is ever written under a placeholder key.
+    QUESTIONS_SHA256 = "question-file-missing"
 JUDGE_KEYS = {name: judge_key(config, name, QUESTIONS_SHA256) for name in config["evaluation"]["judges"]}
 JUDGE_NAMES = {key: name for name, key in JUDGE_KEYS.items()}
 
