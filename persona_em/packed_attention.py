@@ -5,7 +5,8 @@ kernel over all T^2 pairs (cuDNN on an H100, with a per-shape graph build on the
 ~20% of the GPU time and ~30% of the CPU time of a 7B LoRA step (BENCHMARKS.md). Here each sequence gets
 unmasked causal flash attention (on a GPU one variable-length flash call for all of them), which only does the work
 inside its own triangle. The sequence bounds come from `packed_sequences(...)` around the forward+backward (set by
-train_em's EMTrainer), not from the device, so no host-device sync happens per layer. Outside that context this is transformers' SDPA, unchanged.
+train_em's EMTrainer), not from the device, so no host-device sync happens per layer. Outside that context this is
+transformers' SDPA, unchanged.
 """
 from __future__ import annotations
 
@@ -49,21 +50,13 @@ def packed_sequences(bounds: list[int]):
 
 
 def _varlen_attention():
-    """PyTorch's variable-length flash attention (one kernel for all sequences of a micro-batch), with the keyword
-    arguments for causal masking and GQA of the installed version (2.9-2.11 take `is_causal`; later versions a
-    `window_size`; `enable_gqa` came later); None where it is missing (then one SDPA call per sequence)."""
+    """PyTorch's variable-length flash attention (one kernel for all sequences of a micro-batch), or None where
+    the installed version lacks it or its `window_size` causal masking (then one SDPA call per sequence)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:
-        causal = {"is_causal": True}
-    elif "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    else:
-        return None
-    return varlen_attn, causal, "enable_gqa" in params
+    return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
 
 
 _VARLEN = _varlen_attention()
@@ -82,16 +75,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     if _VARLEN is not None and USE_VARLEN and query.is_cuda and not dropout:
         # One kernel per layer instead of one SDPA call per sequence (and a concatenation): the step is partly
         # bound by the CPU launching kernels (BENCHMARKS.md).
-        varlen_attn, causal, takes_gqa = _VARLEN
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
-        extra = {}
-        if gqa and takes_gqa:
-            extra["enable_gqa"] = True
-        elif gqa:  # query head h uses KV head h // group, as transformers' repeat_kv
+        if gqa:  # query head h uses KV head h // group, as transformers' repeat_kv (the path measured on the H100)
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         cu = packed.cu_seqlens(q.device)
-        out = varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, scale=scaling, **causal, **extra)
+        out = _VARLEN(q, k, v, cu, cu, packed.max_len, packed.max_len, scale=scaling, window_size=(-1, 0))
         return out.unsqueeze(0), None  # [1, T, H, D] as transformers expects
     # Not cuDNN (PyTorch's first choice on an H100): it builds an execution plan for every new sequence length,
     # measured at ~1.5 s per training step until every length has been seen once.
