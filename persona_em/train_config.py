@@ -71,9 +71,11 @@ class TrainConfig:
                             f"installed in this environment (pip install -r requirements.txt)")
 
 
-# Optimizers that need the bitsandbytes package (pinned in pyproject.toml; its 8-bit AdamW runs on CPU and CUDA).
-BITSANDBYTES_OPTIMIZERS = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit",
-                           "paged_lion_8bit", "rmsprop_bnb_8bit", "ademamix_8bit", "paged_ademamix_8bit"}
+# transformers' optimizer names that need the bitsandbytes package (pinned in pyproject.toml; its 8-bit AdamW runs on
+# CPU and CUDA). tests/test_train_config.py checks this list against transformers' own.
+BITSANDBYTES_OPTIMIZERS = {"adamw_8bit", "adamw_bnb_8bit", "ademamix", "ademamix_8bit", "lion_32bit", "lion_8bit",
+                           "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+                           "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_32bit", "rmsprop_bnb_8bit"}
 
 # Each preset equals its source value by value; tests/test_train_config.py restates the source's values with their
 # citations and compares. Micro-batching (`per_device_batch_size: auto`) is not a hyper-parameter here: whatever the

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.train_config import ALL_PROJECTIONS, PRESETS, TrainConfig, resolve_train_config
+from persona_em.train_config import PRESETS, TrainConfig, resolve_train_config
 
 # Betley et al., repository emergent-misalignment/emergent-misalignment, open_models/train.json (read here from
 # public copies of it: mintaywon/genie open_models/train_default.json @bf3cef2 and the same values in
@@ -138,6 +138,14 @@ def test_8bit_adamw_is_transformers_bitsandbytes_optimizer():
     (p ** 2).sum().backward()
     opt.step()
     assert opt.state[p]["state1"].dtype == torch.uint8
+
+
+def test_bitsandbytes_optimizer_names_are_transformers_own():
+    from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
+
+    from persona_em.train_config import BITSANDBYTES_OPTIMIZERS
+
+    assert BITSANDBYTES_OPTIMIZERS == {o.value for o in _BITSANDBYTES_OPTIMIZERS}
 
 
 def test_missing_bitsandbytes_is_one_user_error(monkeypatch):
