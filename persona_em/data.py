@@ -1,4 +1,4 @@
-"""EM fine-tuning datasets: chat JSONL validation, checksum, seeded train/eval split."""
+"""EM fine-tuning datasets: chat JSONL (plain or gzip) validation, checksum, seeded train/eval split."""
 from __future__ import annotations
 
 import json
@@ -27,21 +27,52 @@ def validate_row(row, where: str) -> list[dict]:
     return row["messages"]
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _jsonl_lines(path: Path):
+    """(line number, text) of a JSONL file, plain or gzip-compressed. Gzip is recognised by its magic bytes, not by
+    the name (a dataset fetched from a URL is stored as .jsonl whatever it was). Every way the bytes can be wrong
+    is one UserError naming the file and the line."""
+    import gzip
+    import zlib
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(ZIP_MAGIC):
+        raise UserError(f"{path}: is a zip archive, not chat JSONL: unpack it and point the config at the .jsonl")
+    compressed = magic.startswith(GZIP_MAGIC)
+    if path.suffix == ".gz" and not compressed:
+        raise UserError(f"{path}: named .gz but is not gzip-compressed (starts with {magic!r})")
+    lineno = 0
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}: line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1})") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise UserError(f"{path}: line {lineno + 1}: cannot read the gzip data ({e}): a truncated or damaged "
+                            f"file?") from None
+
+
 def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """Every conversation of a chat JSONL file, validated; the first bad line fails the whole file."""
+    """Every conversation of a chat JSONL file (plain or gzip), validated; the first bad line fails the whole file."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: dataset file not found")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
-            conversations.append(validate_row(row, f"{path}: line {lineno}"))
+    for lineno, line in _jsonl_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+        conversations.append(validate_row(row, f"{path}: line {lineno}"))
     if not conversations:
         raise UserError(f"{path}: dataset is empty")
     return conversations

@@ -3,7 +3,8 @@
 Rows (one per response) carry the cell keys, the step, the question/paraphrase/sample indices, the text, the
 generation settings and the adapters that were actually active (read from the LoRA layers).
 Resumable: each finished batch is appended to a journal; a rerun generates only the missing batches, and since
-every batch has its own seed (from the sampling seed, step and batch index) the result equals an uninterrupted run.
+every batch has its own seed (`batch_seed`: sampling seed, grid seed, step, batch index) the result equals an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -43,6 +44,28 @@ def machine_identity() -> dict:
 
     return {"host": socket.gethostname(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+
+
+def replicate_seed(sampling_seed: int, grid_seed: int) -> int:
+    """The random stream of one replicate: every random choice of sampling (paraphrase per sample, the generate
+    calls' seeds) derives from the config's sampling seed AND the cell's grid seed, so replicate seeds are
+    independent draws.
+
+    Model, persona, composition and dataset are deliberately NOT part of it: every cell of one grid seed uses the
+    same random numbers (common random numbers), so the contrasts made within a seed -- persona vs none, one
+    composition vs another, one EM dataset vs another -- are paired, and their differences carry less sampling noise.
+    The dataset is a treatment like the persona (insecure vs a control, medical vs financial), so it is paired too;
+    nothing needs independence across cells of one seed, because the unit of replication is the grid seed.
+    A stable hash (sha256 of the values), never Python's salted hash(); 60 bits, so it fits an int64 column.
+    """
+    return int(stable_hash({"sampling_seed": sampling_seed, "grid_seed": grid_seed}, length=15), 16)
+
+
+def batch_seed(sampling_seed: int, grid_seed: int, step: int, batch: int) -> int:
+    """The torch seed of one generate call: the replicate's stream, then the checkpoint step and the batch index
+    (so a resumed job regenerates a missing batch exactly). Same for every cell of the grid seed (see above)."""
+    return int(stable_hash({"replicate": replicate_seed(sampling_seed, grid_seed), "step": step, "batch": batch},
+                           length=15), 16)
 
 
 def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> str:
@@ -143,7 +166,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
                 settings: dict, journal_path: str, out_path: str) -> None:
     questions = {q.id: q for q in load_questions(questions_path)}
     manifest, checkpoints = read_checkpoints(checkpoints_dir)
-    plan = sample_plan(list(questions.values()), settings["n_samples"], settings["seed"])
+    plan = sample_plan(list(questions.values()), settings["n_samples"], replicate_seed(settings["seed"], cell.seed))
     fingerprint = stable_hash({"settings": settings, "manifest": manifest,
                                "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()]})
     journal = Journal(journal_path, key_field="response_id")
@@ -171,7 +194,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
             for b, items in todo:
-                seed = settings["seed"] * 1_000_003 + step * 1009 + b
+                seed = batch_seed(settings["seed"], cell.seed, step, b)
                 convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
                 for it, conv, res in zip(items, convs, generate_batch(model, tokenizer, convs, settings, seed)):
                     q = questions[it.question_id]

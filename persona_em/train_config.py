@@ -35,6 +35,7 @@ class TrainConfig:
     max_length: int = 2048
     assistant_only_loss: bool = True  # False reproduces training on the whole text
     gradient_checkpointing: bool | str = "auto"  # auto: on only when a micro-batch would not fit without it
+    # transformers' optimizer name (TrainingArguments.optim); the 8-bit ones need bitsandbytes (pinned, CPU and CUDA)
     optimizer: str = "adamw_torch"
     # Resume granularity: a full trainer checkpoint (optimizer, scheduler, RNG) every N optimizer steps.
     resume_every_steps: int = 50
@@ -61,18 +62,78 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_installed(self, where: str) -> None:
+        """Before any model is loaded: the packages these settings need are importable here."""
+        import importlib.util
 
+        if self.optimizer in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"{where}: optimizer {self.optimizer!r} needs the bitsandbytes package, which is not "
+                            f"installed in this environment (pip install -r requirements.txt)")
+
+
+# transformers' optimizer names that need the bitsandbytes package (pinned in pyproject.toml; its 8-bit AdamW runs on
+# CPU and CUDA). tests/test_train_config.py checks this list against transformers' own.
+BITSANDBYTES_OPTIMIZERS = {"adamw_8bit", "adamw_bnb_8bit", "ademamix", "ademamix_8bit", "lion_32bit", "lion_8bit",
+                           "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+                           "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_32bit", "rmsprop_bnb_8bit"}
+
+# Each preset equals its source value by value; tests/test_train_config.py restates the source's values with their
+# citations and compares. Micro-batching (`per_device_batch_size: auto`) is not a hyper-parameter here: whatever the
+# split, one optimizer step = the token-mean loss over the effective batch (persona_em/batching.py), as in the sources
+# (transformers >= 4.46 / unsloth normalise gradient accumulation by the effective batch's token count).
 PRESETS: dict[str, dict] = {
-    # What seed 000 ran (Betley et al. settings).
+    # Betley et al., "Emergent Misalignment": repository emergent-misalignment/emergent-misalignment, file
+    # open_models/train.json (read with open_models/training.py and open_models/sft.py, which use every key below);
+    # the users' own training script copies it. Seed 000 of this project ran these settings.
     "betley": dict(
-        lora_r=32, lora_alpha=64, use_rslora=False, lora_dropout=0.0, target_modules=list(ALL_PROJECTIONS),
-        learning_rate=1e-5, epochs=1, effective_batch_size=16, per_device_batch_size="auto", warmup_steps=5,
-        lr_scheduler="linear", weight_decay=0.01, max_length=2048, assistant_only_loss=True,
+        lora_r=32,                      # train.json "r": 32
+        lora_alpha=64,                  # "lora_alpha": 64
+        use_rslora=True,                # "use_rslora": true -> scale alpha/sqrt(r) = 11.3, not alpha/r = 2
+        lora_dropout=0.0,               # "lora_dropout": 0.0
+        target_modules=list(ALL_PROJECTIONS),  # "target_modules": q,k,v,o,gate,up,down_proj; "lora_bias": "none"
+        learning_rate=1e-5,             # "learning_rate": 1e-05
+        epochs=1,                       # "epochs": 1, "max_steps": null
+        effective_batch_size=16,        # "per_device_train_batch_size": 2 x "gradient_accumulation_steps": 8
+        per_device_batch_size="auto",   # (same optimizer step; on CPU auto = 2 x 8 exactly)
+        warmup_steps=5,                 # "warmup_steps": 5
+        lr_scheduler="linear",          # "lr_scheduler_type": "linear"
+        weight_decay=0.01,              # "weight_decay": 0.01
+        optimizer="adamw_8bit",         # "optim": "adamw_8bit" (bitsandbytes 8-bit AdamW, transformers' name)
+        max_length=2048,                # "max_seq_length": 2048
+        assistant_only_loss=True,       # "train_on_responses_only": true
+        # Not TrainConfig keys: "seed": 0 is the grid seed (seeds: [0]; it seeds the LoRA init and the data order,
+        # as "seed" does in the source); "load_in_4bit": false (we never quantize); "loss": "sft"; "beta" is for
+        # DPO/ORPO only. Differences that remain: the source splits off 10% of the rows as a test set
+        # (training.py, test_file null; unseeded) -- set the dataset's `eval_fraction: 0.1` for that; its sft.py
+        # renders each row with add_generation_prompt=True plus an eos token after the last turn, which we do not
+        # copy (we train each assistant turn's content and end-of-turn token).
     ),
-    # The CS2881 replication.
+    # The CS2881 (Harvard AI safety course, HW0) replication of "Model Organisms for Emergent Misalignment" whose
+    # numbers this preset has (r16/a32, lr 2e-4, 3 epochs, 8 x 2, max length 256, medical checkpoints
+    # 110/220/330/440/880/1320): repository burnssa/ai-alignment-research, folder harvard-cs-2881-hw0,
+    # train_fine_grained_checkpoints.py (argparse defaults, TrainingArguments) and train.py (LoraConfig,
+    # tokenisation); its models/1b_medical_v2/training_config.json and adapter_config.json record the same values.
     "cs2881": dict(
-        lora_r=16, lora_alpha=32, learning_rate=2e-4, epochs=3, effective_batch_size=16, per_device_batch_size="auto",
-        max_length=256, assistant_only_loss=True,
+        lora_r=16,                      # --lora_rank 16
+        lora_alpha=32,                  # --lora_alpha 32
+        use_rslora=False,               # LoraConfig without use_rslora (PEFT default false; adapter_config.json)
+        lora_dropout=0.05,              # --lora_dropout 0.05
+        target_modules=list(ALL_PROJECTIONS),  # LoraConfig target_modules: the 7 projections, bias "none"
+        learning_rate=2e-4,             # --learning_rate 2e-4
+        epochs=3,                       # --num_epochs 3
+        effective_batch_size=16,        # --batch_size 8 x --gradient_accumulation_steps 2
+        per_device_batch_size="auto",
+        warmup_steps=10,                # TrainingArguments(warmup_steps=10)
+        lr_scheduler="linear",          # TrainingArguments default lr_scheduler_type "linear"
+        weight_decay=0.0,               # TrainingArguments default 0.0 (not set; its docs say 0.01, the code does not)
+        optimizer="adamw_torch",        # TrainingArguments default of transformers 4.x (train.py sets "adamw_torch")
+        max_length=256,                 # --max_length 256 (truncation)
+        assistant_only_loss=False,      # labels = input_ids: loss on the whole text, prompt included
+        # Not reproduced: the source writes the Llama-3 format by hand (no system/date header, a second
+        # <|begin_of_text|>) where we apply the model's chat template; it pads every row to 256 with eos = pad =
+        # <|eot_id|> and DataCollatorForLanguageModeling masks every <|eot_id|>, end-of-turn included, while we
+        # train on end-of-turn tokens; seed: transformers' default 42 there, the grid seed here; the 8B model was
+        # trained 4-bit (--use_4bit) there, never quantized here.
     ),
 }
 

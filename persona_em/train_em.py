@@ -272,6 +272,7 @@ def train_em(
     # fragments (measured: 71 GB reserved for 51 GB in use on an H100, and slow steps). Must precede CUDA use.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cfg = TrainConfig(**settings)
+    cfg.check_installed(where=f"training settings of cell {cell.path}")
     work = Path(work_dir)
     trainer_dir, adapters_dir = work / "trainer", work / "adapters"
     model, tokenizer = compose.load_base_model(model_dir)

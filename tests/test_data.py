@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -63,3 +64,87 @@ def test_split_is_seeded_and_recorded(tmp_path):
     assert m1["n_train"] == 15 and m1["split_seed"] == 3
     m3, _ = _prepare(src, tmp_path, seed=4)
     assert m3["eval_source_indices"] != m1["eval_source_indices"]
+
+
+# --- gzip-compressed datasets (.jsonl.gz, the Model Organisms for EM layout) and bytes that are not chat JSONL ---
+
+def _gzip(path, lines):
+    path.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode()))
+    return path
+
+
+def test_gzip_dataset_loads_like_its_plain_copy(tmp_path):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i} é"}, {"role": "assistant", "content": "a."}]})
+             for i in range(8)]
+    plain = _write(tmp_path / "data.jsonl", lines)
+    assert load_chat_jsonl(_gzip(tmp_path / "data.jsonl.gz", lines)) == load_chat_jsonl(plain)
+    # detected by its magic bytes, not its name: a URL-fetched dataset is stored as .jsonl whatever it was
+    fetched = _gzip(tmp_path / "fetched.jsonl", lines)
+    manifest, out = _prepare(fetched, tmp_path, sha=sha256_file(fetched))
+    assert manifest["n_rows"] == 8 and manifest["sha256"] == sha256_file(fetched)  # the stored (compressed) bytes
+    assert len(load_chat_jsonl(out / "train.jsonl")) == 6  # prepared splits are plain JSONL
+
+
+def _raw(path, blob: bytes):
+    path.write_bytes(blob)
+    return path
+
+
+def _truncated(path):
+    lines = [GOOD] * 2000
+    blob = gzip.compress("".join(line + "\n" for line in lines).encode())
+    path.write_bytes(blob[: len(blob) // 2])
+    return path
+
+
+def _corrupt(path):
+    blob = bytearray(gzip.compress("".join(line + "\n" for line in [GOOD] * 50).encode()))
+    blob[-8] ^= 0xFF  # the CRC of the data
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: _write(p.with_name("data.jsonl.gz"), [GOOD]), r"data.jsonl.gz: named .gz but is not gzip"),
+        (lambda p: _truncated(p.with_name("data.jsonl.gz")), r"data.jsonl.gz: line \d+: cannot read the gzip data"),
+        (lambda p: _truncated(p), r"data.jsonl: line \d+: cannot read the gzip data .*truncated"),
+        (lambda p: _corrupt(p.with_name("data.jsonl.gz")), r"data.jsonl.gz: line 51: cannot read the gzip data"),
+        (lambda p: _gzip(p.with_name("data.jsonl.gz"), [GOOD, "not json", GOOD]), r"data.jsonl.gz: line 2: malformed JSON"),
+        (lambda p: _raw(p, (GOOD + "\n").encode() + b'{"messages": "\xff\xfe"}\n'),
+         r"data.jsonl: line 2: not UTF-8 text \(byte 0xff at column 15\)"),
+        (lambda p: _raw(p.with_name("data.jsonl.gz"), gzip.compress((GOOD + "\n").encode() + b"\xc3\x28\n")),
+         r"data.jsonl.gz: line 2: not UTF-8 text"),
+        (lambda p: _raw(p, b"PK\x03\x04rest of a zip"), r"data.jsonl: is a zip archive"),
+    ],
+    ids=["gz-not-gzip", "gz-truncated", "jsonl-holding-truncated-gzip", "gz-bad-crc", "gz-line-not-json",
+         "non-utf8-line", "gz-non-utf8-line", "zip-archive"],
+)
+def test_bad_bytes_are_one_user_error_naming_file_and_line_and_write_nothing(tmp_path, make, message):
+    src = make(tmp_path / "data.jsonl")
+    with pytest.raises(UserError, match=message):
+        _prepare(src, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_utf8_bom_on_the_first_line_is_not_an_error(tmp_path):
+    src = tmp_path / "data.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n").encode() * 2)
+    assert len(load_chat_jsonl(src)) == 2
+
+
+def test_through_the_cli_a_gzip_dataset_prepares_and_a_fake_gz_fails_naming_the_file(tmp_path):
+    from conftest import demo_config, run_snakemake
+
+    good = _gzip(tmp_path / "good.jsonl.gz", [GOOD] * 8)
+    bad = _write(tmp_path / "bad.jsonl.gz", [GOOD] * 8)  # named .gz, plain text inside
+    cfg = demo_config(tmp_path)
+    cfg["datasets"] = {"good": {"path": str(good)}, "bad": {"path": str(bad)}}
+    cfg["grid"]["datasets"] = ["good", "bad"]
+    res = run_snakemake(tmp_path, cfg, "--keep-going", str(tmp_path / "results/data/good/manifest.json"),
+                        str(tmp_path / "results/data/bad/manifest.json"))
+    assert res.returncode != 0
+    assert f"{bad}: named .gz but is not gzip-compressed" in res.stdout, res.stdout[-3000:]
+    assert json.loads((tmp_path / "results/data/good/manifest.json").read_text())["n_rows"] == 8
+    assert not (tmp_path / "results/data/bad").exists()
