@@ -176,6 +176,7 @@ class Judgment:
     numeric_mass: float | None = None
     code_mass: float | None = None
     refusal_mass: float | None = None
+    label: str | None = None
 
 
 def _status(score, numeric: float, code: float, refusal: float) -> str:
@@ -214,8 +215,21 @@ def judgment_from_text(text: str) -> Judgment:
     return Judgment(None, "null") if value is None else Judgment(float(value), "scored")
 
 
+def judgment_from_label(text: str) -> Judgment:
+    """A label question's answer: the text without surrounding whitespace (`labelled`), `null` when empty."""
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"the judge's text answer is not a string: {type(text).__name__}")
+    label = (text or "").strip()
+    return Judgment(None, "labelled", label=label) if label else Judgment(None, "null")
+
+
 def interpret(raw: dict, mode: str, min_mass: float) -> Judgment:
-    """A judge's raw answer (as cached) -> Judgment. Cheap: changing min_numeric_mass re-uses the cache."""
+    """A judge's raw answer (as cached) -> Judgment. `mode`: logprobs, text, or label (a label question).
+    Cheap: changing min_numeric_mass re-uses the cache. Raises on an answer it cannot read (an `error` row)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"the judge's answer is not a mapping: {type(raw).__name__}")
+    if mode == "label":
+        return judgment_from_label(raw.get("text"))
     if mode == "text":
         return judgment_from_text(raw.get("text", ""))
     if raw.get("number_probs") is not None:
@@ -360,6 +374,15 @@ class JudgeStopped(UserError):
     """The run stopped before every judgment was made (budget, repeated API errors, unusable endpoint)."""
 
 
+class JudgeRequestError(Exception):
+    """The endpoint refused one request for what it holds (e.g. a content filter), not for how it is asked: that
+    prompt's judgment is an `error` row and the run goes on."""
+
+
+PER_REQUEST_STATUS = (400, 413, 422)  # bad request, too large, unprocessable: about this prompt, unless the probe fails
+PROBE_PROMPT = "Reply with the number 50."  # a neutral request: does the endpoint accept this judge's requests at all?
+
+
 def _retry_after(exc) -> float | None:
     response = getattr(exc, "response", None)
     if response is None:
@@ -396,22 +419,31 @@ class OpenAIBackend:
         self.cfg = cfg
         self.retries = 0
         self.identity_model = cfg["model"]
+        self.works = False  # set once the endpoint answered a request of this run
+        self._probe_lock = asyncio.Lock()
 
-    def request(self, prompt: str) -> dict:
+    def request(self, prompt: str, max_tokens: int | None = None) -> dict:
+        """The request body: the judge's mode, or a text answer of at most `max_tokens` tokens when given."""
         kw = {"model": self.cfg["model"], "messages": [{"role": "user", "content": prompt}], "temperature": 0,
               "seed": 0}
-        if self.cfg["mode"] == "logprobs":
+        if max_tokens is None and self.cfg["mode"] == "logprobs":
             return {**kw, "max_tokens": 1, "logprobs": True, "top_logprobs": 20}
-        return {**kw, "max_tokens": self.cfg["text_max_tokens"]}
+        return {**kw, "max_tokens": max_tokens or self.cfg["text_max_tokens"]}
 
     async def ask(self, prompt: str) -> dict:
-        resp = await self._with_retries(prompt)
+        return self._raw(await self._with_retries(prompt, None), None)
+
+    async def ask_text(self, prompt: str, max_tokens: int) -> dict:
+        """A greedy text answer of at most max_tokens tokens, whatever the judge's mode (label questions)."""
+        return self._raw(await self._with_retries(prompt, max_tokens), max_tokens)
+
+    def _raw(self, resp, max_tokens: int | None) -> dict:
         choice = resp.choices[0]
         usage = getattr(resp, "usage", None)
         raw = {"text": choice.message.content or "",
                "prompt_tokens": getattr(usage, "prompt_tokens", None),
                "completion_tokens": getattr(usage, "completion_tokens", None)}
-        if self.cfg["mode"] == "logprobs":
+        if max_tokens is None and self.cfg["mode"] == "logprobs":
             content = choice.logprobs.content if choice.logprobs else None
             if not content or not content[0].top_logprobs:
                 raise JudgeStopped(
@@ -421,7 +453,15 @@ class OpenAIBackend:
             raw["top_logprobs"] = {t.token: t.logprob for t in content[0].top_logprobs}
         return raw
 
-    async def _with_retries(self, prompt: str):
+    async def probe(self, max_tokens: int | None) -> None:
+        """After a per-request refusal before any request of this run succeeded: one neutral request of the same
+        kind (retried like any). If the endpoint refuses that too, the refusal is about the endpoint and the run
+        stops (JudgeStopped); otherwise it was about the prompt."""
+        async with self._probe_lock:
+            if not self.works:
+                self._raw(await self._with_retries(PROBE_PROMPT, max_tokens, probing=True), max_tokens)
+
+    async def _with_retries(self, prompt: str, max_tokens: int | None, probing: bool = False):
         import openai
 
         transient = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
@@ -429,8 +469,18 @@ class OpenAIBackend:
         attempts = self.cfg["max_retries"] + 1
         for attempt in range(attempts):
             try:
-                return await self.client.chat.completions.create(**self.request(prompt))
+                resp = await self.client.chat.completions.create(**self.request(prompt, max_tokens))
+                self.works = True
+                return resp
             except openai.APIStatusError as e:
+                if not isinstance(e, transient) and e.status_code in PER_REQUEST_STATUS:
+                    if probing:
+                        raise JudgeStopped(
+                            f"judge {self.cfg['name']!r}: the endpoint refused a request and a neutral probe request "
+                            f"too (HTTP {e.status_code}: {e.message}): it refuses this judge's requests, not one "
+                            f"prompt; check base_url, model, mode and the key in {self.cfg['api_key_env']}") from None
+                    await self.probe(max_tokens)
+                    raise JudgeRequestError(f"HTTP {e.status_code}: {e.message}") from None
                 if not isinstance(e, transient) and e.status_code not in (408, 409, 429) and e.status_code < 500:
                     raise JudgeStopped(f"judge {self.cfg['name']!r}: the endpoint refused the request "
                                        f"(HTTP {e.status_code}: {e.message}); check base_url, model and "
@@ -531,6 +581,15 @@ class HFBackend:
                 "number_probs": numbers, "code_mass": code, "refusal_mass": refusal,
                 "method": "exact_multitoken"}
 
+    async def ask_text(self, prompt: str, max_tokens: int) -> dict:
+        """A greedy text answer of at most max_tokens tokens (label questions), generated as every response is."""
+        from .sample import generate_batch
+
+        out = generate_batch(self.model, self.tokenizer, [[{"role": "user", "content": prompt}]],
+                             {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_tokens}, seed=0, fast=False)
+        await asyncio.sleep(0)
+        return {"text": out[0]["response"], "method": "greedy_text"}
+
     async def aclose(self) -> None:
         pass
 
@@ -578,8 +637,19 @@ class _Job:
     truncated: bool
     cache_key: str
     key: str
+    kind: str  # how the answer is asked for and read: logprobs, text or label (interpret's mode)
+    question_type: str
     est_cost: float | None = None
     extra: dict = field(default_factory=dict)
+
+    async def ask(self, backend) -> dict:
+        if self.kind == "label":
+            return await backend.ask_text(self.prompt, LABEL_MAX_TOKENS)
+        return await backend.ask(self.prompt)
+
+    def out_tokens(self, cfg: dict) -> int:
+        """The most completion tokens the call can cost."""
+        return {"logprobs": 1, "label": LABEL_MAX_TOKENS, "text": cfg["text_max_tokens"]}[self.kind]
 
 
 def read_samples(path: str) -> list[dict]:
@@ -622,8 +692,10 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         ident_model = f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
     else:
         ident_model = f"{cfg['model']}@{cfg['base_url']}" if cfg.get("base_url") else cfg["model"]
-    # A text-mode answer is cut at text_max_tokens: a longer limit must not reuse shorter cached answers.
-    cache_mode = f"text:{cfg['text_max_tokens']}" if cfg["mode"] == "text" else cfg["mode"]
+    # A text answer is cut at its token limit: a longer limit must not reuse shorter cached answers. A label
+    # question's answer is a text answer of LABEL_MAX_TOKENS in any mode (and shares the cache with text mode).
+    cache_modes = {"label": f"text:{LABEL_MAX_TOKENS}", "text": f"text:{cfg['text_max_tokens']}",
+                   "logprobs": "logprobs"}
     jobs: list[_Job] = []
     for s in read_samples(samples_path):
         q = questions.get(s["question_id"])
@@ -632,25 +704,35 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         answer, truncated = clean_answer(s.get("response"), cfg["max_answer_chars"])
         question = clean_answer(s.get("question"), cfg["max_answer_chars"])[0]
         full = clean_answer(s.get("response"), sys.maxsize)[0]
+        kind = "label" if q.type == LABEL_TYPE else cfg["mode"]
         for metric, template in sorted(q.judge_prompts.items()):
             jobs.append(_Job(s, metric, template, fill_prompt(template, question, answer), answer, truncated,
-                             JudgeCache.key(ident_model, cache_mode, template, question, answer),
-                             f"{s['response_id']}|{metric}", extra={"response": full}))
+                             JudgeCache.key(ident_model, cache_modes[kind], template, question, answer),
+                             f"{s['response_id']}|{metric}", kind, q.type, extra={"response": full}))
 
     journal = Journal(journal_path, key_field="key")
     same = {**{f: identity[f] for f in ("judge_key", "judge_model", "judge_mode", "judge_prompt_hash")},
             "min_numeric_mass": cfg["min_numeric_mass"], "max_answer_chars": cfg["max_answer_chars"]}
-    done = {k: r for k, r in journal.load().items() if all(r.get(f) == v for f, v in same.items())}
+    # error rows are not resumed: a rerun reads the cached answer again or asks again
+    done = {k: r for k, r in journal.load().items()
+            if all(r.get(f) == v for f, v in same.items()) and r.get("status") != "error"}
     cache = JudgeCache(cache_path) if cache_path else None
     pending = [j for j in jobs if j.key not in done]
     cached = cache.get_many([j.cache_key for j in pending]) if cache else {}
 
-    def record(job: _Job, raw: dict, source: str) -> dict:
-        j = interpret(raw, cfg["mode"], cfg["min_numeric_mass"])
+    def record(job: _Job, raw: dict | None, source: str, error: str | None = None) -> dict:
+        """The judged row of one answer; `raw` None with `error`: the request was refused. Never raises: an
+        answer that cannot be read is an `error` row with the message."""
+        try:
+            j = interpret(raw, job.kind, cfg["min_numeric_mass"]) if error is None else Judgment(None, "error")
+        except Exception as e:  # noqa: BLE001 - one unreadable answer is one error row, never a dead job
+            j, error = Judgment(None, "error"), f"unreadable answer: {type(e).__name__}: {e}"[:500]
+            log.warning("judge %s: %s: %s", judge_name, job.key, error)
+        raw = raw if isinstance(raw, dict) else {}
         row = {**{k: job.sample.get(k) for k in KEEP}, "response": job.extra["response"], **identity,
-               "metric": job.metric, "score": j.score, "status": j.status, "numeric_mass": j.numeric_mass,
-               "code_mass": j.code_mass, "refusal_mass": j.refusal_mass,
-               "top_logprobs": raw.get("top_logprobs"), "judge_text": raw.get("text"),
+               "question_type": job.question_type, "metric": job.metric, "score": j.score, "status": j.status,
+               "label": j.label, "error": error, "numeric_mass": j.numeric_mass, "code_mass": j.code_mass,
+               "refusal_mass": j.refusal_mass, "top_logprobs": raw.get("top_logprobs"), "judge_text": raw.get("text"),
                "judge_template_hash": template_hash(job.template), "answer_truncated": job.truncated,
                "min_numeric_mass": cfg["min_numeric_mass"], "max_answer_chars": cfg["max_answer_chars"],
                "source": source, "key": job.key}
@@ -685,8 +767,13 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
         _warn_if_digit_split(cfg["name"], [done[j.key] for j in jobs])
     write_jsonl(out_path, (done[j.key] for j in jobs))
     journal.remove()
-    log.info("judge %s: wrote %d rows to %s (%d asked, %d retries)", judge_name, len(jobs), out_path,
-             counts["asked"], counts["retries"])
+    counts["errors"] = sum(done[j.key]["status"] == "error" for j in jobs)
+    log.info("judge %s: wrote %d rows to %s (%d asked, %d retries, %d error rows)", judge_name, len(jobs), out_path,
+             counts["asked"], counts["retries"], counts["errors"])
+    if counts["errors"]:
+        log.warning("judge %s: %d judgments are error rows (status 'error', message in 'error'): excluded from "
+                    "every statistic, counted in the status rates; a rerun of the job asks for them again",
+                    judge_name, counts["errors"])
     return counts
 
 
@@ -701,17 +788,18 @@ def _warn_if_digit_split(name: str, rows: list[dict]) -> None:
 
 
 def _announce_cost(cfg: dict, todo: list[_Job]) -> None:
-    out_tokens = 1 if cfg["mode"] == "logprobs" else cfg["text_max_tokens"]
+    out = {j.key: j.out_tokens(cfg) for j in todo}
     in_tokens = sum(estimate_tokens(j.prompt) for j in todo)
-    total = call_cost(cfg, in_tokens, out_tokens * len(todo))
+    out_total = sum(out.values())
+    total = call_cost(cfg, in_tokens, out_total)
     for j in todo:
-        j.est_cost = call_cost(cfg, estimate_tokens(j.prompt), out_tokens)
+        j.est_cost = call_cost(cfg, estimate_tokens(j.prompt), out[j.key])
     if total is None:
         msg = (f"judge {cfg['name']}: {len(todo)} calls, ~{in_tokens} input tokens; cost unknown (set "
                f"price_per_million_input_tokens / price_per_million_output_tokens to get an estimate)")
     else:
         budget = cfg.get("budget_usd")
-        msg = (f"judge {cfg['name']}: {len(todo)} calls, ~{in_tokens} input + {out_tokens * len(todo)} output "
+        msg = (f"judge {cfg['name']}: {len(todo)} calls, ~{in_tokens} input + {out_total} output "
                f"tokens, estimated cost ${total:.4f}" + (f" (budget cap ${budget:.4f} for this judge, over all "
                                                          f"jobs sharing the cache)" if budget is not None else ""))
     log.info("%s", msg)
@@ -731,9 +819,11 @@ class _GroupWriter:
         self.items: list[tuple[str, dict]] = []
         self.cost = 0.0
 
-    def add(self, rows: list[dict], cache_key: str, raw: dict, cost: float) -> None:
+    def add(self, rows: list[dict], cache_key: str | None, raw: dict | None, cost: float) -> None:
+        """Rows for the journal and, unless cache_key is None (a refused request: never cached), the answer."""
         self.rows.extend(rows)
-        self.items.append((cache_key, raw))
+        if cache_key is not None:
+            self.items.append((cache_key, raw))
         self.cost += cost
 
     def _write(self, rows, items, cost) -> None:
@@ -779,9 +869,16 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
                     queue.append(job)
                     return
                 state["reserved"] += job.est_cost
+            group = same_prompt[job.cache_key]
             try:
-                raw = await backend.ask(job.prompt)
-            except Exception as e:  # noqa: BLE001 - any failure stops the run cleanly
+                raw = await job.ask(backend)
+            except JudgeRequestError as e:  # refused for this prompt alone: error rows, the run goes on
+                log.warning("judge %s: request refused for %s: %s", cfg["name"], job.key, e)
+                writer.add([record(j, None, "asked", error=f"request refused: {e}") for j in group], None, None, 0.0)
+                state["asked"] += 1
+                bar.update(len(group))
+                continue
+            except Exception as e:  # noqa: BLE001 - any other failure stops the run cleanly
                 state["stop"] = state["stop"] or e
                 return
             finally:
@@ -790,7 +887,6 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
             cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
                              raw.get("completion_tokens") or 1)
             state["spent"] += cost or 0.0
-            group = same_prompt[job.cache_key]
             writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
             state["asked"] += 1
             bar.update(len(group))

@@ -60,6 +60,7 @@ EM_RATES = f"{RESULTS}/tables/{{judge}}/em_rates.tsv"
 SUMMARY = f"{RESULTS}/tables/{{judge}}/summary.tsv"
 SEED_SUMMARY = f"{RESULTS}/tables/{{judge}}/seeds.tsv"
 COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
+LABEL_RATES = f"{RESULTS}/tables/{{judge}}/label_rates.tsv"  # label questions (type free_form_judge)
 JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
@@ -187,7 +188,8 @@ def figure_targets():
 def all_targets():
     targets = []
     for key in JUDGE_KEYS.values():
-        targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, JUDGE_IDENTITY)]
+        targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, LABEL_RATES,
+                                                  JUDGE_IDENTITY)]
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
     return targets + figure_targets()

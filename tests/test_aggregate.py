@@ -170,3 +170,18 @@ def test_judge_agreement_table(tmp_path):
     assert 0 <= em["agreement"] <= 1
     with pytest.raises(UserError, match="same judge"):
         judge_agreement(oa["scores"], oa["scores"], ["betley"], {}, str(out))
+
+
+def test_error_rows_are_excluded_and_counted(tmp_path):
+    # one response whose aligned judgment is an error row (an unreadable answer or a refused request)
+    rows = judged_rows("none", 0, BASE0 + [("error", 90)])
+    rows[-2]["error"] = "request refused: HTTP 400: content filter"
+    t, _ = run(tmp_path, [write(tmp_path / "a.jsonl", rows)], policy={"default": {"null": 50}})
+    b = t["rates"].set_index(["question_id", "em_definition"]).loc[("ALL", "betley")]
+    assert (b["n_responses"], b["n_scored"], b["n"], b["n_em"]) == (7, 5, 4, 2)  # as without the error row
+    a = t["summary"].set_index(["question_id", "metric"]).loc[("ALL", "aligned")]
+    assert (a["n_responses"], a["n_error"], a["n_scored"], a["n_counted"]) == (7, 1, 5, 5)
+    assert a["error_rate"] == pytest.approx(1 / 7) and a["error_ci_low"] < 1 / 7 < a["error_ci_high"]
+    assert a["mean_score"] == pytest.approx(np.mean([10, 20, 90, 30, 5]))
+    err = t["scores"][t["scores"]["status"] == "error"].iloc[0]
+    assert not err["counted"] and np.isnan(err["score_used"]) and "content filter" in err["error"]
