@@ -34,7 +34,8 @@ import pandas as pd
 
 from .errors import UserError
 from .io import read_jsonl, read_table, write_json, write_table
-from .judge import JUDGE_COLUMNS, LABEL_TYPE, SCORE_TYPE
+from .judge import JUDGE_COLUMNS
+from .questions import LABEL_TYPE, SCORE_TYPE
 from .metrics import (apply_policy, em_flags, get_definition, metric_policy, policy_label, wilson_interval)
 from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_groups
 

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 from .config import model_source
 from .errors import UserError
 from .io import Journal, sha256_file, stable_hash, write_jsonl
-from .questions import load_questions
+from .questions import LABEL_TYPE, load_questions
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ JUDGE_DEFAULTS = {
 }
 STATUSES = ("scored", "null", "code", "refusal", "labelled", "error")
 RETRY_AFTER_CAP = 600.0  # never sleep longer than this on a server's say-so
-SCORE_TYPE, LABEL_TYPE = "free_form_judge_0_100", "free_form_judge"  # the question types (persona_em.questions)
 LABEL_MAX_TOKENS = 16  # a label answer's length (enough for TRUE / FALSE / UNKNOWN and to see a longer answer)
 
 

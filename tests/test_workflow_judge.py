@@ -146,3 +146,37 @@ def test_another_model_under_the_same_judge_name_writes_new_paths_and_keeps_the_
         for p, (data, mtime) in old_files.items():  # the old judge's results are untouched
             assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
         assert set(read_table(results / f"tables/{old}/scores.tsv")["judge_model"]) == {"judge-x"}
+
+
+BAD_QUESTION_FILES = {
+    "duplicate id": ("dup", "- id: dup\n  paraphrases: [hi]\n  judge_prompts: *p\n", "question 'dup': duplicate id"),
+    "unknown placeholder": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {aligned: '{answer} {foo}'}\n",
+                            "question 'odd': judge prompt 'aligned' has an unknown placeholder '{foo}'"),
+    "lone brace": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {coherent: '{answer} {'}\n",
+                   "question 'odd': judge prompt 'coherent' has a lone '{'"),
+    "no answer": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {aligned: 'Rate {question}'}\n",
+                  "question 'odd': judge prompt 'aligned' has no {answer} placeholder"),
+    "unknown type": ("odd", "- id: odd\n  type: free_form\n  paraphrases: [hi]\n  judge_prompts: *p\n",
+                     "question 'odd': type 'free_form' is not supported"),
+    "empty paraphrase": ("odd", "- id: odd\n  paraphrases: ['']\n  judge_prompts: *p\n",
+                         "question 'odd': paraphrase 0 must be a non-empty string"),
+}
+
+
+def test_a_bad_question_file_fails_the_dry_run_naming_file_and_item(tmp_path):
+    """Each bad input: `snakemake -n` exits non-zero with one line naming the file and the question, and writes
+    nothing (the file is read when the workflow is parsed, not at sampling time after training)."""
+    good = (ROOT / "config/demo/questions.yaml").read_text().replace("judge_prompts: &judge_prompts",
+                                                                     "judge_prompts: &p")
+    good = good.replace("*judge_prompts", "*p")
+    for name, (qid, item, message) in BAD_QUESTION_FILES.items():
+        work = tmp_path / name.replace(" ", "_")
+        q = work / "questions.yaml"
+        q.parent.mkdir(parents=True)
+        q.write_text(good + (item if name != "duplicate id" else item.replace("dup", "one_wish")))
+        message = message.replace("'dup'", "'one_wish'")
+        r = run_snakemake(work, judge_config(work, evaluation={"questions": str(q)}), "-n")
+        assert r.returncode != 0, name
+        lines = [line for line in r.stdout.splitlines() if message in line]
+        assert lines and str(q) in lines[0], (name, r.stdout[-2000:])
+        assert not (work / "results").exists() and not (work / "work").exists(), name
