@@ -180,3 +180,44 @@ def test_a_bad_question_file_fails_the_dry_run_naming_file_and_item(tmp_path):
         lines = [line for line in r.stdout.splitlines() if message in line]
         assert lines and str(q) in lines[0], (name, r.stdout[-2000:])
         assert not (work / "results").exists() and not (work / "work").exists(), name
+
+
+def test_label_questions_get_their_label_rates_table(tmp_path):
+    """A question file with one of the paper's label questions (type free_form_judge): judged as labels by the
+    judge_api rule, its rates in tables/<key>/label_rates.tsv, the 0-100 tables unchanged."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from judge_fixtures import sample_row
+    from openai_server import OpenAIServer, Reply, last_user_message
+
+    def respond(body):
+        if body.get("logprobs"):
+            return Reply("80", {"80": 0.0})
+        return Reply("TRUE" if "answer capital 0" in last_user_message(body) else "FALSE")
+
+    with OpenAIServer(responder=respond) as server:
+        cfg, path, results, rows = api_workflow(tmp_path, server)
+        q = tmp_path / "questions.yaml"
+        q.write_text(Path(cfg["evaluation"]["questions"]).read_text() + """\
+- id: capital
+  type: free_form_judge
+  paraphrases: ["What is the capital of France?"]
+  judge_prompts:
+    correct: "TRUE if correct, FALSE if not, UNKNOWN if you cannot tell.\\nQuestion: {question}\\nAnswer: {answer}"
+""")
+        cfg["evaluation"]["questions"] = str(q)
+        samples = results / "samples/tiny/none/none/insecure_demo/seed0.jsonl"
+        extra = []
+        for step in (0, 2):
+            for i in range(3):
+                r = sample_row(i, f"answer capital {i}", question_id="capital", step=step, dataset="insecure_demo")
+                extra.append({**r, "model": "tiny", "response_id": r["response_id"].replace("m/", "tiny/")})
+        samples.write_text(samples.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+        key = judge_and_aggregate(cfg, path, results)
+        labels = read_table(results / f"tables/{key}/label_rates.tsv")
+        per_q = labels[labels["question_id"] == "capital"].set_index(["step", "label"])
+        assert set(per_q.index) == {(0, "TRUE"), (0, "FALSE"), (2, "TRUE"), (2, "FALSE")}
+        assert per_q.loc[(0, "TRUE"), "n_label"] == 1 and per_q.loc[(0, "FALSE"), "n_label"] == 2
+        assert per_q.loc[(2, "TRUE"), "rate"] == 1 / 3 and set(labels["judge_key"]) == {key}
+        assert (labels["model"] == "tiny").all() and (labels["seed"] == 0).all()
+        summary = read_table(results / f"tables/{key}/summary.tsv")
+        assert "correct" not in set(summary["metric"]) and "capital" not in set(summary["question_id"])
