@@ -277,7 +277,8 @@ def judge_identity(name: str, cfg: dict, questions, key: str | None = None) -> d
 #   backend, model, mode; base_url (openai: endpoints serving the same model name can differ); the model's entry
 #   under `models:` (hf; without size_b, a label); min_numeric_mass and max_answer_chars (they change scores and what
 #   the judge sees); text_max_tokens in text mode (the answer's length; logprobs asks for one token); the sha256 of
-#   the question file (it holds the judge prompt templates).
+#   the question file (it holds the judge prompt templates and the question types). A label question's answer
+#   length is the code constant LABEL_MAX_TOKENS, not a setting.
 # Left out, so changing them never moves results: how the judge is called (api_key_env, timeout, max_retries,
 # backoff_base, backoff_max, concurrency, azure_api_version: the API version, not the deployment) and what it costs
 # (prices, budget_usd). Also left out: evaluation.score_policy (what CODE / REFUSAL / null mean per metric). The
@@ -675,9 +676,10 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
     `judge_key` is the judge's path key (judge_key(); the workflow passes it), written to every row; without it the
     rows carry the name.
 
-    Returns counts {total, journal, cache, asked, retries}. Raises JudgeStopped (a UserError) when the run could
-    not finish (budget reached, endpoint unusable, retries exhausted): the journal and cache keep every judgment
-    made, the output is not written, and a rerun asks only for the rest.
+    Returns counts {total, journal, cache, asked, retries, errors}. One unreadable answer or one request refused
+    for its prompt is an `error` row (module docstring), and the job goes on. Raises JudgeStopped (a UserError)
+    when the run could not finish (budget reached, endpoint unusable, retries exhausted): the journal and cache keep
+    every judgment made, the output is not written, and a rerun asks only for the rest.
     """
     cfg = {**JUDGE_DEFAULTS, **judge_cfg, "name": judge_name}
     if cfg["mode"] not in ("logprobs", "text"):
