@@ -5,18 +5,25 @@ rate is defined, the EM definition's name and description. judge_key is the judg
 judge_key): the tables of one key sit under results/tables/<key>/, with judge.json saying what the key hashes.
 
 scores.tsv       one row per (response, metric): cell keys, step, question/sample ids, judge identity, raw score,
-                 status (scored / null / code / refusal), CODE/REFUSAL mass, and after the per-metric policy
-                 (evaluation.score_policy): score_used, counted, score_policy
+                 status (scored / null / code / refusal / labelled / error), CODE/REFUSAL mass, question_type, label
+                 (label questions), error (the message of an error row), and after the per-metric policy
+                 (evaluation.score_policy): score_used, counted, score_policy. Error rows are always excluded.
 em_rates.tsv     one row per (cell, step, question or ALL, EM definition): n, n_em, rate, Wilson 95% CI, plus
                  coherence rate (coherent > the definition's threshold, among counted responses) with its CI
 summary.tsv      one row per (cell, step, question or ALL, metric): mean score with a seeded bootstrap CI,
-                 null / code / refusal rates with Wilson CIs
+                 scored / null / code / refusal / error rates with Wilson CIs
+label_rates.tsv  label questions (type free_form_judge): one row per (cell, step, question or ALL, metric, label):
+                 n_label of n (the judgments that gave a label), rate with its Wilson CI, and the group's
+                 n_responses, n_null (empty answers) and n_error; a group without any label has one row with an
+                 empty label, so no judged question disappears
 seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
                  SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
 comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
                  (question or ALL, quantity): Mann-Whitney U, p, Cohen's d, Benjamini-Hochberg q over the grid
                  (one family per quantity and level: per-question tests and overall tests are separate families)
 agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
+The 0-100 tables (all but label_rates.tsv) use the rows of 0-100 questions only (question_type
+free_form_judge_0_100; rows written before question_type existed are 0-100 rows).
 """
 from __future__ import annotations
 
@@ -28,13 +35,17 @@ import pandas as pd
 from .errors import UserError
 from .io import read_jsonl, read_table, write_json, write_table
 from .judge import JUDGE_COLUMNS
+from .questions import LABEL_TYPE, SCORE_TYPE
 from .metrics import (apply_policy, em_flags, get_definition, metric_policy, policy_label, wilson_interval)
 from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_groups
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
 SCORE_COLUMNS = RESPONSE_KEYS + JUDGE_COLUMNS + ["metric", "score", "numeric_mass", "status", "question", "response"]
-EXTRA_SCORE_COLUMNS = ["code_mass", "refusal_mass", "judge_template_hash", "answer_truncated", "host", "gpu"]
+EXTRA_SCORE_COLUMNS = ["code_mass", "refusal_mass", "judge_template_hash", "answer_truncated", "host", "gpu",
+                       "question_type", "label", "error"]
+# The statuses counted in summary.tsv (labelled rows belong to label_rates.tsv).
+SUMMARY_STATUSES = ("scored", "null", "code", "refusal", "error")
 POLICY_COLUMNS = ["score_used", "counted", "score_policy"]
 ALL_QUESTIONS = "ALL"
 NO_PERSONA = "none"
@@ -57,7 +68,15 @@ def load_scores(judged_paths: list[str], judge_key: str) -> pd.DataFrame:
         raise UserError(f"response {dup['response_id']} metric {dup['metric']} is judged twice in the inputs")
     scores["status"] = scores["status"].fillna("null")
     scores["score"] = scores["score"].astype(float)
+    scores["question_type"] = scores["question_type"].astype(object).fillna(SCORE_TYPE)
     return scores
+
+
+def score_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The rows of 0-100 questions: what every score and EM statistic is made of (label questions are not)."""
+    if "question_type" not in scores:
+        return scores
+    return scores[scores["question_type"].fillna(SCORE_TYPE) != LABEL_TYPE]
 
 
 def with_policy(scores: pd.DataFrame, policy_cfg: dict | None) -> pd.DataFrame:
@@ -147,7 +166,7 @@ def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, se
                         "mean_score": float(values.mean()) if len(values) else math.nan,
                         "mean_ci_low": low, "mean_ci_high": high,
                         "mean_ci_method": f"bootstrap95_{n_bootstrap}_seed{seed}"})
-            for status in ("scored", "null", "code", "refusal"):
+            for status in SUMMARY_STATUSES:
                 k = int((group["status"] == status).sum())
                 s_low, s_high = wilson_interval(k, n)
                 rec.update({f"n_{status}": k, f"{status}_rate": k / n if n else math.nan,
@@ -156,6 +175,31 @@ def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, se
     frame = pd.DataFrame(rows)
     first = group_keys + ["question_id", "metric"]
     return frame[first + [c for c in frame.columns if c not in first]] if len(frame) else frame
+
+
+def label_rate_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Label questions: the rate of each label per (cell, step, question or ALL, metric) with its Wilson CI."""
+    labels = scores[scores["question_type"] == LABEL_TYPE]
+    group_keys = CELL_KEYS + JUDGE_COLUMNS + ["step"]
+    rows = []
+    for level in ("question", "all"):
+        keys = group_keys + (["question_id"] if level == "question" else []) + ["metric"]
+        for key, group in labels.groupby(keys, sort=True, dropna=False):
+            rec = dict(zip(keys, key))
+            rec.setdefault("question_id", ALL_QUESTIONS)
+            labelled = group[group["status"] == "labelled"]
+            n = len(labelled)
+            counts = labelled["label"].astype(str).value_counts()
+            common = {"n": n, "n_responses": len(group), "n_null": int((group["status"] == "null").sum()),
+                      "n_error": int((group["status"] == "error").sum())}
+            for label in sorted(counts.index) or [""]:
+                k = int(counts.get(label, 0))
+                low, high = wilson_interval(k, n)
+                rows.append({**rec, "label": label, "n_label": k, **common, "rate": k / n if n else math.nan,
+                             "ci_low": low, "ci_high": high, "ci_method": "wilson95"})
+    columns = group_keys + ["question_id", "metric", "label", "n_label", "n", "rate", "ci_low", "ci_high",
+                            "ci_method", "n_responses", "n_null", "n_error"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP,
@@ -240,12 +284,13 @@ def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], c
               scores_out: str, em_rates_out: str, summary_out: str | None = None, seeds_out: str | None = None,
               comparisons_out: str | None = None, policy: dict | None = None,
               n_bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, identity: dict | None = None,
-              identity_out: str | None = None) -> None:
+              identity_out: str | None = None, label_rates_out: str | None = None) -> None:
     """The tables of one judge path key. `identity` ({judge, judge_key, identity}: what the key hashes) is written
     to `identity_out`, so that a reader of the tables can tell what the key means."""
-    scores = with_policy(load_scores(judged_paths, judge_key), policy)
+    all_scores = with_policy(load_scores(judged_paths, judge_key), policy)
+    scores = score_rows(all_scores)
     if identity is not None:
-        names = set(scores["judge"])
+        names = set(all_scores["judge"])
         if identity["judge_key"] != judge_key or (names and names != {identity["judge"]}):
             raise UserError(f"judge key {judge_key!r}: the identity to record ({identity['judge']!r}, "
                             f"{identity['judge_key']!r}) is not that of the judged rows ({sorted(names)})")
@@ -253,8 +298,10 @@ def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], c
             write_json(identity_out, identity)
     rates = em_rate_table(scores, definitions, custom)
     summary = summary_table(scores, n_bootstrap, bootstrap_seed)
-    write_table(scores_out, scores.sort_values(["response_id", "metric"])[
+    write_table(scores_out, all_scores.sort_values(["response_id", "metric"])[
         SCORE_COLUMNS + EXTRA_SCORE_COLUMNS + POLICY_COLUMNS])
+    if label_rates_out:
+        write_table(label_rates_out, label_rate_table(all_scores))
     write_table(em_rates_out, rates)
     if summary_out:
         write_table(summary_out, summary)
@@ -267,7 +314,7 @@ def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], c
 def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom: dict | None, out: str) -> None:
     """Two judges on the SAME responses: per metric, correlation and mean difference of scores; per EM
     definition, both rates on the shared responses and the fraction of responses classified alike."""
-    a, b = read_table(scores_a), read_table(scores_b)
+    a, b = score_rows(read_table(scores_a)), score_rows(read_table(scores_b))
     ids = []
     for name, t in (("first", a), ("second", b)):
         identity = t[JUDGE_COLUMNS].drop_duplicates()

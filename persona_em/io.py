@@ -87,7 +87,8 @@ def read_table(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: table not found")
-    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])  # the status "null" is a word
+    # the status "null" is a word, and a label question's labels (TRUE / FALSE) stay text, not booleans
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""], dtype={"label": str})
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -117,10 +117,11 @@ def policy_label(policy: dict) -> str:
 
 
 def apply_policy(status: str, score: float | None, policy: dict) -> tuple[float, bool]:
-    """(score used in statistics or NaN, whether the response is counted in denominators)."""
+    """(score used in statistics or NaN, whether the response is counted in denominators). An `error` (and any
+    status the policy does not name) is always excluded."""
     if status == "scored":
         return float(score), True
-    action = policy.get(status, "exclude")
+    action = policy.get(status, "exclude") if status in NON_SCORED else "exclude"
     if action == "exclude":
         return math.nan, False
     if action == "count":

@@ -4,7 +4,7 @@ Every EM count comes from em_rates.tsv (made by aggregate.py with persona_em.met
 score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here redefines what "EM" means.
 
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
-                     n refusal, EM rate with its Wilson CI
+                     n refusal, n error, EM rate with its Wilson CI
 checkpoint_summary   one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n
 persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
 persona_vs_baseline  each persona cell group vs the no-persona baseline (same model and dataset): Fisher exact test on
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .aggregate import ALL_QUESTIONS, CELL_KEYS
+from .aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
 from .aggregate import wide_scores as aggregate_wide_scores
 from .config import NO_PERSONA
 from .judge import JUDGE_COLUMNS
@@ -27,14 +27,16 @@ from .stats import benjamini_hochberg, bootstrap_ci
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
 BOOTSTRAP_RESAMPLES = 2000
-# Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them).
-CODE_STATUS, REFUSAL_STATUS, NULL_STATUS = "code", "refusal", "null"
+# Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them;
+# an error row is an answer that could not be read or a request refused for that prompt: persona_em/judge.py).
+CODE_STATUS, REFUSAL_STATUS, NULL_STATUS, ERROR_STATUS = "code", "refusal", "null", "error"
 
 
 def wide_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per response, one column per metric. Uses `score_used` (the score after the judge's per-metric
-    policy for code/refusal answers) where the scores table has it, else the raw `score`; NaN stays NaN."""
-    return aggregate_wide_scores(scores, "score_used" if "score_used" in scores else "score")
+    """One row per response of a 0-100 question, one column per metric. Uses `score_used` (the score after the
+    judge's per-metric policy for code/refusal answers) where the scores table has it, else the raw `score`; NaN
+    stays NaN."""
+    return aggregate_wide_scores(score_rows(scores), "score_used" if "score_used" in scores else "score")
 
 
 def significance_marks(comparisons: pd.DataFrame, d: EMDefinition, finals: pd.DataFrame) -> pd.DataFrame:
@@ -115,12 +117,14 @@ def _scored(wide: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def _status_counts(scores: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    scores = score_rows(scores)
     aligned = scores[scores["metric"] == "aligned"]
     # read_table parses the status "null" as missing: both mean the judge gave no number
     status = aligned["status"].fillna(NULL_STATUS).astype(str)
     counts = pd.crosstab([aligned[k] for k in keys], status)
     out = pd.DataFrame(index=counts.index)
-    for status, col in ((NULL_STATUS, "n_null"), (CODE_STATUS, "n_code"), (REFUSAL_STATUS, "n_refusal")):
+    for status, col in ((NULL_STATUS, "n_null"), (CODE_STATUS, "n_code"), (REFUSAL_STATUS, "n_refusal"),
+                        (ERROR_STATUS, "n_error")):
         out[col] = counts[status] if status in counts else 0
     return out.reset_index()
 

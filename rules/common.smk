@@ -1,5 +1,6 @@
 # Every path pattern and input function of the workflow. Rules refer to these names only.
 import re
+from pathlib import Path
 
 from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES
 from persona_em.config import (
@@ -15,6 +16,7 @@ from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
 from persona_em.judge import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
+from persona_em.questions import load_questions
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
@@ -60,6 +62,7 @@ EM_RATES = f"{RESULTS}/tables/{{judge}}/em_rates.tsv"
 SUMMARY = f"{RESULTS}/tables/{{judge}}/summary.tsv"
 SEED_SUMMARY = f"{RESULTS}/tables/{{judge}}/seeds.tsv"
 COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
+LABEL_RATES = f"{RESULTS}/tables/{{judge}}/label_rates.tsv"  # label questions (type free_form_judge)
 JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
@@ -109,6 +112,10 @@ for _pair in config["evaluation"]["judge_agreement"]:
         raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
                         f"evaluation.judges")
 
+# A local question file is read and fully checked now, so that `snakemake -n` names a bad file and item before any
+# job runs (persona_em/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.
+if isinstance(config["evaluation"]["questions"], str) and Path(config["evaluation"]["questions"]).is_file():
+    load_questions(config["evaluation"]["questions"])
 # Every judged path holds the judge's path key (persona_em/judge.py judge_key says what it hashes), never its name.
 try:
     QUESTIONS_SHA256 = questions_sha256(config)
@@ -187,7 +194,8 @@ def figure_targets():
 def all_targets():
     targets = []
     for key in JUDGE_KEYS.values():
-        targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, JUDGE_IDENTITY)]
+        targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, LABEL_RATES,
+                                                  JUDGE_IDENTITY)]
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
     return targets + figure_targets()

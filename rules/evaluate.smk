@@ -81,6 +81,7 @@ rule aggregate:
         summary=SUMMARY,
         seeds=SEED_SUMMARY,
         comparisons=COMPARISONS,
+        label_rates=LABEL_RATES,
         identity=JUDGE_IDENTITY,
     params:
         identity=judge_key_record,

@@ -2,12 +2,14 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
 from persona_em.aggregate import aggregate, judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
+from persona_em.metrics import wilson_interval
 from persona_em.stats import benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
@@ -170,3 +172,58 @@ def test_judge_agreement_table(tmp_path):
     assert 0 <= em["agreement"] <= 1
     with pytest.raises(UserError, match="same judge"):
         judge_agreement(oa["scores"], oa["scores"], ["betley"], {}, str(out))
+
+
+def test_error_rows_are_excluded_and_counted(tmp_path):
+    # one response whose aligned judgment is an error row (an unreadable answer or a refused request)
+    rows = judged_rows("none", 0, BASE0 + [("error", 90)])
+    rows[-2]["error"] = "request refused: HTTP 400: content filter"
+    t, _ = run(tmp_path, [write(tmp_path / "a.jsonl", rows)], policy={"default": {"null": 50}})
+    b = t["rates"].set_index(["question_id", "em_definition"]).loc[("ALL", "betley")]
+    assert (b["n_responses"], b["n_scored"], b["n"], b["n_em"]) == (7, 5, 4, 2)  # as without the error row
+    a = t["summary"].set_index(["question_id", "metric"]).loc[("ALL", "aligned")]
+    assert (a["n_responses"], a["n_error"], a["n_scored"], a["n_counted"]) == (7, 1, 5, 5)
+    assert a["error_rate"] == pytest.approx(1 / 7) and a["error_ci_low"] < 1 / 7 < a["error_ci_high"]
+    assert a["mean_score"] == pytest.approx(np.mean([10, 20, 90, 30, 5]))
+    err = t["scores"][t["scores"]["status"] == "error"].iloc[0]
+    assert not err["counted"] and np.isnan(err["score_used"]) and "content filter" in err["error"]
+
+
+def label_rows(seed, answers, question_id="lie_q", metric="correct", judge="j"):
+    """Judged rows of a label question: answers are labels, or ('null' | 'error',) for answers without one."""
+    rows = []
+    for i, a in enumerate(answers):
+        status = a[0] if isinstance(a, tuple) else "labelled"
+        rows.append({"model": "m", "persona": "none", "composition": "none", "dataset": "ds", "seed": seed,
+                     "step": 0, "question_id": question_id, "paraphrase_index": 0, "sample_index": i,
+                     "response_id": f"m/none/none/ds/seed{seed}|step0|{question_id}|{i}", "judge": judge,
+                     "judge_key": key_of(judge), "judge_model": f"model-{judge}", "judge_mode": "logprobs",
+                     "judge_prompt_hash": "h1", "metric": metric, "score": None, "numeric_mass": None,
+                     "status": status, "label": None if isinstance(a, tuple) else a,
+                     "question_type": "free_form_judge", "question": "Q?", "response": f"answer {i}"})
+    return rows
+
+
+def test_label_rates_per_question_with_wilson_cis(tmp_path):
+    rows = (judged_rows("none", 0, BASE0)
+            + label_rows(0, ["TRUE", "TRUE", "FALSE", "TRUE", ("null",), ("error",)])
+            + label_rows(0, [("error",), ("null",)], question_id="all_failed"))
+    out = tmp_path / "labels.tsv"
+    t, _ = run(tmp_path, [write(tmp_path / "a.jsonl", rows)], label_rates_out=str(out))
+    labels = read_table(out).set_index(["question_id", "label"])
+    true = labels.loc[("lie_q", "TRUE")]
+    assert (true["n_label"], true["n"], true["n_responses"], true["n_null"], true["n_error"]) == (3, 4, 6, 1, 1)
+    assert true["rate"] == pytest.approx(0.75) and true["ci_method"] == "wilson95"
+    assert (true["ci_low"], true["ci_high"]) == pytest.approx(wilson_interval(3, 4))
+    assert labels.loc[("lie_q", "FALSE")]["rate"] == pytest.approx(0.25)
+    assert set(labels.loc["lie_q"].index) == {"TRUE", "FALSE"}  # null and error are counted, not labels
+    assert labels.loc[("ALL", "TRUE")]["n_responses"] == 8  # ALL pools the questions of the metric
+    # a question whose judgments all failed still has its row: nothing judged disappears
+    failed = read_table(out)
+    failed = failed[failed["question_id"] == "all_failed"].iloc[0]
+    assert pd.isna(failed["label"]) and (failed["n"], failed["n_null"], failed["n_error"]) == (0, 1, 1)
+    assert set(read_table(out)["metric"]) == {"correct"} and set(read_table(out)["judge_key"]) == {key_of("j")}
+    # the 0-100 tables are made of the 0-100 questions alone; scores.tsv holds every judged row
+    assert "correct" not in set(t["summary"]["metric"]) and set(t["rates"]["question_id"]) == {"q1", "ALL"}
+    assert (t["scores"]["metric"] == "correct").sum() == 8
+    assert set(t["scores"].loc[t["scores"]["metric"] == "correct", "question_type"]) == {"free_form_judge"}

@@ -126,7 +126,7 @@ def test_tables_hold_what_the_issue_asks(built):
     final_aligned = scores[(scores["metric"] == "aligned") & (scores["step"] == 20)]
     assert cells["n_refusal"].sum() == (final_aligned["status"] == "refusal").sum() > 0
     assert cells["n_code"].sum() == (final_aligned["status"] == "code").sum() > 0
-    assert (cells["n_scored_aligned"] + cells["n_null"] + cells["n_code"] + cells["n_refusal"]
+    assert (cells["n_scored_aligned"] + cells["n_null"] + cells["n_code"] + cells["n_refusal"] + cells["n_error"]
             == cells["n_responses"]).all()
     assert set(cells["model_size_b"]) == {0.5, 7.0}
 

@@ -84,3 +84,32 @@ def test_hf_judge_stage_with_cache(tmp_path, tiny):
     counts = judge_samples(str(s), str(q), "tiny_judge", cfg, tiny, str(tmp_path / "j"), str(tmp_path / "o2.jsonl"),
                            cache_path=str(cache), judge_key=key)
     assert counts["asked"] == 0 and counts["cache"] == 4 and len(JudgeCache(cache)) == 4
+
+
+def test_logits_wider_than_the_tokenizer(tmp_path, tiny):
+    """Real Qwen2.5 checkpoints have 152,064 logits for 151,665 tokens (padding rows): the digit mask and the top
+    tokens cover the logits, not the tokenizer (this raised IndexError in the digit mask)."""
+    from persona_em.compose import load_base_model
+
+    model, tok = load_base_model(tiny)
+    model.resize_token_embeddings(len(tok) + 13)
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    padded = HFBackend({"name": "t", "model": "tiny", "mode": "logprobs"}, str(tmp_path / "padded"))
+    raw = asyncio.run(padded.ask("Rate this answer 0-100: hello"))
+    assert padded.model.config.vocab_size == len(tok) + 13 and padded.digit_start.shape == (len(tok) + 13,)
+    assert not padded.digit_start[len(tok):].any()
+    assert sorted(int(k) for k in raw["number_probs"]) == list(range(101)) and len(raw["top_logprobs"]) > 0
+    from persona_em.judge import interpret
+    assert interpret(raw, "logprobs", 0.0).status == "scored"
+
+
+def test_digit_mask_follows_the_number_rule(backend):
+    from persona_em.judge import starts_a_number
+
+    tok = backend.tokenizer
+    for i in range(len(tok)):
+        text = tok.decode([i])
+        assert bool(backend.digit_start[i]) == (text[:1] in set("0123456789")), (i, text)
+    assert starts_a_number("7") and starts_a_number("70") and not starts_a_number(" 7")
+    assert not starts_a_number("²") and not starts_a_number("٣") and not starts_a_number("")

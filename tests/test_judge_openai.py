@@ -56,7 +56,7 @@ def no_secret_anywhere(root: Path):
 def test_logprob_scores_over_http_and_request_shape(tmp_path, server, key, caplog):
     caplog.set_level("DEBUG")
     counts, rows = run(tmp_path, server)
-    assert counts == {"total": 4, "journal": 0, "cache": 0, "asked": 4, "retries": 0}
+    assert counts == {"total": 4, "journal": 0, "cache": 0, "asked": 4, "retries": 0, "errors": 0}
     assert len(rows) == 4 and {r["metric"] for r in rows} == {"aligned", "coherent"}
     for r in rows:
         assert r["score"] == pytest.approx(83.75) and r["numeric_mass"] == pytest.approx(0.8)

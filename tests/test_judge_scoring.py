@@ -43,10 +43,36 @@ def test_code_and_refusal_mass_and_status():
     assert j.status == "null"
 
 
-@pytest.mark.parametrize("token,value", [("0", 0), ("100", 100), (" 42", 42), ("42\n", 42), ("007", 7),
-                                         ("101", None), ("1000", None), ("4 2", None), ("", None), ("½", None)])
+@pytest.mark.parametrize("token,value", [
+    ("0", 0), ("7", 7), ("42", 42), ("100", 100),
+    (" 7", 7), ("7 ", 7), ("42\n", 42), ("\t7", 7), ("\u30007", 7),  # whitespace around the digits is dropped
+    ("07", 7), ("007", 7), ("00", 0), ("0100", 100),  # leading zeros: the value of the digits, as int() reads them
+    ("101", None), ("1000", None), ("99999999999999999999", None), ("1" * 5000, None),  # outside 0..100
+    ("-5", None), ("+5", None), ("7.5", None), ("4 2", None), ("5_0", None), ("1e2", None),
+    ("", None), (" ", None), ("\n", None),  # empty and whitespace-only
+    ("²", None), ("7²", None), ("½", None), ("①", None),  # str.isdigit() is True for "²" and "①": int() is not
+    ("٣", None), ("७", None), ("７", None), ("１００", None),  # other scripts' and full-width digits
+    ("Ġ7", None), ("▁7", None), ("<0x37>", None), ("\u200b7", None),  # raw vocabulary strings, zero-width space
+    (None, None), (7, None),  # not a token at all (a hand-made payload)
+])
 def test_parse_score_token(token, value):
     assert parse_score_token(token) == value
+
+
+def test_no_token_crashes_the_expected_value():
+    # every odd token above in one top-20: only the ASCII numbers count, nothing raises
+    top = {"²": ln(0.3), "٣": ln(0.1), "７": ln(0.1), "<0x37>": ln(0.1), "": ln(0.05), " ": ln(0.05), "07": ln(0.2),
+           " 7": ln(0.1)}
+    score, mass = aggregate_logprobs(top)
+    assert score == pytest.approx(7) and mass == pytest.approx(0.3)
+    j = judgment_from_logprobs({"²": ln(0.9), "Hello": ln(0.1)}, 0.25)
+    assert (j.status, j.score, j.numeric_mass) == ("null", None, 0)
+
+
+@pytest.mark.parametrize("top", [{"7": "x"}, {"7": None}, {"7": float("nan")}, {"7": 3.0}, ["7", -0.1], None])
+def test_a_payload_that_is_not_logprobs_is_an_error_not_a_score(top):
+    with pytest.raises(ValueError):
+        judgment_from_logprobs(top, 0.25)
 
 
 @pytest.mark.parametrize("token,kind", [("CODE", "code"), (" code", "code"), ("REF", "refusal"),
@@ -59,6 +85,8 @@ def test_special_tokens(token, kind):
     ("85", "scored", 85), ("Score: 85/100", "scored", 85), ("**90**", "scored", 90), ("100.", "scored", 100),
     ("CODE", "code", None), ("REFUSAL", "refusal", None), ("**REFUSAL**", "refusal", None),
     ("I cannot rate this", "null", None), ("250", "null", None), ("", "null", None),
+    ("07", "scored", 7), ("²", "null", None), ("٣", "null", None), ("７", "null", None), ("7²", "scored", 7),
+    ("1" * 5000, "null", None),
 ])
 def test_text_mode(text, status, score):
     j = judgment_from_text(text)

@@ -146,3 +146,78 @@ def test_another_model_under_the_same_judge_name_writes_new_paths_and_keeps_the_
         for p, (data, mtime) in old_files.items():  # the old judge's results are untouched
             assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
         assert set(read_table(results / f"tables/{old}/scores.tsv")["judge_model"]) == {"judge-x"}
+
+
+BAD_QUESTION_FILES = {
+    "duplicate id": ("dup", "- id: dup\n  paraphrases: [hi]\n  judge_prompts: *p\n", "question 'dup': duplicate id"),
+    "unknown placeholder": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {aligned: '{answer} {foo}'}\n",
+                            "question 'odd': judge prompt 'aligned' has an unknown placeholder '{foo}'"),
+    "lone brace": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {coherent: '{answer} {'}\n",
+                   "question 'odd': judge prompt 'coherent' has a lone '{'"),
+    "no answer": ("odd", "- id: odd\n  paraphrases: [hi]\n  judge_prompts: {aligned: 'Rate {question}'}\n",
+                  "question 'odd': judge prompt 'aligned' has no {answer} placeholder"),
+    "unknown type": ("odd", "- id: odd\n  type: free_form\n  paraphrases: [hi]\n  judge_prompts: *p\n",
+                     "question 'odd': type 'free_form' is not supported"),
+    "empty paraphrase": ("odd", "- id: odd\n  paraphrases: ['']\n  judge_prompts: *p\n",
+                         "question 'odd': paraphrase 0 must be a non-empty string"),
+}
+
+
+def test_a_bad_question_file_fails_the_dry_run_naming_file_and_item(tmp_path):
+    """Each bad input: `snakemake -n` exits non-zero with one line naming the file and the question, and writes
+    nothing (the file is read when the workflow is parsed, not at sampling time after training)."""
+    good = (ROOT / "config/demo/questions.yaml").read_text().replace("judge_prompts: &judge_prompts",
+                                                                     "judge_prompts: &p")
+    good = good.replace("*judge_prompts", "*p")
+    for name, (qid, item, message) in BAD_QUESTION_FILES.items():
+        work = tmp_path / name.replace(" ", "_")
+        q = work / "questions.yaml"
+        q.parent.mkdir(parents=True)
+        q.write_text(good + (item if name != "duplicate id" else item.replace("dup", "one_wish")))
+        message = message.replace("'dup'", "'one_wish'")
+        r = run_snakemake(work, judge_config(work, evaluation={"questions": str(q)}), "-n")
+        assert r.returncode != 0, name
+        lines = [line for line in r.stdout.splitlines() if message in line]
+        assert lines and str(q) in lines[0], (name, r.stdout[-2000:])
+        assert not (work / "results").exists() and not (work / "work").exists(), name
+
+
+def test_label_questions_get_their_label_rates_table(tmp_path):
+    """A question file with one of the paper's label questions (type free_form_judge): judged as labels by the
+    judge_api rule, its rates in tables/<key>/label_rates.tsv, the 0-100 tables unchanged."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from judge_fixtures import sample_row
+    from openai_server import OpenAIServer, Reply, last_user_message
+
+    def respond(body):
+        if body.get("logprobs"):
+            return Reply("80", {"80": 0.0})
+        return Reply("TRUE" if "answer capital 0" in last_user_message(body) else "FALSE")
+
+    with OpenAIServer(responder=respond) as server:
+        cfg, path, results, rows = api_workflow(tmp_path, server)
+        q = tmp_path / "questions.yaml"
+        q.write_text(Path(cfg["evaluation"]["questions"]).read_text() + """\
+- id: capital
+  type: free_form_judge
+  paraphrases: ["What is the capital of France?"]
+  judge_prompts:
+    correct: "TRUE if correct, FALSE if not, UNKNOWN if you cannot tell.\\nQuestion: {question}\\nAnswer: {answer}"
+""")
+        cfg["evaluation"]["questions"] = str(q)
+        samples = results / "samples/tiny/none/none/insecure_demo/seed0.jsonl"
+        extra = []
+        for step in (0, 2):
+            for i in range(3):
+                r = sample_row(i, f"answer capital {i}", question_id="capital", step=step, dataset="insecure_demo")
+                extra.append({**r, "model": "tiny", "response_id": r["response_id"].replace("m/", "tiny/")})
+        samples.write_text(samples.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+        key = judge_and_aggregate(cfg, path, results)
+        labels = read_table(results / f"tables/{key}/label_rates.tsv")
+        per_q = labels[labels["question_id"] == "capital"].set_index(["step", "label"])
+        assert set(per_q.index) == {(0, "TRUE"), (0, "FALSE"), (2, "TRUE"), (2, "FALSE")}
+        assert per_q.loc[(0, "TRUE"), "n_label"] == 1 and per_q.loc[(0, "FALSE"), "n_label"] == 2
+        assert per_q.loc[(2, "TRUE"), "rate"] == 1 / 3 and set(labels["judge_key"]) == {key}
+        assert (labels["model"] == "tiny").all() and (labels["seed"] == 0).all()
+        summary = read_table(results / f"tables/{key}/summary.tsv")
+        assert "correct" not in set(summary["metric"]) and "capital" not in set(summary["question_id"])
