@@ -249,10 +249,10 @@ class ChatFormat:
             flags = [turn is not None] * len(t)
             if due is not None and turn is None:
                 if not t or t[0] not in self._stop:
-                    raise self._defeated(messages, due, f"its content is followed by {text[:30]!r}, which does not "
-                                         f"start with an end-of-turn token (stop ids {self.token_names(self.stop_ids)}); "
-                                         f"if the token that follows ends a turn, add it to "
-                                         f"{self.settings.where}.stop_tokens")
+                    raise self._defeated(
+                        messages, due, f"its content is followed by {text[:30]!r}, which does not start with an "
+                        f"end-of-turn token (stop ids {self.token_names(self.stop_ids)}); if the token that follows "
+                        f"ends a turn, add it to {self.settings.where}.stop_tokens")
                 flags[0] = True
                 due = None
             if turn is not None:
