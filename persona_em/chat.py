@@ -248,7 +248,10 @@ class ChatFormat:
             t = self.tokenize(text)
             flags = [turn is not None] * len(t)
             if due is not None and turn is None:
-                if not t or t[0] not in self._stop:
+                if not t:
+                    raise self._defeated(messages, due, "the template renders nothing after it (no end-of-turn "
+                                                        "token)")
+                if t[0] not in self._stop:
                     raise self._defeated(
                         messages, due, f"its content is followed by {text[:30]!r}, which does not start with an "
                         f"end-of-turn token (stop ids {self.token_names(self.stop_ids)}); if the token that follows "
