@@ -58,15 +58,16 @@ def main():
             return scores
 
     fast_generate.use_gqa_decode_attention(model)
-    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    from persona_em.chat import ChatFormat
+
+    chat = ChatFormat(tok)
+    enc = sample.left_pad([chat.prompt_ids(c) for c in convs], tok.pad_token_id, model.device)
     for active in (False, True):  # the first call compiles
         extra = {**fast_generate.fast_generate_kwargs(), "logits_processor": LogitsProcessorList([Window(active)])}
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.inference_mode(), fast_generate.bf16_lora_compute(model):
-            sample._generate(model, enc, settings, tok, extra)
+            sample._generate(model, enc, settings, chat, extra)
         torch.cuda.synchronize()
         print(f"generate {'(profiled window)' if active else '(compiles)'}: {time.perf_counter() - t0:.1f} s")
     wall = (marks[a.first + a.steps] - marks[a.first]) / a.steps

@@ -26,13 +26,14 @@ def main():
     from persona_em import compose
     from persona_em.io import write_jsonl
     from persona_em.train_config import TrainConfig
+    from persona_em.chat import ChatFormat
     from persona_em.train_em import _lora_config, _trainer_class, build_dataset, choose_batch_plan, sft_args
 
     tok = common.tokenizer()
     model = common.build_model(cfg["shapes"][a.shape], tok)
     work = Path(tempfile.mkdtemp())
     write_jsonl(work / "t.jsonl", [{"messages": m} for m in common.em_conversations(cfg["train"])])
-    dataset = build_dataset(tok, work / "t.jsonl", TrainConfig())
+    dataset = build_dataset(ChatFormat(tok), work / "t.jsonl", TrainConfig())
     tcfg = TrainConfig(learning_rate=1e-4, warmup_steps=0, lr_scheduler="constant", resume_every_steps=10**9,
                        **yaml.safe_load(a.override))
     peft = compose.compose_for_training(model, "none", None, "none", _lora_config(tcfg))

@@ -34,10 +34,12 @@ def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
 
 
 def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
+    from persona_em.chat import ChatFormat
     from persona_em.sample import generate_batch
 
+    chat = ChatFormat(tok)
     with measured(result):
-        rows = generate_batch(model, tok, convs, settings, seed=0, fast=fast, bf16_lora=bf16_lora)
+        rows = generate_batch(model, chat, convs, settings, seed=0, fast=fast, bf16_lora=bf16_lora)
     result["responses"] = len(rows)
     result["new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     result["tokens_per_s"] = round(result["new_tokens"] / result["seconds"], 1)

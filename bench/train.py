@@ -80,11 +80,12 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
 def run(model, tok, cfg: dict, log) -> dict:
     from persona_em.io import write_jsonl
     from persona_em.train_config import TrainConfig
+    from persona_em.chat import ChatFormat
     from persona_em.train_em import build_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     write_jsonl(work / "train.jsonl", [{"messages": m} for m in em_conversations(cfg)])
-    dataset = build_dataset(tok, work / "train.jsonl", TrainConfig(max_length=cfg["max_tokens"]))
+    dataset = build_dataset(ChatFormat(tok), work / "train.jsonl", TrainConfig(max_length=cfg["max_tokens"]))
     lengths = [len(r) for r in dataset["input_ids"]]
     out = {"n_examples": len(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens": max(lengths),
            "assistant_token_fraction": round(sum(sum(l != -100 for l in r) for r in dataset["labels"]) / sum(lengths), 3)}

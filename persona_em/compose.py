@@ -210,7 +210,9 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
 
 def load_base_model(model_dir: str | Path, device: str | None = None):
     """Base model + tokenizer from a prepared model directory, in bf16 on a GPU, fp32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .chat import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -219,7 +221,4 @@ def load_base_model(model_dir: str | Path, device: str | None = None):
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else None
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(model_dir)

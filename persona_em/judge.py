@@ -509,11 +509,15 @@ class HFBackend:
     def __init__(self, cfg: dict, model_dir: str):
         import torch
 
+        from .chat import ChatFormat, ChatSettings
         from .compose import load_base_model
 
         if cfg["mode"] != "logprobs":
             raise UserError(f"judge {cfg['name']!r}: the hf backend supports mode 'logprobs' only")
         self.model, self.tokenizer = load_base_model(model_dir)
+        # The judge model's chat settings (cfg["chat"], from its model manifest): thinking off by default, or a
+        # Qwen3 judge would put its first-token mass on <think>.
+        self.chat = ChatFormat.load(model_dir, ChatSettings.from_dict(cfg.get("chat"), cfg["model"]), self.tokenizer)
         self.model.eval()
         self.identity_model = f"hf:{cfg['model']}:{_model_fingerprint(model_dir)}"
         tok = self.tokenizer
@@ -559,9 +563,7 @@ class HFBackend:
     async def ask(self, prompt: str) -> dict:
         import torch
 
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.chat.prompt_ids([{"role": "user", "content": prompt}])
         first, seq_lp, end_lp = self.sequence_logprobs(prompt_ids)
         numbers, code, refusal = {}, 0.0, 0.0
         for (label, _), lp, elp in zip(self.candidates, seq_lp, end_lp):
@@ -691,6 +693,8 @@ def judge_samples(samples_path: str, questions_path: str, judge_name: str, judge
     # new endpoint's path must not be filled with the old endpoint's cached answers).
     if cfg["backend"] == "hf" and judge_model_dir:
         ident_model = f"hf:{cfg['model']}:{_model_fingerprint(judge_model_dir)}"
+        if cfg.get("chat") is not None:  # how its prompts are rendered (persona_em.chat): thinking, template date
+            ident_model += f":{stable_hash(cfg['chat'], 8)}"
     else:
         ident_model = f"{cfg['model']}@{cfg['base_url']}" if cfg.get("base_url") else cfg["model"]
     # A text answer is cut at its token limit: a longer limit must not reuse shorter cached answers. A label

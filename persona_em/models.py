@@ -1,6 +1,7 @@
 """Base models: built (the demo's tiny model), taken from a local path, or downloaded at a pinned revision.
 
-The rule writes a manifest `model.json` whose `path` is the directory every later stage loads from.
+The rule writes a manifest `model.json` whose `path` is the directory every later stage loads from and whose `chat`
+block holds the model's chat settings (persona_em/chat.py).
 Downloads happen here only: `prepare_model` is a login-side rule (localrules); compute jobs read the cache.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from .chat import ChatSettings
 from .cluster import offline
 from .errors import UserError
 from .io import write_json
@@ -67,4 +69,7 @@ def prepare_model(name: str, spec: dict, cache_dir: str, manifest_out: str) -> N
     else:
         path = download_model(name, spec["hf_id"], spec["revision"], cache_dir)
         source = {"hf_id": spec["hf_id"], "revision": spec["revision"]}
-    write_json(manifest_out, {"model": name, "path": str(path.resolve()), **source})
+    # The chat settings (defaults filled in) travel in the manifest: every job that renders a prompt for this model
+    # reads them from here (persona_em.chat.read_settings), so a changed setting reruns exactly those jobs.
+    chat = ChatSettings.from_dict(spec.get("chat"), name).to_dict()
+    write_json(manifest_out, {"model": name, "path": str(path.resolve()), **source, "chat": chat})

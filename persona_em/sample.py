@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import batching, compose
+from .chat import ChatFormat, ChatSettings
 from .config import Cell
 from .io import Journal, stable_hash, write_jsonl
 from .questions import load_questions, sample_plan
@@ -23,15 +24,14 @@ from .train_em import read_checkpoints
 log = logging.getLogger(__name__)
 
 
-def _batch_size(setting, n_items: int, model, tokenizer, plan, questions, settings) -> int:
+def _batch_size(setting, n_items: int, model, chat: ChatFormat, plan, questions, settings) -> int:
     from .fast_generate import kv_cache_bytes_per_token
 
     cuda = torch.cuda.is_available()
     if setting != "auto" or not cuda:
         return batching.sampling_batch_size(setting, n_items, cuda=cuda)
-    longest_prompt = max(len(tokenizer.apply_chat_template(questions[it.question_id].messages(it.paraphrase_index),
-                                                           tokenize=True, add_generation_prompt=True,
-                                                           return_dict=True)["input_ids"]) for it in plan)
+    longest_prompt = max(len(chat.prompt_ids(questions[it.question_id].messages(it.paraphrase_index)))
+                         for it in plan)
     return batching.sampling_batch_size(
         setting, n_items, cuda=True, total_memory_bytes=torch.cuda.get_device_properties(0).total_memory,
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -72,12 +72,25 @@ def response_id(cell: Cell, step: int, question_id: str, sample_index: int) -> s
     return f"{cell.path}|step{step}|{question_id}|{sample_index}"
 
 
-@torch.inference_mode()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: dict, seed: int,
-                   fast: bool | None = None, bf16_lora: bool | None = None) -> list[dict]:
-    """One padded `generate` call for a batch of conversations.
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> dict:
+    """A batch of prompts padded on the left (pads precede the prompt; generation continues every row at the end)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
 
-    `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
+
+@torch.inference_mode()
+def generate_batch(model, chat: ChatFormat, conversations: list[list[dict]], settings: dict, seed: int,
+                   fast: bool | None = None, bf16_lora: bool | None = None,
+                   prefills: list[str] | None = None) -> list[dict]:
+    """One padded `generate` call for a batch of conversations: the project's one generation definition (EM
+    sampling and the persona arm's local generators).
+
+    Prompts: `chat.prompt_ids` (the model's chat settings; an optional prefill starts each answer). Sampling:
+    `settings` alone (temperature, top_p, max_new_tokens; the model's generation_config is blanked). A row ends at
+    the first of `chat.stop_ids` ("stop") or after max_new_tokens ("length"); n_new_tokens counts the tokens before
+    the stop. `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
     Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with `fast`): the LoRA
     products in bf16 under autocast, without fp32 copies of their inputs.
     """
@@ -91,22 +104,17 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
         extra = fast_generate_kwargs()
     from .fast_generate import bf16_lora_compute
 
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prefills = prefills or [""] * len(conversations)
+    prompts = [chat.prompt_ids(c, p) for c, p in zip(conversations, prefills)]
+    enc = left_pad(prompts, chat.tokenizer.pad_token_id, model.device)
     torch.manual_seed(seed)
     with bf16_lora_compute(model, active=bf16_lora):
-        out = _generate(model, enc, settings, tokenizer, extra)
-    new = out[:, enc["input_ids"].shape[1]:]
+        out = _generate(model, enc, settings, chat, extra)
     results = []
-    for row in new:
-        ids = row.tolist()
-        finished = tokenizer.eos_token_id in ids
-        if finished:
-            ids = ids[: ids.index(tokenizer.eos_token_id)]
-        ids = [t for t in ids if t != tokenizer.pad_token_id]
-        results.append({"response": tokenizer.decode(ids, skip_special_tokens=True), "n_new_tokens": len(ids),
-                         "finish_reason": "stop" if finished else "length"})
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        ids, stopped = chat.cut_at_stop(row)
+        results.append({"response": chat.tokenizer.decode(ids, skip_special_tokens=True), "n_new_tokens": len(ids),
+                        "finish_reason": "stop" if stopped else "length"})
     return results
 
 
@@ -149,7 +157,7 @@ def _model_generation_defaults_off(model):
         inner.generation_config = saved
 
 
-def _generate(model, enc, settings, tokenizer, extra):
+def _generate(model, enc, settings, chat: ChatFormat, extra):
     from transformers import GenerationConfig, LogitsProcessorList
 
     extra = dict(extra)
@@ -157,27 +165,31 @@ def _generate(model, enc, settings, tokenizer, extra):
     if settings["temperature"] > 0:
         processors.append(ExactSampler(settings["temperature"], settings["top_p"]))
     config = GenerationConfig(do_sample=False, max_new_tokens=settings["max_new_tokens"],
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+                              pad_token_id=chat.tokenizer.pad_token_id, eos_token_id=list(chat.stop_ids), **extra)
     with _model_generation_defaults_off(model):
         return model.generate(**enc, generation_config=config, logits_processor=processors)
 
 
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
-                settings: dict, journal_path: str, out_path: str) -> None:
+                settings: dict, journal_path: str, out_path: str, chat: ChatSettings | None = None) -> None:
     questions = {q.id: q for q in load_questions(questions_path)}
     manifest, checkpoints = read_checkpoints(checkpoints_dir)
     plan = sample_plan(list(questions.values()), settings["n_samples"], replicate_seed(settings["seed"], cell.seed))
+    chat_format = ChatFormat.load(model_dir, chat)
+    # The prompts as rendered (template, chat settings, date): a resume must not mix two renderings in one cell.
+    prompts = [chat_format.prompt_text(q.messages(p)) for q in questions.values() for p in range(len(q.paraphrases))]
     fingerprint = stable_hash({"settings": settings, "manifest": manifest,
-                               "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()]})
+                               "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()],
+                               "chat": chat_format.identity(), "prompts_sha": stable_hash(prompts, 16)})
     journal = Journal(journal_path, key_field="response_id")
     done = {k: r for k, r in journal.load().items() if r.get("fingerprint") == fingerprint}
     total = len(checkpoints) * len(plan)
     log.info("cell %s: %d checkpoints x %d responses; %d already in the journal (resumed), %d to generate",
              cell.path, len(checkpoints), len(plan), len(done), total - len(done))
 
-    base, tokenizer = compose.load_base_model(model_dir)
+    base, _ = compose.load_base_model(model_dir)
     model = compose.compose_for_sampling(base, cell.persona, persona_dir, cell.composition)
-    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, tokenizer, plan, questions,
+    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, chat_format, plan, questions,
                              settings)
     batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
     log.info("%d responses per generate call", batch_size)
@@ -196,7 +208,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             for b, items in todo:
                 seed = batch_seed(settings["seed"], cell.seed, step, b)
                 convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
-                for it, conv, res in zip(items, convs, generate_batch(model, tokenizer, convs, settings, seed)):
+                for it, conv, res in zip(items, convs, generate_batch(model, chat_format, convs, settings, seed)):
                     q = questions[it.question_id]
                     row = {
                         **cell.keys(), "step": step, "question_id": it.question_id,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import batching, compose, packed_attention
+from .chat import ChatFormat, ChatSettings
 from .config import Cell
 from .data import load_chat_jsonl
 from .errors import UserError
@@ -35,34 +36,12 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool, max_length: int) -> dict:
-    """input_ids + labels for one conversation; labels are -100 outside assistant turns when `assistant_only`.
-
-    Works with any chat template (no `{% generation %}` markers needed): the assistant span of turn i is the
-    difference between the rendering of messages[:i+1] and the prompt rendering of messages[:i].
-    """
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    if not assistant_only:
-        labels = list(full)
-    else:
-        labels = [-100] * len(full)
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, return_dict=True,
-                                                      add_generation_prompt=True)["input_ids"])
-            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"])
-            labels[start:end] = full[start:end]
-    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
-
-
-def build_dataset(tokenizer, train_path, cfg: TrainConfig):
+def build_dataset(chat: ChatFormat, train_path, cfg: TrainConfig):
+    """input_ids + labels per conversation (chat.encode: the loss covers each assistant turn's content and its
+    end-of-turn token when `assistant_only_loss`, else every token)."""
     from datasets import Dataset
 
-    rows = [
-        tokenize_conversation(tokenizer, msgs, cfg.assistant_only_loss, cfg.max_length)
-        for msgs in load_chat_jsonl(train_path)
-    ]
+    rows = [chat.encode(msgs, cfg.assistant_only_loss, cfg.max_length) for msgs in load_chat_jsonl(train_path)]
     # Rows whose assistant tokens were all cut by max_length carry no loss: drop them here so the step count
     # (and with it the checkpoint schedule) is known before training starts.
     kept = [r for r in rows if any(l != -100 for l in r["labels"])]
@@ -267,6 +246,7 @@ def train_em(
     work_dir: str,
     out_dir: str,
     log_out: str,
+    chat: ChatSettings | None = None,
 ) -> None:
     # Packed micro-batches vary in size from step to step; with fixed-size segments the caching allocator
     # fragments (measured: 71 GB reserved for 51 GB in use on an H100, and slow steps). Must precede CUDA use.
@@ -276,7 +256,8 @@ def train_em(
     work = Path(work_dir)
     trainer_dir, adapters_dir = work / "trainer", work / "adapters"
     model, tokenizer = compose.load_base_model(model_dir)
-    dataset = build_dataset(tokenizer, train_path, cfg)
+    chat_format = ChatFormat.load(model_dir, chat, tokenizer)
+    dataset = build_dataset(chat_format, train_path, cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg.effective_batch_size)
     schedule = expand_schedule(checkpoint_spec, per_epoch, cfg.epochs, where=f"checkpoints of cell {cell.path}")
     last_step = per_epoch * cfg.epochs
@@ -328,10 +309,11 @@ def train_em(
     missing = [s for s in schedule if not (adapters_dir / step_dir_name(s)).exists()]
     if missing:
         raise RuntimeError(f"scheduled checkpoints {missing} were not saved")
-    _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step)
+    _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step,
+                   chat_format.identity())
 
 
-def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step):
+def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step, chat):
     import pandas as pd
 
     rows = sorted(journal.load().values(), key=lambda r: r["step"])
@@ -342,7 +324,7 @@ def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, l
         write_json(tmp / "checkpoints.json", {
             **cell.keys(), "steps": schedule, "last_step": last_step,
             "active_adapters_in_training": state["active_adapters"], "merged_persona": state["merged_persona"],
-            "training": cfg.to_dict(),
+            "training": cfg.to_dict(), "chat": chat,
         })
     write_table(log_out, frame)
 

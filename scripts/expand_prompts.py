@@ -1,11 +1,13 @@
 from persona_em.persona.expand import expand_prompts
+from persona_em.chat import read_settings
 from persona_em.runner import model_dir, optional, run
 
 
 def main(sm):
     manifest = optional(sm.input.generator_model)
     expand_prompts(sm.input.constitution, sm.params.generator, model_dir(manifest) if manifest else None,
-                   sm.params.settings, sm.params.journal, sm.output[0])
+                   sm.params.settings, sm.params.journal, sm.output[0],
+                   chat=read_settings(manifest) if manifest else None)
 
 
 run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -1,10 +1,11 @@
 from persona_em.persona.introspection import introspect
+from persona_em.chat import read_settings
 from persona_em.runner import model_dir, run
 
 
 def main(sm):
     introspect(sm.input.constitution, model_dir(sm.input.model), sm.input.dpo_adapter, sm.params.settings,
-               sm.params.journal, sm.output[0])
+               sm.params.journal, sm.output[0], chat=read_settings(sm.input.model))
 
 
 run(snakemake, main)  # noqa: F821 (injected by Snakemake)

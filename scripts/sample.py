@@ -1,11 +1,13 @@
 from persona_em.config import Cell
+from persona_em.chat import read_settings
 from persona_em.runner import model_dir, optional, run
 from persona_em.sample import sample_cell
 
 
 def main(sm):
     sample_cell(Cell.from_wildcards(sm.wildcards), model_dir(sm.input.model), optional(sm.input.persona),
-                sm.input.checkpoints, sm.input.questions, sm.params.settings, sm.params.journal, sm.output[0])
+                sm.input.checkpoints, sm.input.questions, sm.params.settings, sm.params.journal, sm.output[0],
+                chat=read_settings(sm.input.model))
 
 
 run(snakemake, main)  # noqa: F821

@@ -1,4 +1,5 @@
 from persona_em.config import Cell
+from persona_em.chat import read_settings
 from persona_em.runner import model_dir, optional, run
 from persona_em.train_em import train_em
 
@@ -6,7 +7,7 @@ from persona_em.train_em import train_em
 def main(sm):
     train_em(Cell.from_wildcards(sm.wildcards), model_dir(sm.input.model), optional(sm.input.persona),
              sm.input.train, sm.params.settings, sm.params.schedule, sm.params.work, sm.output.checkpoints,
-             sm.output.log_table)
+             sm.output.log_table, chat=read_settings(sm.input.model))
 
 
 run(snakemake, main)  # noqa: F821

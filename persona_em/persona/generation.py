@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import Journal, stable_hash
 
@@ -108,7 +109,9 @@ class OpenAIBackend:
 def load_causal_lm(model_dir: str | Path, adapter_dir: str | Path | None = None):
     """A model for generation: all visible GPUs via device_map="auto" (bf16), or the CPU (fp32)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..chat import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -116,9 +119,7 @@ def load_causal_lm(model_dir: str | Path, adapter_dir: str | Path | None = None)
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_dir)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -131,50 +132,59 @@ def load_causal_lm(model_dir: str | Path, adapter_dir: str | Path | None = None)
 
 
 class HFBackend:
-    def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None):
-        self.model, self.tokenizer = load_causal_lm(model_dir, adapter_dir)
+    """A local model through the project's one generation definition (persona_em.sample.generate_batch): its chat
+    settings and stop ids, the sampling settings alone (the model's generation_config is not applied)."""
+
+    def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None,
+                 chat: ChatSettings | None = None):
+        self.model, tokenizer = load_causal_lm(model_dir, adapter_dir)
+        self.chat = ChatFormat.load(model_dir, chat, tokenizer)
         self.settings = settings
         self.batch_size = int(cfg.get("batch_size", 16))
         self.name = cfg["name"]
 
     def generate(self, batch: list[Request]):
-        import torch
+        from ..sample import generate_batch
 
-        tok = self.tokenizer
-        prompts = [tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefill
-                   for r in batch]
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        torch.manual_seed(batch[0].seed)
-        s = self.settings
-        do_sample = s["temperature"] > 0
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, do_sample=do_sample, temperature=s["temperature"] if do_sample else None,
-                top_p=s["top_p"] if do_sample else None, top_k=None, max_new_tokens=s["max_new_tokens"],
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for req, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-            ids = row.tolist()
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
-            ids = [t for t in ids if t != tok.pad_token_id]
-            yield req, req.prefill + tok.decode(ids, skip_special_tokens=True)
+        # Plain generate (fast=False): the static-cache fast path is measured on one GPU only, and a large teacher
+        # spans several (device_map="auto"). The sampled distribution is the same either way.
+        results = generate_batch(self.model, self.chat, [r.messages for r in batch], self.settings, batch[0].seed,
+                                 fast=False, prefills=[r.prefill for r in batch])
+        for req, res in zip(batch, results):
+            yield req, req.prefill + res["response"]
 
 
-def make_backend(cfg: dict, settings: dict, model_dir: str | None = None, adapter_dir: str | None = None):
+def make_backend(cfg: dict, settings: dict, model_dir: str | None = None, adapter_dir: str | None = None,
+                 chat: ChatSettings | None = None):
     if cfg["backend"] == "openai":
         return OpenAIBackend(cfg, settings)
     if cfg["backend"] == "hf":
         if model_dir is None:
             raise UserError(f"generator {cfg['name']!r}: the hf backend needs a model directory")
-        return HFBackend(cfg, settings, model_dir, adapter_dir)
+        return HFBackend(cfg, settings, model_dir, adapter_dir, chat)
     raise UserError(f"generator {cfg['name']!r}: unknown backend {cfg['backend']!r}")
 
 
-def generator_identity(cfg: dict, settings: dict) -> str:
-    """A fingerprint of everything that changes a generation: journal rows with another one are not reused."""
+# Bumped when the generation procedure itself changes (v2: persona_em.sample.generate_batch with the model's
+# generation_config blanked, the exponential-race sampler and the chat format's stop ids), so journal rows made
+# the old way are not reused.
+GENERATION_PROCEDURE = 2
+
+
+def generator_identity(cfg: dict, settings: dict, model_dir: str | None = None,
+                       chat: ChatSettings | None = None) -> str:
+    """A fingerprint of everything that changes a generation: journal rows with another one are not reused.
+
+    For a local (hf) model that includes its chat format (chat settings, stop ids, template) and the generation
+    procedure; `model_dir` is then needed (its tokenizer is read, not its weights)."""
     keys = ("backend", "model")  # not base_url: the same model behind another address gives the same answers
-    return stable_hash({**{k: cfg.get(k) for k in keys}, **settings})
+    identity = {**{k: cfg.get(k) for k in keys}, **settings}
+    if cfg.get("backend") == "hf":
+        if model_dir is None:
+            raise UserError(f"generator {cfg['name']!r}: the hf backend needs a model directory")
+        identity["chat_format"] = ChatFormat.load(model_dir, chat).identity()
+        identity["procedure"] = GENERATION_PROCEDURE
+    return stable_hash(identity)
 
 
 def run_journaled(requests: list[Request], backend_factory, journal_path: str | Path, fingerprint: str,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
 from .constitution import load_constitution, system_prompt
@@ -50,17 +51,18 @@ def _view(turns: list[str], opener: str, speaker: int, system: str) -> list[dict
 
 
 def introspect(constitution_path: str, model_dir: str, dpo_adapter: str, settings: dict, journal_path: str,
-               out_path: str) -> None:
+               out_path: str, chat: ChatSettings | None = None) -> None:
     constitution = load_constitution(constitution_path)
     system = system_prompt(constitution, settings["system_prompt_template"])
     gen = settings["generation"]
     generator = {"name": "persona_dpo", "backend": "hf", "model": str(model_dir), "batch_size": settings["batch_size"]}
-    fingerprint = generator_identity(generator, {**gen, "system": system, "adapter": str(dpo_adapter)})
+    fingerprint = generator_identity(generator, {**gen, "system": system, "adapter": str(dpo_adapter)}, model_dir,
+                                     chat)
     backend = None
 
     def factory():
         nonlocal backend
-        backend = backend or make_backend(generator, gen, model_dir, dpo_adapter)
+        backend = backend or make_backend(generator, gen, model_dir, dpo_adapter, chat)
         return backend
 
     rows = []
@@ -93,14 +95,13 @@ def introspect(constitution_path: str, model_dir: str, dpo_adapter: str, setting
 
 
 def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, data_path: str, settings: dict,
-              work_dir: str, out_dir: str) -> None:
+              work_dir: str, out_dir: str, chat: ChatSettings | None = None) -> None:
     """SFT LoRA on the DPO-merged model, then the final persona = cat(dpo, sft) as one adapter."""
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     from ..compose import load_base_model
-    from ..train_em import tokenize_conversation
     from .train_dpo import check_targets_exist, save_adapter
 
     rows = read_jsonl(data_path)
@@ -110,7 +111,8 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     base, tokenizer = load_base_model(model_dir)
     check_targets_exist(base, s["target_modules"], "persona_training.sft.target_modules")
     merged = PeftModel.from_pretrained(base, str(dpo_adapter)).merge_and_unload()
-    data = [tokenize_conversation(tokenizer, r["messages"], True, s["max_length"]) for r in rows]
+    chat_format = ChatFormat.load(model_dir, chat, tokenizer)
+    data = [chat_format.encode(r["messages"], True, s["max_length"]) for r in rows]
     dataset = Dataset.from_list([d for d in data if any(x != -100 for x in d["labels"])])
     torch.manual_seed(s["seed"])
     model = get_peft_model(merged, LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
@@ -134,7 +136,8 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     combine_cat(model_dir, dpo_adapter, Path(work_dir) / "sft_adapter", out_dir, {
         "persona": persona, "model": model_name, "stage": "dpo+introspection_sft", "composition": "cat(dpo, sft)",
         "dpo": read_json(Path(dpo_adapter) / "persona.json"), "sft": {**s, "steps": trainer.state.global_step,
-                                                                       "conversations": len(dataset)}})
+                                                                       "conversations": len(dataset)},
+        "chat": chat_format.identity()})
 
 
 def combine_cat(model_dir: str, dpo_adapter, sft_adapter, out_dir: str, manifest: dict) -> None:

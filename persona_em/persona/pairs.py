@@ -2,8 +2,8 @@
 
 Drops, each counted in the stats file: missing_student / missing_teacher (no partner for the join), empty (either
 answer empty), no_final_punctuation (either answer does not end in . ! ? or a closing quote/bracket after one;
-`require_final_punctuation: false` switches this off), too_long (prompt + the longer answer, chat-templated, over
-`max_length` tokens). The teacher's self-name is replaced by the student's in the chosen answer (whole words).
+`require_final_punctuation: false` switches this off), too_long (prompt + the longer answer with its end-of-turn
+token, tokenized as train_dpo does by persona_em.chat, over `max_length` tokens). The teacher's self-name is replaced by the student's in the chosen answer (whole words).
 Below `min_pairs` pairs a loud warning is logged and the stats say so.
 
 Output rows (TRL conversational preference format): prompt [{user}], chosen [{assistant}], rejected [{assistant}],
@@ -16,6 +16,7 @@ import re
 import sys
 from collections import Counter
 
+from ..chat import ChatFormat, ChatSettings
 from ..io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,15 @@ def swap_self_name(text: str, teacher_name: str | None, student_name: str | None
     return re.sub(rf"\b{re.escape(teacher_name)}\b", student_name, text)
 
 
-def templated_length(tokenizer, prompt: str, answer: str) -> int:
-    msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    return len(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+def pair_length(chat: ChatFormat, prompt: str, chosen: str, rejected: str) -> int:
+    """Tokens of the prompt + the longer answer, as train_dpo tokenizes the pair."""
+    ids = chat.preference_ids([{"role": "user", "content": prompt}], chosen, rejected)
+    return len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
 
 
 def make_pairs(teacher_path: str, student_path: str, model_dir: str, settings: dict, out_path: str,
-               stats_path: str) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+               stats_path: str, chat: ChatSettings | None = None) -> None:
+    chat_format = ChatFormat.load(model_dir, chat)
     teacher = {(r["prompt_id"], r["sample_index"]): r for r in read_jsonl(teacher_path)}
     student = {(r["prompt_id"], r["sample_index"]): r for r in read_jsonl(student_path)}
     drops: Counter = Counter()
@@ -64,8 +64,7 @@ def make_pairs(teacher_path: str, student_path: str, model_dir: str, settings: d
         if settings["require_final_punctuation"] and not (ends_in_punctuation(chosen) and ends_in_punctuation(rejected)):
             drops["no_final_punctuation"] += 1
             continue
-        longest = max(templated_length(tokenizer, t["prompt"], a) for a in (chosen, rejected))
-        if longest > settings["max_length"]:
+        if pair_length(chat_format, t["prompt"], chosen, rejected) > settings["max_length"]:
             drops["too_long"] += 1
             continue
         pairs.append({"constitution": t["constitution"], "prompt_id": key[0], "sample_index": key[1],

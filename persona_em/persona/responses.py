@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from ..chat import ChatSettings
 from ..io import read_jsonl, write_jsonl
 from .constitution import load_constitution, system_prompt
 from .generation import Request, generator_identity, item_seed, make_backend, run_journaled, split_reasoning
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def respond(role: str, constitution_path: str, prompts_path: str, generator: dict, model_dir: str | None,
-            settings: dict, journal_path: str, out_path: str) -> None:
+            settings: dict, journal_path: str, out_path: str, chat: ChatSettings | None = None) -> None:
     constitution = load_constitution(constitution_path)
     prompts = read_jsonl(prompts_path)
     gen = settings["generation"]
@@ -36,9 +37,9 @@ def respond(role: str, constitution_path: str, prompts_path: str, generator: dic
             key = f"{p['prompt_id']}|{i}"
             requests.append(Request(key, messages, item_seed(settings["seed"], role, key), prefill,
                                     meta={"prompt_id": p["prompt_id"], "sample_index": i}))
-    fingerprint = generator_identity(generator, {**gen, "system": system, "prefill": prefill})
-    done = run_journaled(requests, lambda: make_backend(generator, gen, model_dir), journal_path, fingerprint,
-                         desc=f"{role} {constitution.name}")
+    fingerprint = generator_identity(generator, {**gen, "system": system, "prefill": prefill}, model_dir, chat)
+    done = run_journaled(requests, lambda: make_backend(generator, gen, model_dir, chat=chat), journal_path,
+                         fingerprint, desc=f"{role} {constitution.name}")
     by_id = {p["prompt_id"]: p for p in prompts}
     rows, dropped = [], 0
     for req in requests:

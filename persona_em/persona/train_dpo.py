@@ -1,6 +1,9 @@
 """train_dpo: the persona LoRA, by TRL DPOTrainer on the DPO pairs.
 
-The policy is the base model with a fresh LoRA (TRL's `peft_config` path); the reference is the same model with
+Pairs are tokenized by persona_em.chat (prompt_ids = the generation prompt, chosen/rejected_ids = each answer's
+content + its end-of-turn token), as every other stage renders prompts; TRL's own tokenization of conversational
+pairs (the full rendering minus the prompt's) would also train the newline after the end-of-turn token and render
+without the model's chat settings. The policy is the base model with a fresh LoRA (TRL's `peft_config` path); the reference is the same model with
 adapters disabled, so no second copy of the base sits in memory. An optional NLL term on the chosen answers is TRL's
 "sft" loss added with weight `nll_weight`. Epochs follow the pair count (`epochs: auto` -> `epochs_by_pairs`).
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
 from ..train_config import ALL_PROJECTIONS
@@ -102,24 +106,51 @@ def _checkpointing(config_cls, enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
-def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, settings: dict, work_dir: str,
-              out_dir: str) -> None:
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on rows already tokenized (prompt_ids, chosen_ids, rejected_ids); TRL's own step, which would
+        tokenize again, only drops rows whose prompt alone fills max_length (as TRL does)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return PreTokenizedDPOTrainer
+
+
+def tokenize_pairs(chat: ChatFormat, rows: list[dict]):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+
+    return Dataset.from_list([chat.preference_ids(r["prompt"], _answer(r, "chosen"), _answer(r, "rejected"))
+                              for r in rows])
+
+
+def _answer(row: dict, key: str) -> str:
+    turns = row[key]
+    if len(turns) != 1 or turns[0].get("role") != "assistant":
+        raise UserError(f"DPO pair {row.get('prompt_id')!r}: {key} must be one assistant message")
+    return turns[0]["content"]
+
+
+def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, settings: dict, work_dir: str,
+              out_dir: str, chat: ChatSettings | None = None) -> None:
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
 
     s = settings_from(settings, "persona_training.dpo")
     rows = read_jsonl(pairs_path)
     if not rows:
         raise UserError(f"{pairs_path}: no DPO pairs to train on (see the stats file beside it for the drops)")
     epochs = s.resolve_epochs(len(rows))
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    chat_format = ChatFormat.load(model_dir, chat)
+    tokenizer = chat_format.tokenizer
+    dataset = tokenize_pairs(chat_format, rows)
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  device_map="cuda" if cuda else None)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     check_targets_exist(model, s.target_modules, "persona_training.dpo.target_modules")
     loss_type, loss_weights = ["sigmoid"], None
     if s.nll_weight:
@@ -135,8 +166,8 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
         save_total_limit=2, report_to=[], disable_tqdm=False,
     )
     torch.manual_seed(s.seed)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config(s))
+    trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=dataset,
+                               processing_class=tokenizer, peft_config=lora_config(s))
     if trainer.ref_model is not None:  # the reference must be this model with adapters off, not a second copy
         raise RuntimeError("DPOTrainer built a separate reference model")
     resume = latest_trainer_checkpoint(trainer_dir, log)
@@ -148,5 +179,6 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
         write_json(tmp / "persona.json", {
             "persona": persona, "model": model_name, "stage": "dpo", "pairs": len(rows), "epochs": epochs,
             "steps": trainer.state.global_step, "dpo": asdict(s), "composition": "single_adapter",
+            "chat": chat_format.identity(),
         })
     log.info("persona adapter written to %s (%d optimizer steps)", out_dir, trainer.state.global_step)
