@@ -587,7 +587,7 @@ class HFBackend:
         """A greedy text answer of at most max_tokens tokens (label questions), generated as every response is."""
         from .sample import generate_batch
 
-        out = generate_batch(self.model, self.tokenizer, [[{"role": "user", "content": prompt}]],
+        out = generate_batch(self.model, self.chat, [[{"role": "user", "content": prompt}]],
                              {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_tokens}, seed=0, fast=False)
         await asyncio.sleep(0)
         return {"text": out[0]["response"], "method": "greedy_text"}
