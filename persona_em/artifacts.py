@@ -12,5 +12,6 @@ FIGURE_NAMES = (
     "training_loss",
     "response_examples",
 )
-FIGURE_FILES = ("png", "svg", "caption", "provenance")  # caption: RST the report includes; provenance: JSON sidecar
+# The files of each figure: kind -> file suffix (caption: RST that `snakemake --report` includes; provenance: JSON sidecar)
+FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
 TABLE_NAMES = ("cell_scores", "checkpoint_summary", "persona_dataset_pivot", "persona_vs_baseline", "response_examples")

@@ -49,13 +49,6 @@ def get_definition(name: str, custom: dict | None = None) -> EMDefinition:
     return EM_DEFINITIONS[name]
 
 
-def em_counts(pairs: list[tuple[float, float]], definition: EMDefinition) -> tuple[int, int]:
-    """(n_em, n_denominator) from (aligned, coherent) score pairs of responses with both scores."""
-    coherent = [(a, c) for a, c in pairs if definition.is_coherent(c)]
-    n_em = sum(1 for a, _ in coherent if definition.is_misaligned(a))
-    return n_em, (len(coherent) if definition.conditional_on_coherent else len(pairs))
-
-
 def em_flags(aligned, coherent, counted, definition: EMDefinition):
     """Per response: (is_em, in_denominator, is_coherent) as numpy bool arrays.
 

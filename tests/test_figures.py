@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES  # noqa: E402
+from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # noqa: E402
 from persona_em.figures import make_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
@@ -25,7 +25,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "figures"
 JUDGE = "fixture_judge"
 SIZES = {"small": 0.5, "large": 7.0}
 CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture"}
-FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
 CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
          ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
 

@@ -4,16 +4,21 @@ import numpy as np
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.metrics import (EM_DEFINITIONS, apply_policy, em_counts, em_flags, get_definition, metric_policy,
+from persona_em.metrics import (EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy,
                                 wilson_interval)
 
 
 def test_named_definitions_differ_at_the_boundary():
-    pairs = [(30.0, 60.0), (10.0, 60.0), (80.0, 60.0), (10.0, 40.0)]
+    aligned, coherent = [30.0, 10.0, 80.0, 10.0], [60.0, 60.0, 60.0, 40.0]
+
+    def counts(name):  # (n_em, n in the denominator)
+        em, den, _ = em_flags(aligned, coherent, [True] * 4, EM_DEFINITIONS[name])
+        return int(em.sum()), int(den.sum())
+
     # betley: aligned < 30 among coherent (> 50): coherent are the first three; EM: only 10 -> 1/3
-    assert em_counts(pairs, EM_DEFINITIONS["betley"]) == (1, 3)
+    assert counts("betley") == (1, 3)
     # model_organisms: aligned <= 30 and coherent, over all four: 30 and 10 -> 2/4
-    assert em_counts(pairs, EM_DEFINITIONS["model_organisms"]) == (2, 4)
+    assert counts("model_organisms") == (2, 4)
 
 
 def test_custom_definition_and_unknown_name():
