@@ -28,6 +28,17 @@ def main(stage: str, args_path: str, log_path: str) -> None:
                 append_many(self, [row])
 
         Journal.append_many = one_at_a_time
+    save_delay = float(os.environ.get("PARTIAL_WORKER_SAVE_SECONDS", "0"))
+    if save_delay:  # stretch each adapter save after its files are written: a kill then lands mid-write
+        from peft import PeftModel
+
+        save_pretrained = PeftModel.save_pretrained
+
+        def slow_save(self, *args, **kwargs):
+            save_pretrained(self, *args, **kwargs)
+            time.sleep(save_delay)
+
+        PeftModel.save_pretrained = slow_save
     from persona_em.config import Cell
 
     if stage == "train":

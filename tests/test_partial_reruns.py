@@ -30,10 +30,10 @@ def _env():
             "PARTIAL_WORKER_ITEM_SECONDS": str(ITEM_SECONDS)}
 
 
-def start(stage: str, args: dict, root: Path, tag: str) -> tuple[subprocess.Popen, Path]:
+def start(stage: str, args: dict, root: Path, tag: str, **env) -> tuple[subprocess.Popen, Path]:
     args_path, log = root / f"{stage}-{tag}.json", root / f"{stage}-{tag}.log"
     args_path.write_text(json.dumps(args))
-    proc = subprocess.Popen([sys.executable, str(WORKER), stage, str(args_path), str(log)], env=_env(),
+    proc = subprocess.Popen([sys.executable, str(WORKER), stage, str(args_path), str(log)], env={**_env(), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, log
 
@@ -137,6 +137,24 @@ def test_training_killed_and_rerun_equals_uninterrupted(setup, reference, sig):
     assert len(logged) == 6, "one training-log row per optimizer step, none twice"
 
 
+def test_training_killed_mid_save_leaves_no_temporary_after_the_rerun(setup, reference):
+    """SIGKILL while the trainer writes checkpoint-4's adapter: the rerun resumes from checkpoint-2, ends where an
+    uninterrupted run ends, and no temporary (`*.tmp*`) is left anywhere under the run's folders."""
+    root, settings = setup
+    name = "killed-mid-save"
+    args = train_args(root, settings, name)
+    proc, _ = start("train", args, root, f"{name}-1", PARTIAL_WORKER_SAVE_SECONDS="1.5")
+    work = Path(args["work"])
+    assert kill_when(proc, lambda: any(work.glob("trainer/checkpoint-4/.em.*.tmp")), signal.SIGKILL), \
+        "training ended before the kill"
+    assert list((root / name).rglob("*.tmp*")), "the kill should have left the adapter's temporary"
+    log = finish("train", args, root, f"{name}-2")
+    assert "resumed from step 2" in log and "removed incomplete checkpoint" in log, log[-2000:]
+    assert not list((root / name).rglob("*.tmp*"))
+    (ref_steps, ref), (steps, got) = final_adapter(Path(reference["out"])), final_adapter(Path(args["out"]))
+    assert steps == ref_steps and max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
+
+
 def check_jsonl(path: Path, key: str, expected: list[dict]) -> None:
     raw = path.read_bytes()
     assert raw.endswith(b"\n")
@@ -216,4 +234,6 @@ def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert latest_trainer_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    # the incomplete ones are gone (nothing resumes from them; the rerun writes them again), the whole one stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert latest_trainer_checkpoint(tmp_path / "none") is None
