@@ -160,6 +160,8 @@ def _trainer_class():
         def __init__(self, schedule, adapters_dir: Path, journal: Journal, cell: Cell, slow_down: float):
             self.schedule, self.adapters_dir, self.journal = set(schedule), adapters_dir, journal
             self.cell, self.slow_down = cell, slow_down
+            # TRL's `num_tokens` is a running total that starts at 0 in every process (it is not part of a
+            # checkpoint), so after a resume the first step's tokens are counted from 0 too.
             self.last_tokens = 0.0
 
         def on_step_end(self, args, state, control, **kw):
@@ -308,9 +310,6 @@ def train_em(
             # killed after the trainer saved this scheduled step but before on_save exported it
             log.info("exported scheduled step %d from its checkpoint (the earlier run was killed first)", step)
             _export_step(resume, adapters_dir, step)
-        prior = json.loads((resume / "trainer_state.json").read_text())
-        logged = [h for h in prior.get("log_history", []) if "num_tokens" in h]
-        callback.last_tokens = logged[-1]["num_tokens"] if logged else 0.0
     else:
         log.info("no checkpoint in %s: training from step 0", trainer_dir)
     install_sigterm()
