@@ -26,6 +26,7 @@ from .data import load_chat_jsonl
 from .errors import UserError
 from .io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
 from .schedule import expand_schedule, steps_per_epoch
+from .sigterm import train_until_sigterm
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -190,28 +191,6 @@ def _trainer_class():
     return EMTrainer, ScheduleCallback
 
 
-def _sigterm_checkpoint():
-    """A callback that turns SIGTERM (SLURM at the time limit, KillWait before SIGKILL) into a checkpoint at the
-    end of the current optimizer step and a stop, so the retry loses at most one step."""
-    import signal
-
-    from transformers import TrainerCallback
-
-    class CheckpointOnSigterm(TrainerCallback):
-        received = False
-
-        def handler(self, signum, frame):
-            self.received = True
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.received:
-                control.should_save = True
-                control.should_training_stop = True
-
-    callback = CheckpointOnSigterm()
-    return callback, lambda: signal.signal(signal.SIGTERM, callback.handler)
-
-
 def choose_batch_plan(cfg: TrainConfig, model, dataset) -> batching.BatchPlan:
     """Micro-batching for this run: from the config, and for `auto` values from the GPU's memory."""
     cuda = torch.cuda.is_available()
@@ -299,9 +278,8 @@ def train_em(
     EMTrainer, ScheduleCallback = _trainer_class()
     EMTrainer.composition, EMTrainer.persona, EMTrainer.batch_plan = cell.composition, cell.persona, plan
     callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds)
-    on_sigterm, install_sigterm = _sigterm_checkpoint()
     trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                        callbacks=[callback, on_sigterm])
+                        callbacks=[callback])
     resume = latest_trainer_checkpoint(trainer_dir, log)
     if resume is not None:
         log.info("resumed from step %s (%s)", resume.name.split("-")[1], resume)
@@ -312,12 +290,7 @@ def train_em(
             _export_step(resume, adapters_dir, step)
     else:
         log.info("no checkpoint in %s: training from step 0", trainer_dir)
-    install_sigterm()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if on_sigterm.received:
-        journal.close()
-        log.error("SIGTERM: checkpoint saved at step %d; a rerun resumes from it", trainer.state.global_step)
-        raise SystemExit(128 + 15)
+    train_until_sigterm(trainer, resume, log)
     if trainer.state.global_step != last_step:
         raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {last_step}")
     compose.check_composition(trainer.model, cell.composition, cell.persona)
