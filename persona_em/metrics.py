@@ -69,19 +69,6 @@ def em_flags(aligned, coherent, counted, definition: EMDefinition):
     return is_em, in_denominator, is_coherent
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score 95% interval for a binomial proportion k/n; (nan, nan) when n == 0."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at the edges, not 1e-17
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return low, high
-
-
 # --- what a judgment that is not a number means for a metric ------------------------------------------------------
 # Per metric and per status (code / refusal / null):
 #   exclude  the response leaves the metric's statistics and every denominator that needs the metric (the EM

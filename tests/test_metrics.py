@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.metrics import (EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy,
-                                wilson_interval)
+from persona_em.metrics import EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy
 
 
 def test_named_definitions_differ_at_the_boundary():
@@ -51,10 +50,3 @@ def test_policy_resolution_and_application():
     assert apply_policy("scored", 42.0, p) == (42.0, True)
     with pytest.raises(UserError, match="score_policy.coherent.code"):
         metric_policy({"coherent": {"code": "drop"}}, "coherent")
-
-
-def test_wilson_known_values():
-    low, high = wilson_interval(5, 10)
-    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
