@@ -233,17 +233,17 @@ def markdown_escape(text: str) -> str:
 
 
 def examples_markdown(examples: pd.DataFrame, caption: str) -> str:
-    lines = [f"# Response examples\n\n{caption}\n"]
-    cols = ["cell", "step", "rank", "question_id", "aligned", "coherent", "question", "response"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in examples.iterrows():
-        cell = f"{r['model']}/{r['persona']}/{r['composition']}/{r['dataset']}/seed{r['seed']}"
-        values = [cell, r["step"], r["rank"], r["question_id"], f"{r['aligned']:.1f}", f"{r['coherent']:.1f}",
-                  r["question"], r["response"]]
-        lines.append("| " + " | ".join(markdown_escape(v) for v in values) + " |")
+    e = examples
+    table = pd.DataFrame({
+        "cell": e["model"] + "/" + e["persona"] + "/" + e["composition"] + "/" + e["dataset"] + "/seed"
+        + e["seed"].astype(str),
+        "step": e["step"], "rank": e["rank"], "question_id": e["question_id"],
+        "aligned": e["aligned"].map("{:.1f}".format), "coherent": e["coherent"].map("{:.1f}".format),
+        "question": e["question"], "response": e["response"]}).map(markdown_escape)
+    text = f"# Response examples\n\n{caption}\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n"
     if examples.empty:
-        lines.append("\n(no coherent scored response at any cell's final step)")
-    return "\n".join(lines) + "\n"
+        text += "\n(no coherent scored response at any cell's final step)\n"
+    return text
 
 
 # --- entry points ------------------------------------------------------------------------------------------------
