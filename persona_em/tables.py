@@ -1,6 +1,8 @@
-"""Summary tables from the tidy tables (scores.tsv, em_rates.tsv) alone, and the few statistics the figures need.
+"""Summary tables from the tidy tables (scores.tsv, em_rates.tsv, comparisons.tsv) alone, and the few statistics the
+figures need.
 
-Every EM count comes from em_rates.tsv (made by aggregate.py with persona_em.metrics); every threshold test on a single
+Every EM count comes from em_rates.tsv or comparisons.tsv (both made by aggregate.py with persona_em.metrics'
+em_flags); every test from comparisons.tsv (persona_em.stats); every threshold test on a single
 score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here redefines what "EM" means.
 
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
