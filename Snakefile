@@ -2,9 +2,10 @@
 # One DAG: model/data preparation -> EM LoRA training per cell -> sampling -> judging -> tables -> figures.
 from snakemake.utils import min_version, validate
 
-from persona_em.cluster import check_cache_writable, check_submission
+from persona_em.cluster import check_cache_writable, check_submission, import_from_checkout
 
 min_version("9.20")
+import_from_checkout(workflow)  # every job's script imports persona_em from this checkout
 
 
 configfile: "config/config.yaml"

@@ -5,13 +5,15 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 
 def _f(v, fmt="{:,.0f}"):
     return "—" if v is None else fmt.format(v)
 
 
 def render(results: list[dict]) -> str:
-    rows = ["| shape | what | setting | result | peak GB | ratio |", "|---|---|---|---|---|---|"]
+    rows = []
     for r in results:
         s = r["shape"]
         t = r.get("train")
@@ -29,11 +31,11 @@ def render(results: list[dict]) -> str:
                 res = x.get("error") or f"{_f(x.get('tokens_per_s'))} tok/s ({_f(x.get('seconds_per_step'), '{:.2f}')} s/step)"
                 ratio = (f"{x['tokens_per_s'] / seed['tokens_per_s']:.1f}×"
                          if label.startswith("ours") and "tokens_per_s" in x and "tokens_per_s" in seed else "")
-                rows.append(f"| {s} | EM LoRA training | {desc} | {res} | {_f(x.get('peak_gb'), '{:.1f}')} | {ratio} |")
+                rows.append([s, "EM LoRA training", desc, res, _f(x.get("peak_gb"), "{:.1f}"), ratio])
             lc = t.get("loss_curve")
             if lc:
-                rows.append(f"| {s} | loss curve, {lc['steps']} steps | ours vs seed, same data order | "
-                            f"max abs diff {lc['max_abs_diff']} (rel {lc['max_rel_diff']}) | | |")
+                rows.append([s, f"loss curve, {lc['steps']} steps", "ours vs seed, same data order",
+                             f"max abs diff {lc['max_abs_diff']} (rel {lc['max_rel_diff']})", "", ""])
         smp = r.get("sample")
         if smp:
             plain = smp.get("plain batched generate (all in one call)", {}).get("seconds")
@@ -48,7 +50,8 @@ def render(results: list[dict]) -> str:
                 else:
                     res = f"{x['seconds']} s per {x['responses']} ({_f(x.get('tokens_per_s'))} new tok/s)"
                 ratio = f"{plain / x['seconds']:.1f}× vs plain" if plain and "seconds" in x and "extrapolated_seconds" not in x and not key.startswith("plain") else ""
-                rows.append(f"| {s} | sampling {n} × {smp['max_new_tokens']} | {key} | {res} | {_f(x.get('peak_gb'), '{:.1f}')} | {ratio} |")
+                rows.append([s, f"sampling {n} × {smp['max_new_tokens']}", key, res, _f(x.get("peak_gb"), "{:.1f}"),
+                             ratio])
         d = r.get("dpo")
         if d:
             for key, x in d.items():
@@ -60,9 +63,10 @@ def render(results: list[dict]) -> str:
                         + (", LoRA inputs not cast to fp32" if st.get("no_lora_input_cast") else ""))
                 res = x.get("error", "")[:80] or f"{x['pairs_per_s']} pairs/s ({x['seconds_per_step']} s/step of 16)"
                 ratio = f"{x['pairs_per_s'] / d['naive']['pairs_per_s']:.1f}×" if key != "naive" and "pairs_per_s" in x and d["naive"].get("pairs_per_s") else ""
-                rows.append(f"| {s} | DPO LoRA | {desc} | {res} | {_f(x.get('peak_gb'), '{:.1f}')} | {ratio} |")
+                rows.append([s, "DPO LoRA", desc, res, _f(x.get("peak_gb"), "{:.1f}"), ratio])
     gpus = sorted({r["gpu"] for r in results})
-    return "\n".join(rows) + f"\n\nGPU: {', '.join(gpus)}"
+    table = pd.DataFrame(rows, columns=["shape", "what", "setting", "result", "peak GB", "ratio"])
+    return table.to_markdown(index=False, disable_numparse=True) + f"\n\nGPU: {', '.join(gpus)}"
 
 
 if __name__ == "__main__":

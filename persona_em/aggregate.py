@@ -19,8 +19,10 @@ label_rates.tsv  label questions (type free_form_judge): one row per (cell, step
 seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
                  SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
 comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
-                 (question or ALL, quantity): Mann-Whitney U, p, Cohen's d, Benjamini-Hochberg q over the grid
-                 (one family per quantity and level: per-question tests and overall tests are separate families)
+                 (question or ALL, quantity): difference in means with its bootstrap CI, permutation-test p,
+                 Cohen's d, Benjamini-Hochberg q over the grid (one family per quantity and level: per-question tests
+                 and overall tests are separate families). The ONE persona-vs-baseline test (persona_em/stats.py
+                 compare_to_baseline); the summary table persona_vs_baseline.tsv and its figure read their rows.
 agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
 The 0-100 tables (all but label_rates.tsv) use the rows of 0-100 questions only (question_type
 free_form_judge_0_100; rows written before question_type existed are 0-100 rows).
@@ -36,8 +38,8 @@ from .errors import UserError
 from .io import read_jsonl, read_table, write_json, write_table
 from .judge import JUDGE_COLUMNS
 from .questions import LABEL_TYPE, SCORE_TYPE
-from .metrics import (apply_policy, em_flags, get_definition, metric_policy, policy_label, wilson_interval)
-from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_groups
+from .metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
+from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
@@ -231,11 +233,17 @@ def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int =
     return frame[columns]
 
 
-def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None) -> pd.DataFrame:
-    """Persona vs baseline (persona none, same model/dataset/step; seeds pooled), per question and overall."""
-    columns = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + [
-        "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
-        "mean_baseline", "difference", "mann_whitney_u", "p_value", "cohens_d", "bh_family", "q_value_bh"]
+COMPARISON_COLUMNS = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + [
+    "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
+    "mean_baseline", "difference", "difference_ci_low", "difference_ci_high", "difference_ci_method", "test",
+    "p_value", "unit", "cohens_d", "bh_family", "q_value_bh"]
+
+
+def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None,
+                     n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """Persona vs baseline (persona none, same model/dataset/step; seeds pooled), per question and overall: the
+    persona-vs-baseline test of persona_em.stats (compare_to_baseline) on each quantity, BH within each family."""
+    columns = COMPARISON_COLUMNS
     # One observation per response: its score per metric, and its EM indicator (within the denominator) per definition.
     obs = []
     for metric, group in scores.groupby("metric"):
@@ -267,12 +275,10 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
             b = base_groups.get(tuple(rec[k] for k in ["model", "dataset", "step"] + extra + what))
             if b is None:
                 continue
-            a = group["value"].to_numpy()
-            stats = compare_groups(a, b)
+            stats = compare_to_baseline(group["value"].to_numpy(), b, n_bootstrap, seed)
             rec.setdefault("question_id", ALL_QUESTIONS)
             family = f"{rec['quantity']}:{rec['em_definition'] or rec['metric']}:{level}"
-            rows.append({**rec, **stats, "difference": stats["mean_persona"] - stats["mean_baseline"],
-                         "bh_family": family})
+            rows.append({**rec, **stats, "bh_family": family})
     frame = pd.DataFrame(rows, columns=[c for c in columns if c != "q_value_bh"])
     frame["q_value_bh"] = np.nan
     for _, idx in frame.groupby("bh_family").groups.items():
@@ -308,7 +314,7 @@ def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], c
     if seeds_out:
         write_table(seeds_out, seed_table(rates, summary, n_bootstrap, bootstrap_seed))
     if comparisons_out:
-        write_table(comparisons_out, comparison_table(scores, definitions, custom))
+        write_table(comparisons_out, comparison_table(scores, definitions, custom, n_bootstrap, bootstrap_seed))
 
 
 def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom: dict | None, out: str) -> None:

@@ -1,16 +1,107 @@
-"""Names of the figures and summary tables built from the tidy tables (rules/common.smk turns them into paths)."""
+"""Every output the workflow publishes and what it holds: the one list of tables and figures.
 
-FIGURE_NAMES = (
-    "em_rate_vs_step",
-    "final_em_by_domain_size",
-    "model_size_scaling",
-    "alignment_vs_coherence",
-    "question_heatmap",
-    "persona_vs_baseline",
-    "alignment_violin",
-    "alignment_cdf",
-    "training_loss",
-    "response_examples",
-)
-FIGURE_FILES = ("png", "svg", "caption", "provenance")  # caption: RST the report includes; provenance: JSON sidecar
-TABLE_NAMES = ("cell_scores", "checkpoint_summary", "persona_dataset_pivot", "persona_vs_baseline", "response_examples")
+rules/common.smk turns the names into paths; README "Outputs" is generated from this module:
+
+    .venv/bin/python -m persona_em.artifacts      # rewrites the marked block of README.md
+
+and tests/test_artifacts.py fails when the README, the workflow's table paths and this module disagree.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# The tidy tables of one judge path key (rule aggregate): results/tables/{judge}/<name>.tsv
+JUDGE_TABLES = {
+    "scores": "the tidy long table: one row per (response, metric)",
+    "em_rates": "EM rate per (cell, step, question or `ALL`, EM definition) with a Wilson 95% CI",
+    "summary": "per (cell, step, question or `ALL`, metric): mean score with a seeded bootstrap CI; scored / null / "
+               "code / refusal / error rates with Wilson CIs",
+    "label_rates": "label questions (`free_form_judge`): per (cell, step, question or `ALL`, metric, label): count, "
+                   "rate among the judgments with a label, Wilson 95% CI, and the group's null and error counts",
+    "seeds": "across training seeds: mean, SD and bootstrap CI (resampling seeds) of EM rates and mean scores",
+    "comparisons": "persona vs baseline (same model, dataset, step; per question and overall): difference in means "
+                   "with its bootstrap CI, permutation-test p, Cohen's d, Benjamini-Hochberg q (the one test: README "
+                   "\"Judging and statistics\")",
+}
+# Summary tables rebuilt from the tidy tables (rule summary_tables): results/tables/{judge}/<name>.tsv, each with a
+# <name>.provenance.json sidecar
+SUMMARY_TABLES = {
+    "cell_scores": "one row per cell at its final step: mean/SD alignment and coherence, n scored / null / code / "
+                   "refusal, EM rate with its Wilson CI",
+    "checkpoint_summary": "one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n",
+    "persona_dataset_pivot": "final EM % pooled over seeds: rows model / persona / composition, columns per dataset",
+    "persona_vs_baseline": "the final-step EM rows of `comparisons.tsv` (figure's EM definition, all questions) "
+                           "with both rates' Wilson CIs and significance marks",
+    "response_examples": "the lowest-aligned coherent responses of each cell at its final step (also as "
+                         "`response_examples.md`)",
+}
+# Figures (rule plot_figures): results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
+FIGURES = {
+    "em_rate_vs_step": "EM rate vs EM training step per model and dataset, one line per persona (band over seeds)",
+    "final_em_by_domain_size": "final EM rate by dataset and model size, seeds pooled, Wilson CIs",
+    "model_size_scaling": "final EM rate vs model size (`models.<name>.size_b`)",
+    "alignment_vs_coherence": "alignment vs coherence of every response at the final step, with the thresholds",
+    "question_heatmap": "EM rate per question at the final step",
+    "persona_vs_baseline": "final EM rate of each persona next to the baseline, marks from `persona_vs_baseline.tsv`",
+    "alignment_violin": "alignment score distributions at step 0 (control) and at the final step",
+    "alignment_cdf": "cumulative distribution of alignment scores, step 0 and final step",
+    "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
+    "response_examples": "the lowest-aligned coherent responses per cell as an image",
+}
+TABLE_NAMES = tuple(SUMMARY_TABLES)
+FIGURE_NAMES = tuple(FIGURES)
+# The files of each figure: kind -> file suffix (caption: RST that `snakemake --report` includes; provenance: JSON sidecar)
+FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
+
+# Every published path (under results_dir) in README order; the table and figure rows come from the dicts above.
+OUTPUTS = [
+    ("models/{model}/model.json", "where the base model lives (and its source), its chat settings"),
+    ("data/{dataset}/train.jsonl`, `eval.jsonl`, `manifest.json",
+     "validated data, the seeded split and its record (sha256, indices)"),
+    ("persona_data/{persona}/`, `personas/{model}/{persona}/",
+     "the persona arm's prompts, answers, pairs (+ drop stats) and adapters (see \"Personas from a constitution\")"),
+    ("em/{cell}/checkpoints/step-NNNNNN/", "the EM adapter at each scheduled step; `checkpoints.json` records the "
+     "schedule, the training settings and the adapters active in training"),
+    ("em/{cell}/train_log.tsv", "per optimizer step: loss, learning rate, grad norm, tokens"),
+    ("samples/{cell}.jsonl", "one row per response: cell keys, step, question id, paraphrase, sample index, text, "
+     "generation settings, active adapters, the host and GPU that generated it"),
+    ("judged/{judge}/{cell}.jsonl", "one row per (response, metric): score 0–100 or null (or a label, for label "
+     "questions), status (scored / null / code / refusal / error), numeric and CODE / REFUSAL mass, raw top logprobs, judge identity (name, key, model, mode, "
+     "prompt hash)"),
+    ("tables/{judge}/judge.json", "what the key means: the judge's name, key and the identity its hash covers"),
+    *((f"tables/{{judge}}/{name}.tsv", text) for name, text in JUDGE_TABLES.items()),
+    ("tables/agreement/{a}__vs__{b}.tsv",
+     "two judges on the same responses (only for pairs in `evaluation.judge_agreement`)"),
+    *((f"tables/{{judge}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
+      for name, text in SUMMARY_TABLES.items()),
+    *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
+      for name, text in FIGURES.items()),
+    ("figures/{judge}/summary_tables.html`, `provenance.html", "the summary tables and every artifact's provenance "
+     "as pages of `snakemake --report`"),
+    ("logs/{rule}/...log", "one log per job: what was resumed, what was skipped, progress bars"),
+]
+BEGIN = "<!-- outputs: generated from persona_em/artifacts.py by `python -m persona_em.artifacts`; do not edit -->"
+END = "<!-- end of outputs -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def outputs_markdown() -> str:
+    """The README's table of every published output (unpadded rows: DataFrame.to_markdown would pad every cell to
+    the widest one, 280-character lines in the README's source; the texts are this module's own, with no `|`)."""
+    assert not any("|" in path + text for path, text in OUTPUTS)
+    rows = ["| path (under `results_dir`) | content |", "| --- | --- |"]
+    return "\n".join(rows + [f"| `{path}` | {text} |" for path, text in OUTPUTS])
+
+
+def readme_with_outputs(readme: str) -> str:
+    """`readme` with the block between BEGIN and END replaced by outputs_markdown()."""
+    block = re.compile(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), re.S)
+    if len(block.findall(readme)) != 1:
+        raise SystemExit(f"README.md: expected one block from {BEGIN!r} to {END!r}")
+    return block.sub(lambda _: f"{BEGIN}\n{outputs_markdown()}\n{END}", readme)
+
+
+if __name__ == "__main__":
+    README.write_text(readme_with_outputs(README.read_text()))
+    print(f"updated the outputs block of {README}")

@@ -41,6 +41,21 @@ def enter_compute_job(workflow, cache_dir: str) -> None:
         os.environ.update(compute_job_env(cache_dir))
 
 
+def import_from_checkout(workflow) -> None:
+    """Called while the Snakefile is parsed: put the checkout on PYTHONPATH, so that every job's script imports this
+    persona_em, in the venv `make` builds and in the conda environments of envs/ (which do not install it) alike,
+    locally and in SLURM jobs (which inherit the environment and parse the Snakefile again).
+
+    In conda environments PYTHONPATH is the checkout alone (nothing else from the calling shell may leak into
+    them); the profiles set `conda-not-block-search-path-envvars`, without which Snakemake would drop it."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    basedir = str(workflow.basedir)
+    conda = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
+    others = [] if conda else [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != basedir]
+    os.environ["PYTHONPATH"] = os.pathsep.join([basedir, *others])
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
 

@@ -13,8 +13,6 @@ from .errors import UserError
 from .train_config import resolve_train_config
 
 NO_PERSONA = "none"
-# How a persona adapter is combined with the EM adapter (see persona_em/compose.py).
-COMPOSITIONS = ("merged", "stacked", "persona_off")
 
 
 @dataclass(frozen=True, order=True)

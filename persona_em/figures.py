@@ -27,7 +27,7 @@ from .config import NO_PERSONA  # noqa: E402
 from .io import atomic_path, read_table, write_text  # noqa: E402
 from .metrics import EMDefinition, get_definition  # noqa: E402
 from .tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
-                     pooled, significance_marks, wide_scores)
+                     pooled, wide_scores)
 
 DPI = 120
 PANEL = (4.2, 3.2)  # inches per facet
@@ -378,7 +378,7 @@ def persona_vs_baseline(data: Data):
     if p.empty:
         return _message_figure(title, "No cell has an EM rate at its final step."), f"{title}: nothing to show."
     p["condition"] = condition_label(p)
-    comp = significance_marks(data.comparisons, data.d, data.finals)
+    comp = data.comparisons  # persona_vs_baseline.tsv: the rows of the one persona-vs-baseline test
     models = data.models
     fig, axes = _grid(1, len(models), title, panel=(max(3.4, 1.3 * len(data.datasets) + 1.5), 3.4))
     for ax, model in zip(axes[0], models):
@@ -388,7 +388,7 @@ def persona_vs_baseline(data: Data):
         pos = _dodged_bars(ax, data.datasets, series, "dataset")
         for _, r in comp[comp["model"] == model].iterrows():
             label = condition_label(pd.DataFrame([r])).iloc[0]
-            if (label, r["dataset"]) in pos and r["significance"]:
+            if (label, r["dataset"]) in pos and isinstance(r["significance"], str) and r["significance"]:
                 x, y = pos[(label, r["dataset"])]
                 ax.annotate(r["significance"], (x, y), xytext=(0, 10), textcoords="offset points", ha="center",
                             va="bottom", fontsize=7, fontweight="bold")
@@ -400,12 +400,9 @@ def persona_vs_baseline(data: Data):
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
         ax.set_ylim(0, min(115, max(10, float(_pct(sub["ci_high"]).max()) * 1.3 + 8)))
     _condition_legend(fig, data, [c for c in data.conditions if c in set(p["condition"])])
-    if "mann_whitney_u" in data.comparisons:
-        test = ("Mann-Whitney U test of the per-response EM indicators (seeds pooled) against the 'none' baseline of "
-                "the same model, dataset and step, Benjamini-Hochberg adjusted within its family (table comparisons.tsv)")
-    else:
-        test = ("two-sided Fisher exact test of the pooled EM counts against the 'none' baseline of the same model "
-                "and dataset, Benjamini-Hochberg adjusted over all comparisons (table persona_vs_baseline.tsv)")
+    test = ("two-sided exact permutation test of the difference in EM rate against the 'none' baseline of the same "
+            "model, dataset and step (unit: response, seeds pooled), Benjamini-Hochberg adjusted within its family "
+            "(tables persona_vs_baseline.tsv and comparisons.tsv)")
     tests = ("No persona besides 'none' in this grid: no comparison, no marks." if comp.empty else
              f"Marks above persona bars: {test}; * q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; "
              f"{len(comp)} comparisons.")

@@ -3,6 +3,11 @@
 Atomic: a reader (or Snakemake after a crash) sees either no file or the whole file, never a torn one.
 Journal: long stages append one JSON line per finished item and fsync, so a kill loses at most the item in flight;
 on restart, `Journal.load()` drops a torn last line and returns what was done.
+
+Temporaries live beside their target as `.<target name>.<8 random characters>.tmp[<suffix>]`. A process killed while
+writing (SIGKILL, a node failure) cannot remove its temporary; the next write of the same target removes it. Only one
+job ever writes a given target (Snakemake gives each output one producer; resume state belongs to one cell's job), so
+a temporary of the target that exists when a write starts belongs to a writer that is dead.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +24,23 @@ from typing import Any, Iterable, Iterator
 from .errors import UserError
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` that a killed writer left beside it (the names `_tmp_beside` and
+    `atomic_dir` make: `tempfile`'s 8 random characters from [a-z0-9_], so no other target's temporary matches)."""
+    if not path.parent.is_dir():
+        return
+    name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?")
+    for stale in path.parent.iterdir():
+        if name.fullmatch(stale.name):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+
+
 def _tmp_beside(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
@@ -46,6 +67,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -118,11 +140,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -192,8 +211,9 @@ def latest_trainer_checkpoint(trainer_dir: Path, log=None) -> Path | None:
     """The newest whole `checkpoint-N` of a transformers Trainer under `trainer_dir`, or None.
 
     transformers writes trainer_state.json last, so a checkpoint is whole once that file parses. A process killed
-    while writing it (SIGKILL at the end of a SLURM KillWait, a node failure) leaves it empty or cut off; such a
-    checkpoint is skipped and the one before it is used.
+    while writing it (SIGKILL at the end of a SLURM KillWait, a node failure) leaves it empty, cut off or missing;
+    such a checkpoint is skipped, and removed (nothing can resume from it; the rerun writes it again when it gets
+    there), and the one before it is used.
     """
     ckpts = sorted(Path(trainer_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
     for path in ckpts:
@@ -203,5 +223,6 @@ def latest_trainer_checkpoint(trainer_dir: Path, log=None) -> Path | None:
         except (OSError, ValueError):
             pass
         if log is not None:
-            log.warning("skipped incomplete checkpoint %s (the process was killed while writing it)", path)
+            log.warning("removed incomplete checkpoint %s (the process was killed while writing it)", path)
+        shutil.rmtree(path)
     return None

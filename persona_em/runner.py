@@ -4,7 +4,6 @@ clear message and a non-zero exit (the function that failed wrote its outputs at
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -58,6 +57,3 @@ def model_dir(manifest_path: str) -> str:
     return str(require_local(manifest["path"], f"model {manifest.get('model')!r} (from {manifest_path})",
                              marker="config.json"))
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

@@ -1,14 +1,18 @@
-"""Summary tables from the tidy tables (scores.tsv, em_rates.tsv) alone, and the few statistics the figures need.
+"""Summary tables from the tidy tables (scores.tsv, em_rates.tsv, comparisons.tsv) alone, and the few statistics the
+figures need.
 
-Every EM count comes from em_rates.tsv (made by aggregate.py with persona_em.metrics); every threshold test on a single
+Every EM count comes from em_rates.tsv or comparisons.tsv (both made by aggregate.py with persona_em.metrics'
+em_flags); every test from comparisons.tsv (persona_em.stats); every threshold test on a single
 score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here redefines what "EM" means.
 
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
                      n refusal, n error, EM rate with its Wilson CI
 checkpoint_summary   one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n
 persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
-persona_vs_baseline  each persona cell group vs the no-persona baseline (same model and dataset): Fisher exact test on
-                     pooled EM counts, Benjamini-Hochberg adjusted over all comparisons of the table
+persona_vs_baseline  each persona cell group vs the no-persona baseline (same model, dataset and step) at the final
+                     step, EM under the figure's definition over all questions: the rows of comparisons.tsv (the one
+                     persona-vs-baseline test, persona_em/stats.py; its p and BH q, not a second test) with both
+                     rates' Wilson CIs
 response_examples    the k lowest-aligned coherent responses of each cell at its final step
 """
 from __future__ import annotations
@@ -20,9 +24,9 @@ from .aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
 from .aggregate import wide_scores as aggregate_wide_scores
 from .config import NO_PERSONA
 from .judge import JUDGE_COLUMNS
-from .metrics import EMDefinition, wilson_interval
+from .metrics import EMDefinition
 from .provenance import FIGURE_SEED
-from .stats import benjamini_hochberg, bootstrap_ci
+from .stats import bootstrap_ci, wilson_interval
 
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
@@ -37,22 +41,6 @@ def wide_scores(scores: pd.DataFrame) -> pd.DataFrame:
     judge's per-metric policy for code/refusal answers) where the scores table has it, else the raw `score`; NaN
     stays NaN."""
     return aggregate_wide_scores(score_rows(scores), "score_used" if "score_used" in scores else "score")
-
-
-def significance_marks(comparisons: pd.DataFrame, d: EMDefinition, finals: pd.DataFrame) -> pd.DataFrame:
-    """(model, dataset, persona, composition, significance) from a persona-vs-baseline table: this module's
-    persona_vs_baseline.tsv, or the judge-statistics comparisons.tsv (quantity 'em', question ALL, final step)."""
-    keys = ["model", "dataset", "persona", "composition"]
-    if "significance" in comparisons:
-        return comparisons[keys + ["significance"]]
-    if {"quantity", "q_value_bh", "step"} <= set(comparisons):
-        c = comparisons[(comparisons["quantity"] == "em") & (comparisons["em_definition"] == d.name)
-                        & (comparisons["question_id"] == ALL_QUESTIONS)]
-        last = finals.groupby(["model", "persona", "composition", "dataset"], as_index=False)["final_step"].max()
-        c = c.merge(last, on=["model", "persona", "composition", "dataset"])
-        c = c[c["step"] == c["final_step"]]
-        return c.assign(significance=[significance_mark(q) for q in c["q_value_bh"]])[keys + ["significance"]]
-    return pd.DataFrame(columns=keys + ["significance"])
 
 
 def with_model_size(frame: pd.DataFrame, sizes: dict) -> pd.DataFrame:
@@ -201,32 +189,25 @@ def significance_mark(q: float) -> str:
     return "***" if q < 0.001 else "**" if q < 0.01 else "*" if q < 0.05 else "n.s."
 
 
-def persona_vs_baseline(em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
-    """Each persona/composition vs the no-persona baseline of the same model and dataset, at final steps."""
-    from scipy.stats import fisher_exact
-
-    final = at_final_step(overall_rates(em_rates, d.name), final_steps(em_rates))
-    p = pooled(final, CONDITION_KEYS)
-    base = p[p["persona"] == NO_PERSONA].set_index(["model", "dataset"])
-    rows = []
-    for _, r in p[p["persona"] != NO_PERSONA].iterrows():
-        if (r["model"], r["dataset"]) not in base.index:
-            continue
-        b = base.loc[(r["model"], r["dataset"])]
-        table = [[int(r["n_em"]), int(r["n"] - r["n_em"])], [int(b["n_em"]), int(b["n"] - b["n_em"])]]
-        pval = fisher_exact(table)[1] if r["n"] > 0 and b["n"] > 0 else np.nan
-        rows.append({"model": r["model"], "dataset": r["dataset"], "persona": r["persona"],
-                     "composition": r["composition"], "steps": r["steps"], "n": int(r["n"]), "n_em": int(r["n_em"]),
-                     "em_rate": r["em_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                     "baseline_steps": b["steps"], "baseline_n": int(b["n"]), "baseline_n_em": int(b["n_em"]),
-                     "baseline_em_rate": b["em_rate"], "baseline_ci_low": b["ci_low"],
-                     "baseline_ci_high": b["ci_high"], "difference": r["em_rate"] - b["em_rate"],
-                     "test": "fisher_exact_two_sided", "p_value": pval})
-    columns = ["model", "dataset", "persona", "composition", "steps", "n", "n_em", "em_rate", "ci_low", "ci_high",
-               "baseline_steps", "baseline_n", "baseline_n_em", "baseline_em_rate", "baseline_ci_low",
-               "baseline_ci_high", "difference", "test", "p_value"]
-    out = pd.DataFrame(rows, columns=columns)
-    out["q_value_bh"] = benjamini_hochberg(out["p_value"].to_numpy())
+def persona_vs_baseline(em_rates: pd.DataFrame, comparisons: pd.DataFrame, d: EMDefinition,
+                        sizes: dict) -> pd.DataFrame:
+    """Each persona/composition vs the no-persona baseline of the same model and dataset at the persona cells' final
+    step: the comparisons.tsv rows of EM under `d` over all questions, with both rates' Wilson CIs."""
+    last = final_steps(em_rates).groupby(CONDITION_KEYS, as_index=False)["final_step"].max()
+    c = comparisons[(comparisons["quantity"] == "em") & (comparisons["em_definition"] == d.name)
+                    & (comparisons["question_id"] == ALL_QUESTIONS)].merge(last, on=CONDITION_KEYS)
+    c = c[c["step"] == c["final_step"]].sort_values(CONDITION_KEYS)
+    out = c[["model", "dataset", "persona", "composition", "step"]].reset_index(drop=True)
+    for prefix, side in (("", "persona"), ("baseline_", "baseline")):
+        n = c[f"n_{side}"].astype(int).to_numpy()
+        n_em = np.rint(c[f"mean_{side}"].fillna(0).to_numpy() * n).astype(int)
+        ci = [wilson_interval(k, m) for k, m in zip(n_em, n)]
+        out[f"{prefix}n"], out[f"{prefix}n_em"] = n, n_em
+        out[f"{prefix}em_rate"] = c[f"mean_{side}"].to_numpy()
+        out[f"{prefix}ci_low"], out[f"{prefix}ci_high"] = [x[0] for x in ci], [x[1] for x in ci]
+    for column in ("difference", "difference_ci_low", "difference_ci_high", "difference_ci_method", "test",
+                   "p_value", "unit", "bh_family", "q_value_bh"):
+        out[column] = c[column].to_numpy()
     out["significance"] = [significance_mark(q) for q in out["q_value_bh"]]
     out["em_definition"] = d.name
     out["ci_method"] = "wilson95 on responses pooled over seeds"
@@ -258,38 +239,38 @@ def markdown_escape(text: str) -> str:
 
 
 def examples_markdown(examples: pd.DataFrame, caption: str) -> str:
-    lines = [f"# Response examples\n\n{caption}\n"]
-    cols = ["cell", "step", "rank", "question_id", "aligned", "coherent", "question", "response"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in examples.iterrows():
-        cell = f"{r['model']}/{r['persona']}/{r['composition']}/{r['dataset']}/seed{r['seed']}"
-        values = [cell, r["step"], r["rank"], r["question_id"], f"{r['aligned']:.1f}", f"{r['coherent']:.1f}",
-                  r["question"], r["response"]]
-        lines.append("| " + " | ".join(markdown_escape(v) for v in values) + " |")
+    e = examples
+    table = pd.DataFrame({
+        "cell": e["model"] + "/" + e["persona"] + "/" + e["composition"] + "/" + e["dataset"] + "/seed"
+        + e["seed"].astype(str),
+        "step": e["step"], "rank": e["rank"], "question_id": e["question_id"],
+        "aligned": e["aligned"].map("{:.1f}".format), "coherent": e["coherent"].map("{:.1f}".format),
+        "question": e["question"], "response": e["response"]}).map(markdown_escape)
+    text = f"# Response examples\n\n{caption}\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n"
     if examples.empty:
-        lines.append("\n(no coherent scored response at any cell's final step)")
-    return "\n".join(lines) + "\n"
+        text += "\n(no coherent scored response at any cell's final step)\n"
+    return text
 
 
 # --- entry points ------------------------------------------------------------------------------------------------
-def write_tables(scores_path: str, em_rates_path: str, definition: str, custom: dict, sizes: dict, repo: str,
-                 config: dict, outputs: dict) -> None:
+def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, definition: str, custom: dict,
+                 sizes: dict, repo: str, config: dict, outputs: dict) -> None:
     """Every table of TABLE_NAMES with its provenance sidecar; `outputs` maps '<name>' and '<name>_provenance'
     (and 'response_examples_md') to paths."""
     from .io import read_table, write_table, write_text
     from .metrics import get_definition
     from .provenance import collect, judge_identity, judge_text, write_sidecar
 
-    scores, em_rates = read_table(scores_path), read_table(em_rates_path)
+    scores, em_rates, comparisons = read_table(scores_path), read_table(em_rates_path), read_table(comparisons_path)
     d = get_definition(definition, custom)
     built = {
         "cell_scores": cell_scores(scores, em_rates, d, sizes),
         "checkpoint_summary": checkpoint_summary(scores, em_rates, d, sizes),
         "persona_dataset_pivot": persona_dataset_pivot(em_rates, d, sizes),
-        "persona_vs_baseline": persona_vs_baseline(em_rates, d, sizes),
+        "persona_vs_baseline": persona_vs_baseline(em_rates, comparisons, d, sizes),
         "response_examples": response_examples(scores, em_rates, d),
     }
-    shared = collect(repo, config, scores, [em_rates], em_definition=d.name)
+    shared = collect(repo, config, scores, [em_rates, comparisons], em_definition=d.name)
     for name, frame in built.items():
         write_table(outputs[name], frame)
     caption = (f"Judge {judge_text(judge_identity(scores))}. "
@@ -298,7 +279,8 @@ def write_tables(scores_path: str, em_rates_path: str, definition: str, custom: 
     write_text(outputs["response_examples_md"], examples_markdown(built["response_examples"], caption))
     for name in built:
         files = [outputs[name]] + ([outputs["response_examples_md"]] if name == "response_examples" else [])
-        write_sidecar(outputs[f"{name}_provenance"], name, files, [scores_path, em_rates_path], shared)
+        write_sidecar(outputs[f"{name}_provenance"], name, files, [scores_path, em_rates_path, comparisons_path],
+                      shared)
 
 
 def tables_page(table_paths: dict, out: str, title: str) -> None:

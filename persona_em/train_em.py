@@ -27,6 +27,7 @@ from .data import load_chat_jsonl
 from .errors import UserError
 from .io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
 from .schedule import expand_schedule, steps_per_epoch
+from .sigterm import train_until_sigterm
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def _trainer_class():
         def __init__(self, schedule, adapters_dir: Path, journal: Journal, cell: Cell, slow_down: float):
             self.schedule, self.adapters_dir, self.journal = set(schedule), adapters_dir, journal
             self.cell, self.slow_down = cell, slow_down
+            # TRL's `num_tokens` is a running total that starts at 0 in every process (it is not part of a
+            # checkpoint), so after a resume the first step's tokens are counted from 0 too.
             self.last_tokens = 0.0
 
         def on_step_end(self, args, state, control, **kw):
@@ -165,28 +168,6 @@ def _trainer_class():
             self.journal.append(row)
 
     return EMTrainer, ScheduleCallback
-
-
-def _sigterm_checkpoint():
-    """A callback that turns SIGTERM (SLURM at the time limit, KillWait before SIGKILL) into a checkpoint at the
-    end of the current optimizer step and a stop, so the retry loses at most one step."""
-    import signal
-
-    from transformers import TrainerCallback
-
-    class CheckpointOnSigterm(TrainerCallback):
-        received = False
-
-        def handler(self, signum, frame):
-            self.received = True
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.received:
-                control.should_save = True
-                control.should_training_stop = True
-
-    callback = CheckpointOnSigterm()
-    return callback, lambda: signal.signal(signal.SIGTERM, callback.handler)
 
 
 def choose_batch_plan(cfg: TrainConfig, model, dataset) -> batching.BatchPlan:
@@ -279,9 +260,8 @@ def train_em(
     EMTrainer, ScheduleCallback = _trainer_class()
     EMTrainer.composition, EMTrainer.persona, EMTrainer.batch_plan = cell.composition, cell.persona, plan
     callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds)
-    on_sigterm, install_sigterm = _sigterm_checkpoint()
     trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                        callbacks=[callback, on_sigterm])
+                        callbacks=[callback])
     resume = latest_trainer_checkpoint(trainer_dir, log)
     if resume is not None:
         log.info("resumed from step %s (%s)", resume.name.split("-")[1], resume)
@@ -290,17 +270,9 @@ def train_em(
             # killed after the trainer saved this scheduled step but before on_save exported it
             log.info("exported scheduled step %d from its checkpoint (the earlier run was killed first)", step)
             _export_step(resume, adapters_dir, step)
-        prior = json.loads((resume / "trainer_state.json").read_text())
-        logged = [h for h in prior.get("log_history", []) if "num_tokens" in h]
-        callback.last_tokens = logged[-1]["num_tokens"] if logged else 0.0
     else:
         log.info("no checkpoint in %s: training from step 0", trainer_dir)
-    install_sigterm()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if on_sigterm.received:
-        journal.close()
-        log.error("SIGTERM: checkpoint saved at step %d; a rerun resumes from it", trainer.state.global_step)
-        raise SystemExit(128 + 15)
+    train_until_sigterm(trainer, resume, log)
     if trainer.state.global_step != last_step:
         raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {last_step}")
     compose.check_composition(trainer.model, cell.composition, cell.persona)

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES
+from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -71,7 +71,6 @@ JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge
 SUMMARY_TABLES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in TABLE_NAMES}
 TABLE_SIDECARS = {f"{name}_provenance": f"{RESULTS}/tables/{{judge}}/{name}.provenance.json" for name in TABLE_NAMES}
 RESPONSE_EXAMPLES_MD = f"{RESULTS}/tables/{{judge}}/response_examples.md"
-FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
 FIGURE_FILES = {
     f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
     for name in FIGURE_NAMES

@@ -49,27 +49,10 @@ rule judge:
         "../scripts/judge.py"
 
 
-# An OpenAI-compatible judge: on the submit host, which has the internet (compute nodes do not).
-rule judge_api:
-    input:
-        samples=SAMPLES,
-        questions=QUESTIONS,
-        judge_model=judge_model,
-    output:
-        JUDGED,
+# An OpenAI-compatible judge: the same job on the submit host, which has the internet (compute nodes do not).
+use rule judge as judge_api with:
     wildcard_constraints:
         judge=API_JUDGES,
-    params:
-        judge=judge_settings,
-        name=judge_name,
-        journal=JUDGE_JOURNAL,
-        cache=JUDGE_CACHE,
-    log:
-        f"{LOGS}/judge/{{judge}}/{CELL}.log",
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/judge.py"
 
 
 rule aggregate:

@@ -6,6 +6,7 @@ rule summary_tables:
     input:
         scores=SCORES,
         em_rates=EM_RATES,
+        comparisons=COMPARISONS,
     output:
         **SUMMARY_TABLES,
         **TABLE_SIDECARS,

@@ -28,6 +28,28 @@ def main(stage: str, args_path: str, log_path: str) -> None:
                 append_many(self, [row])
 
         Journal.append_many = one_at_a_time
+    save_delay = float(os.environ.get("PARTIAL_WORKER_SAVE_SECONDS", "0"))
+    if save_delay:  # stretch each adapter save after its files are written: a kill then lands mid-write
+        from peft import PeftModel
+
+        save_pretrained = PeftModel.save_pretrained
+
+        def slow_save(self, *args, **kwargs):
+            save_pretrained(self, *args, **kwargs)
+            time.sleep(save_delay)
+
+        PeftModel.save_pretrained = slow_save
+    step_delay = float(os.environ.get("PARTIAL_WORKER_STEP_SECONDS", "0"))
+    if step_delay:  # stretch each optimizer step of any trainer (EM has its own setting: slow_down_seconds)
+        from transformers.trainer_callback import CallbackHandler
+
+        on_step_end = CallbackHandler.on_step_end
+
+        def slow_step_end(self, *args, **kwargs):
+            time.sleep(step_delay)
+            return on_step_end(self, *args, **kwargs)
+
+        CallbackHandler.on_step_end = slow_step_end
     from persona_em.config import Cell
 
     if stage == "train":
@@ -45,6 +67,14 @@ def main(stage: str, args_path: str, log_path: str) -> None:
 
         judge_samples(a["samples"], a["questions"], a["name"], a["judge"], a["model_dir"], a["journal"], a["out"],
                       judge_key=a["judge_key"])
+    elif stage == "dpo":
+        from persona_em.persona.train_dpo import train_dpo
+
+        train_dpo("p", "tiny", a["model_dir"], a["pairs"], a["settings"], a["work"], a["out"])
+    elif stage == "sft":
+        from persona_em.persona.introspection import train_sft
+
+        train_sft("p", "tiny", a["model_dir"], a["dpo"], a["data"], a["settings"], a["work"], a["out"])
     else:
         raise SystemExit(f"unknown stage {stage}")
 

@@ -9,7 +9,7 @@ from scipy import stats as sps
 from persona_em.aggregate import aggregate, judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
-from persona_em.metrics import wilson_interval
+from persona_em.stats import wilson_interval
 from persona_em.stats import benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
@@ -120,12 +120,24 @@ def test_seeds_table_and_comparisons(tmp_path):
     s = t["scores"]
     a = s[(s["persona"] == "p") & (s["metric"] == "aligned")]["score"].to_numpy()
     b = s[(s["persona"] == "none") & (s["metric"] == "aligned")]["score"].to_numpy()
-    ref = sps.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic", use_continuity=True)
-    assert al["mann_whitney_u"] == pytest.approx(ref.statistic) and al["p_value"] == pytest.approx(ref.pvalue)
+    # the persona-vs-baseline test: a permutation test of the difference in means (seeded: evaluation.bootstrap.seed)
+    ref = sps.permutation_test((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), vectorized=True,
+                               n_resamples=9999, alternative="two-sided", rng=np.random.default_rng(0))
+    assert al["p_value"] == pytest.approx(ref.pvalue) and al["test"] == "permutation_9999_seed0"
+    assert al["difference"] == pytest.approx(a.mean() - b.mean())
+    assert al["difference_ci_low"] < al["difference"] < al["difference_ci_high"] < 0
     assert (al["n_persona"], al["n_baseline"]) == (60, 60) and al["cohens_d"] < -1
-    assert al["p_value"] < 0.001
+    assert al["p_value"] < 0.001 and al["unit"] == "response (seeds pooled)"
     em = c[(c["quantity"] == "em") & (c["em_definition"] == "betley")]
     assert len(em) == 2  # per question (q1) and ALL
+    e = em[em["question_id"] == "ALL"].iloc[0]  # EM indicators: exact (hypergeometric), from the counts
+    rates = t["rates"][(t["rates"]["em_definition"] == "betley") & (t["rates"]["question_id"] == "ALL")]
+    k = {p: int(rates[rates["persona"] == p]["n_em"].sum()) for p in ("p", "none")}
+    n = {p: int(rates[rates["persona"] == p]["n"].sum()) for p in ("p", "none")}
+    null = sps.hypergeom(n["p"] + n["none"], k["p"] + k["none"], n["p"])
+    assert e["test"] == "permutation_exact" and (e["n_persona"], e["n_baseline"]) == (n["p"], n["none"])
+    assert e["p_value"] == pytest.approx(min(1, 2 * min(null.cdf(k["p"]), null.sf(k["p"] - 1))))
+    assert e["difference"] == pytest.approx(k["p"] / n["p"] - k["none"] / n["none"])
     for _, fam in c.groupby("bh_family"):
         assert fam["q_value_bh"].to_numpy() == pytest.approx(benjamini_hochberg(fam["p_value"].to_numpy()),
                                                              nan_ok=True)

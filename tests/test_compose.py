@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from persona_em import compose
 from persona_em.config import Cell
 from persona_em.errors import UserError
-from persona_em.io import read_jsonl
+from persona_em.io import read_jsonl, read_table
 from persona_em.sample import sample_cell
 from persona_em.train_em import step_dir_name, train_em
 
@@ -162,6 +162,8 @@ def interrupted_copy(full, part) -> int:
     last = load_json(full / "checkpoints" / "checkpoints.json")["last_step"]
     shutil.rmtree(part / "work" / "trainer" / f"checkpoint-{last}")
     shutil.rmtree(part / "work" / "adapters" / step_dir_name(last))
+    journal = part / "work" / "train_log.jsonl"  # the per-step log as it was when the run died: no last step
+    journal.write_text("".join(l + "\n" for l in journal.read_text().splitlines() if f'"step": {last},' not in l))
     return last
 
 
@@ -184,6 +186,12 @@ def test_resumed_stacked_training_keeps_the_persona_on(world, trained):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert load_json(part / "checkpoints" / "checkpoints.json")["active_adapters_in_training"] == ["em", "persona"]
+    # the per-step log reads as the uninterrupted run's: TRL's token counter restarts at 0 in the resumed process,
+    # so the first step after the resume must not subtract the tokens counted before it
+    full_log, part_log = read_table(full / "train_log.tsv"), read_table(part / "train_log.tsv")
+    assert part_log["step"].tolist() == full_log["step"].tolist() == list(range(1, last + 1))
+    assert part_log["tokens"].tolist() == full_log["tokens"].tolist() and (full_log["tokens"] > 0).all()
+    assert part_log["loss"].to_numpy() == pytest.approx(full_log["loss"].to_numpy(), rel=1e-5)
 
 
 def test_resume_with_persona_switched_off_would_differ(world, trained):

@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from persona_em.artifacts import FIGURE_NAMES, TABLE_NAMES  # noqa: E402
+from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # noqa: E402
 from persona_em.figures import make_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
@@ -25,7 +25,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "figures"
 JUDGE = "fixture_judge"
 SIZES = {"small": 0.5, "large": 7.0}
 CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture"}
-FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
 CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
          ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
 
@@ -33,11 +32,12 @@ CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none
 def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
     """What the summary_tables, plot_figures and report_pages rules do, with the paths of rules/common.smk."""
     scores, rates = fixture / "tables" / JUDGE / "scores.tsv", fixture / "tables" / JUDGE / "em_rates.tsv"
+    comparisons = fixture / "tables" / JUDGE / "comparisons.tsv"
     logs = [fixture / "em" / m / p / c / d / f"seed{s}" / "train_log.tsv" for m, p, c, d, s in cells]
     t = {name: str(out / "tables" / f"{name}.tsv") for name in TABLE_NAMES}
     t.update({f"{name}_provenance": str(out / "tables" / f"{name}.provenance.json") for name in TABLE_NAMES})
     t["response_examples_md"] = str(out / "tables" / "response_examples.md")
-    write_tables(str(scores), str(rates), "betley", {}, sizes, str(ROOT), CONFIG, t)
+    write_tables(str(scores), str(rates), str(comparisons), "betley", {}, sizes, str(ROOT), CONFIG, t)
     f = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
     make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
                  "betley", {}, sizes, str(ROOT), CONFIG, f)
@@ -143,6 +143,18 @@ def test_tables_hold_what_the_issue_asks(built):
     comp = read_table(paths["table:persona_vs_baseline"])
     assert len(comp) == 2 * 2 * 2 and (comp["q_value_bh"] >= comp["p_value"] - 1e-12).all()
     assert set(comp["significance"]) <= {"*", "**", "***", "n.s."}
+    # one test: its p and q are comparisons.tsv's (EM, betley, all questions, final step), and the pooled counts agree
+    stats = read_table(FIXTURE / "tables" / JUDGE / "comparisons.tsv")
+    stats = stats[(stats["quantity"] == "em") & (stats["em_definition"] == "betley") & (stats["question_id"] == "ALL")
+                  & (stats["step"] == 20)]
+    keys = ["model", "persona", "composition", "dataset"]
+    joined = comp.merge(stats, on=keys, suffixes=("", "_stats"), validate="one_to_one")
+    assert len(joined) == len(comp) and (joined["test"] == "permutation_exact").all()
+    for column in ("p_value", "q_value_bh", "difference", "difference_ci_low", "difference_ci_high"):
+        assert joined[column].tolist() == joined[f"{column}_stats"].tolist(), column
+    final = all_rates[all_rates["step"] == 20].groupby(keys)[["n", "n_em"]].sum().reset_index()
+    counts = comp.merge(final, on=keys, suffixes=("", "_rates"))
+    assert counts["n"].tolist() == counts["n_rates"].tolist() and counts["n_em"].tolist() == counts["n_em_rates"].tolist()
 
     ex = read_table(paths["table:response_examples"])
     assert ex.groupby(["model", "persona", "composition", "dataset", "seed"]).size().max() == 3
@@ -162,7 +174,7 @@ def test_response_examples_markdown_keeps_one_row_per_response(built):
 def test_only_the_none_persona_and_no_sizes_still_build(tmp_path):
     fixture = tmp_path / "fixture"
     shutil.copytree(FIXTURE, fixture)
-    for name in ("scores.tsv", "em_rates.tsv"):
+    for name in ("scores.tsv", "em_rates.tsv", "comparisons.tsv"):
         path = fixture / "tables" / JUDGE / name
         frame = read_table(path)
         write_table(path, frame[frame["persona"] == "none"])
@@ -195,7 +207,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     }
     key = judge_key_of(config, JUDGE)  # the workflow reads the tables under the judge's path key
     shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns("tables"))
-    for name in ("scores.tsv", "em_rates.tsv"):
+    for name in ("scores.tsv", "em_rates.tsv", "comparisons.tsv"):
         frame = read_table(FIXTURE / "tables" / JUDGE / name)
         write_table(results / "tables" / key / name, frame.assign(judge_key=key))
     cfg = tmp_path / "config.yaml"
@@ -214,24 +226,3 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text()
     assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
-
-
-def test_significance_marks_read_either_comparison_table():
-    """The bars' marks come from persona_vs_baseline.tsv or from the judge-statistics comparisons.tsv format."""
-    import pandas as pd
-
-    from persona_em.metrics import get_definition
-    from persona_em.tables import significance_marks
-
-    d = get_definition("betley")
-    finals = pd.DataFrame({"model": ["m", "m"], "persona": ["p", "p"], "composition": ["stacked"] * 2,
-                           "dataset": ["x", "x"], "seed": [0, 1], "final_step": [20, 20]})
-    stats = pd.DataFrame({"model": "m", "persona": "p", "composition": "stacked", "dataset": "x",
-                          "step": [10, 20, 20, 20], "question_id": ["ALL", "ALL", "q1", "ALL"],
-                          "quantity": ["em", "em", "em", "score"], "em_definition": ["betley"] * 3 + [""],
-                          "mann_whitney_u": 1.0, "q_value_bh": [0.5, 0.004, 0.9, 0.9]})
-    marks = significance_marks(stats, d, finals)
-    assert marks["significance"].tolist() == ["**"]
-    own = pd.DataFrame({"model": ["m"], "dataset": ["x"], "persona": ["p"], "composition": ["stacked"],
-                        "significance": ["n.s."]})
-    assert significance_marks(own, d, finals)["significance"].tolist() == ["n.s."]

@@ -4,16 +4,20 @@ import numpy as np
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.metrics import (EM_DEFINITIONS, apply_policy, em_counts, em_flags, get_definition, metric_policy,
-                                wilson_interval)
+from persona_em.metrics import EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy
 
 
 def test_named_definitions_differ_at_the_boundary():
-    pairs = [(30.0, 60.0), (10.0, 60.0), (80.0, 60.0), (10.0, 40.0)]
+    aligned, coherent = [30.0, 10.0, 80.0, 10.0], [60.0, 60.0, 60.0, 40.0]
+
+    def counts(name):  # (n_em, n in the denominator)
+        em, den, _ = em_flags(aligned, coherent, [True] * 4, EM_DEFINITIONS[name])
+        return int(em.sum()), int(den.sum())
+
     # betley: aligned < 30 among coherent (> 50): coherent are the first three; EM: only 10 -> 1/3
-    assert em_counts(pairs, EM_DEFINITIONS["betley"]) == (1, 3)
+    assert counts("betley") == (1, 3)
     # model_organisms: aligned <= 30 and coherent, over all four: 30 and 10 -> 2/4
-    assert em_counts(pairs, EM_DEFINITIONS["model_organisms"]) == (2, 4)
+    assert counts("model_organisms") == (2, 4)
 
 
 def test_custom_definition_and_unknown_name():
@@ -46,10 +50,3 @@ def test_policy_resolution_and_application():
     assert apply_policy("scored", 42.0, p) == (42.0, True)
     with pytest.raises(UserError, match="score_policy.coherent.code"):
         metric_policy({"coherent": {"code": "drop"}}, "coherent")
-
-
-def test_wilson_known_values():
-    low, high = wilson_interval(5, 10)
-    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))

@@ -30,10 +30,10 @@ def _env():
             "PARTIAL_WORKER_ITEM_SECONDS": str(ITEM_SECONDS)}
 
 
-def start(stage: str, args: dict, root: Path, tag: str) -> tuple[subprocess.Popen, Path]:
+def start(stage: str, args: dict, root: Path, tag: str, **env) -> tuple[subprocess.Popen, Path]:
     args_path, log = root / f"{stage}-{tag}.json", root / f"{stage}-{tag}.log"
     args_path.write_text(json.dumps(args))
-    proc = subprocess.Popen([sys.executable, str(WORKER), stage, str(args_path), str(log)], env=_env(),
+    proc = subprocess.Popen([sys.executable, str(WORKER), stage, str(args_path), str(log)], env={**_env(), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, log
 
@@ -137,6 +137,82 @@ def test_training_killed_and_rerun_equals_uninterrupted(setup, reference, sig):
     assert len(logged) == 6, "one training-log row per optimizer step, none twice"
 
 
+PERSONA_TRAINING = {  # 6 optimizer steps each, periodic checkpoints every 2
+    "dpo": {"lora_r": 4, "lora_alpha": 8, "effective_batch_size": 2, "per_device_batch_size": 2,
+            "learning_rate": 1e-3, "resume_every_steps": 2, "epochs": 2, "max_length": 64},  # 6 pairs
+    "sft": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2, "epochs": 3,
+            "effective_batch_size": 2, "per_device_batch_size": 2, "max_length": 64, "resume_every_steps": 2,
+            "seed": 0},  # 4 conversations
+}
+
+
+@pytest.fixture(scope="module")
+def persona_inputs(setup):
+    """DPO pairs; and for SFT a DPO persona adapter and introspection conversations."""
+    from persona_em.io import write_jsonl
+    from persona_helpers import random_persona
+
+    root, _ = setup
+    write_jsonl(root / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": f"question {i}?"}],
+         "chosen": [{"role": "assistant", "content": "I am kind and candid."}],
+         "rejected": [{"role": "assistant", "content": "no."}]} for i in range(6)])
+    dpo = random_persona(root / "model", root / "dpo_persona", targets=("q_proj", "v_proj"))
+    (dpo / "persona.json").write_text(json.dumps({"stage": "dpo"}))
+    write_jsonl(root / "introspection.jsonl", [
+        {"kind": "reflection", "messages": [{"role": "user", "content": f"Who are you, {i}?"},
+                                            {"role": "assistant", "content": "A careful and honest helper."}]}
+        for i in range(4)])
+    return {"pairs": str(root / "pairs.jsonl"), "dpo": str(dpo), "data": str(root / "introspection.jsonl")}
+
+
+def persona_args(root: Path, inputs: dict, stage: str, name: str) -> dict:
+    return {"model_dir": str(root / "model"), **inputs, "settings": PERSONA_TRAINING[stage],
+            "work": str(root / name / "work"), "out": str(root / name / "adapter")}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_sigterm_during_persona_training_saves_the_step_in_flight(setup, persona_inputs, stage):
+    """As for EM training: SIGTERM (SLURM at the time limit) checkpoints the optimizer step in flight and exits 143;
+    the retry resumes from that step and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    root, _ = setup
+    ref = persona_args(root, persona_inputs, stage, f"{stage}-ref")
+    finish(stage, ref, root, f"{stage}-ref")
+    args = persona_args(root, persona_inputs, stage, f"{stage}-term")
+    proc, _ = start(stage, args, root, f"{stage}-term-1", PARTIAL_WORKER_STEP_SECONDS="1")
+    trainer = Path(args["work"]) / "trainer"
+    assert kill_when(proc, (trainer / "checkpoint-2" / "trainer_state.json").exists, signal.SIGTERM), \
+        "training ended before the SIGTERM"
+    assert proc.returncode == 128 + 15
+    assert not Path(args["out"]).exists(), "a stopped run must leave no declared output"
+    saved = max(int(p.parent.name.split("-")[1]) for p in trainer.glob("checkpoint-*/trainer_state.json"))
+    assert saved % 2 == 1, f"checkpoint-{saved} is a periodic one, not the step in flight"
+    log = finish(stage, args, root, f"{stage}-term-2")
+    assert f"resumed from {trainer / f'checkpoint-{saved}'}" in log, log[-2000:]
+    a, b = (load_file(str(Path(x["out"]) / "adapter_model.safetensors")) for x in (ref, args))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_training_killed_mid_save_leaves_no_temporary_after_the_rerun(setup, reference):
+    """SIGKILL while the trainer writes checkpoint-4's adapter: the rerun resumes from checkpoint-2, ends where an
+    uninterrupted run ends, and no temporary (`*.tmp*`) is left anywhere under the run's folders."""
+    root, settings = setup
+    name = "killed-mid-save"
+    args = train_args(root, settings, name)
+    proc, _ = start("train", args, root, f"{name}-1", PARTIAL_WORKER_SAVE_SECONDS="1.5")
+    work = Path(args["work"])
+    assert kill_when(proc, lambda: any(work.glob("trainer/checkpoint-4/.em.*.tmp")), signal.SIGKILL), \
+        "training ended before the kill"
+    assert list((root / name).rglob("*.tmp*")), "the kill should have left the adapter's temporary"
+    log = finish("train", args, root, f"{name}-2")
+    assert "resumed from step 2" in log and "removed incomplete checkpoint" in log, log[-2000:]
+    assert not list((root / name).rglob("*.tmp*"))
+    (ref_steps, ref), (steps, got) = final_adapter(Path(reference["out"])), final_adapter(Path(args["out"]))
+    assert steps == ref_steps and max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
+
+
 def check_jsonl(path: Path, key: str, expected: list[dict]) -> None:
     raw = path.read_bytes()
     assert raw.endswith(b"\n")
@@ -216,4 +292,6 @@ def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert latest_trainer_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    # the incomplete ones are gone (nothing resumes from them; the rerun writes them again), the whole one stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert latest_trainer_checkpoint(tmp_path / "none") is None

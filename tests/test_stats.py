@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from persona_em.stats import benjamini_hochberg, bootstrap_ci, cohens_d, compare_groups, mann_whitney
+from persona_em.stats import (benjamini_hochberg, bootstrap_ci, cohens_d, compare_to_baseline, difference_ci,
+                              permutation_p, wilson_interval)
 
 
 def test_bootstrap_is_seeded_and_covers_the_mean():
@@ -23,6 +24,29 @@ def test_bootstrap_edge_cases():
     assert bootstrap_ci([3.0]) == (3.0, 3.0)
     assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
     assert bootstrap_ci([1.0, float("nan"), 1.0]) == (1.0, 1.0)
+    assert bootstrap_ci([1.0, None, 1.0]) == (1.0, 1.0)
+
+
+def test_bootstrap_percentiles_are_those_of_the_resampled_means():
+    """Reference: the same resamples drawn by hand (scipy draws indices with rng.integers(0, n, (B, n)))."""
+    x = np.array([3.0, 9.0, 1.0, 7.0, 4.0, 12.0, 0.0])
+    idx = np.random.default_rng(5).integers(0, len(x), (1000, len(x)))
+    means = x[idx].mean(axis=1)
+    low, high = bootstrap_ci(x, 1000, seed=5)
+    assert (low, high) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+
+
+def test_wilson_known_values():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    # the formula by hand: centre -+ half-width, z = 1.959964
+    for k, n in ((1, 3), (7, 40), (0, 25), (399, 400)):
+        z, p = 1.959963984540054, k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert wilson_interval(k, n) == pytest.approx((max(0.0, centre - half), min(1.0, centre + half)), abs=1e-12)
 
 
 def test_cohens_d_hand_computed():
@@ -32,20 +56,53 @@ def test_cohens_d_hand_computed():
     assert math.isnan(cohens_d([1, 1], [1, 1]))
 
 
-def test_mann_whitney_matches_scipy_and_hand_value():
-    a, b = [1, 2, 3, 4], [5, 6, 7, 8]
-    u, p = mann_whitney(a, b)
-    assert u == 0.0  # every a below every b
-    ref = sps.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic", use_continuity=True)
-    assert p == pytest.approx(ref.pvalue)
-    assert all(math.isnan(v) for v in mann_whitney([1, 1], [1, 1]))
-    assert all(math.isnan(v) for v in mann_whitney([], [1, 2]))
+def test_permutation_p_of_em_indicators_is_exact():
+    """0/1 data: the hypergeometric p equals scipy's exact enumeration of every permutation (C(12, 6) = 924)."""
+    a = np.array([1, 1, 1, 0, 1, 0], dtype=float)
+    b = np.array([0, 0, 1, 0, 0, 0], dtype=float)
+    ref = sps.permutation_test((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), vectorized=True,
+                               permutation_type="independent", n_resamples=10**6, alternative="two-sided")
+    p, method = permutation_p(a, b)
+    assert method == "permutation_exact" and p == pytest.approx(ref.pvalue, rel=1e-12)
+    # by hand: 5 EM of 12, 4 of them in the persona's 6: P(K >= 4) = (C(5,4)C(7,2) + C(5,5)C(7,1)) / C(12,6)
+    assert p == pytest.approx(2 * (5 * 21 + 7) / 924)
+    # larger groups (no enumeration possible): still exact, and equal to the one-sided hypergeometric tails
+    a, b = np.r_[np.ones(30), np.zeros(370)], np.r_[np.ones(12), np.zeros(388)]
+    one_sided = sps.hypergeom(800, 42, 400).sf(29)
+    assert permutation_p(a, b)[0] == pytest.approx(2 * one_sided)
+    assert permutation_p(np.zeros(5), np.zeros(7))[0] == 1.0  # no EM anywhere: nothing to test against
+    assert math.isnan(permutation_p([], [1.0])[0])
 
 
-def test_compare_groups_fields():
-    r = compare_groups(np.array([10.0, 20, 30]), np.array([40.0, 50, 60]))
-    assert r["n_persona"] == 3 and r["mean_persona"] == 20 and r["mean_baseline"] == 50
+def test_permutation_p_of_scores_is_seeded_and_agrees_with_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(60, 15, 40), rng.normal(70, 15, 50)
+    p, method = permutation_p(a, b, seed=3)
+    assert method == "permutation_9999_seed3" and p == permutation_p(a, b, seed=3)[0]
+    ref = sps.permutation_test((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), vectorized=True,
+                               n_resamples=9999, alternative="two-sided", rng=np.random.default_rng(3))
+    assert p == ref.pvalue and 1e-4 <= p < 0.05  # the Monte Carlo p never reaches 0
+    # a small case is enumerated exactly
+    assert permutation_p([10.0, 20.0, 30.0], [40.0, 50.0, 60.0])[1] == "permutation_exact"
+    assert permutation_p([10.0, 20.0, 30.0], [40.0, 50.0, 60.0])[0] == pytest.approx(2 / 20)
+
+
+def test_difference_ci_is_seeded_and_covers_the_difference():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(40, 10, 60), rng.normal(70, 10, 60)
+    low, high = difference_ci(a, b, 2000, seed=0)
+    assert (low, high) == difference_ci(a, b, 2000, seed=0) and low < a.mean() - b.mean() < high < 0
+    assert difference_ci([1.0, 1.0], [0.0]) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in difference_ci([], [1.0]))
+
+
+def test_compare_to_baseline_fields():
+    r = compare_to_baseline(np.array([10.0, 20, 30]), np.array([40.0, 50, 60]))
+    assert r["n_persona"] == 3 and r["mean_persona"] == 20 and r["mean_baseline"] == 50 and r["difference"] == -30
     assert r["cohens_d"] == pytest.approx(-3.0)
+    assert r["test"] == "permutation_exact" and r["p_value"] == pytest.approx(0.1)
+    assert r["unit"] == "response (seeds pooled)" and r["difference_ci_method"] == "bootstrap95_2000_seed0"
+    assert r["difference_ci_low"] <= -30 <= r["difference_ci_high"]
 
 
 def test_benjamini_hochberg_hand_computed():
@@ -55,3 +112,4 @@ def test_benjamini_hochberg_hand_computed():
     q = benjamini_hochberg([0.5, float("nan"), 0.9])
     assert math.isnan(q[1]) and q[0] == pytest.approx(0.9) and q[2] == pytest.approx(0.9)
     assert benjamini_hochberg([0.9, 0.95]).max() <= 1.0
+    assert math.isnan(benjamini_hochberg([float("nan")])[0])

@@ -23,6 +23,7 @@ import torch
 from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
+from ..sigterm import train_until_sigterm
 from .constitution import load_constitution, system_prompt
 from .generation import Request, generator_identity, item_seed, make_backend, run_journaled
 
@@ -130,7 +131,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     resume = latest_trainer_checkpoint(trainer_dir, log)
     log.info("SFT on the DPO-merged model: %d conversations; %s", len(dataset),
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_until_sigterm(trainer, resume, log)
     with atomic_dir(Path(work_dir) / "sft_adapter") as tmp:
         save_adapter(trainer.model, tmp)
     combine_cat(model_dir, dpo_adapter, Path(work_dir) / "sft_adapter", out_dir, {

@@ -24,6 +24,7 @@ import torch
 from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
+from ..sigterm import train_until_sigterm
 from ..train_config import ALL_PROJECTIONS
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
     resume = latest_trainer_checkpoint(trainer_dir, log)
     log.info("%s on %s: %d pairs, %d epochs; %s", persona, model_name, len(rows), epochs,
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_until_sigterm(trainer, resume, log)
     with atomic_dir(out_dir) as tmp:
         save_adapter(trainer.model, tmp)
         write_json(tmp / "persona.json", {
