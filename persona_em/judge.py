@@ -452,13 +452,39 @@ class HFBackend:
             end_lp = torch.log((1.0 - p_digit).clamp_min(1e-30))
         return first, seq_lp.tolist(), end_lp.tolist()
 
-    async def ask(self, prompt: str) -> dict:
-        import torch
-
+    def _prompt_ids(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
-        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        first, seq_lp, end_lp = self.sequence_logprobs(prompt_ids)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def ask(self, prompt: str) -> dict:
+        answer = self._answer(*self.sequence_logprobs(self._prompt_ids(prompt)))
+        await asyncio.sleep(0)  # let the progress bar and other tasks run
+        return answer
+
+    # Prompts per ask_many call from the judge stage: one call is a few forward passes (judge_batch.py).
+    max_prompts_per_call = 64
+
+    async def ask_many(self, prompts: list[str]) -> list[dict]:
+        """`ask` for many prompts, batched: several prompts per forward pass, all candidate answers of a prompt in
+        the same pass (judge_batch.py); the same values as `ask`, up to floating-point rounding."""
+        from . import judge_batch
+
+        if not judge_batch.supports(self.model):
+            return [await self.ask(p) for p in prompts]
+
+        def run():
+            ids = [self._prompt_ids(p) for p in prompts]
+            scored = judge_batch.score_prompts(self.model, ids, [c for _, c in self.candidates], self.digit_start,
+                                               self.tokenizer.pad_token_id)
+            return [self._answer(*s) for s in scored]
+
+        return await asyncio.to_thread(run)  # the event loop keeps writing journal rows meanwhile
+
+    def _answer(self, first, seq_lp: list[float], end_lp: list[float]) -> dict:
+        """The raw (cached) answer from the first-token log-probabilities and the candidates' log-probabilities."""
+        import torch
+
         numbers, code, refusal = {}, 0.0, 0.0
         for (label, _), lp, elp in zip(self.candidates, seq_lp, end_lp):
             if label == "CODE":
@@ -472,7 +498,6 @@ class HFBackend:
         for v, i in zip(values.tolist(), ids.tolist()):
             token = self.tokenizer.decode([i])
             top[token] = max(top.get(token, -math.inf), v)
-        await asyncio.sleep(0)  # let the progress bar and other tasks run
         return {"text": self.tokenizer.decode([int(torch.argmax(first))]), "top_logprobs": top,
                 "number_probs": numbers, "code_mass": code, "refusal_mass": refusal,
                 "method": "exact_multitoken"}
@@ -707,6 +732,7 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
     """Ask for every job with at most `concurrency` in flight. On a stop (budget, fatal error) the calls in
     flight still finish and are recorded; nothing judged is lost."""
     concurrency = 1 if isinstance(backend, HFBackend) else max(1, int(cfg["concurrency"]))
+    per_call = getattr(backend, "max_prompts_per_call", 1)  # a local judge answers many prompts per call (ask_many)
     queue = list(reversed(todo))
     state = {"spent": writer.cache.spent(cfg["name"]) if writer.cache is not None else 0.0, "reserved": 0.0,
              "asked": 0, "stop": None}
@@ -715,31 +741,40 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
 
     async def worker():
         while queue and state["stop"] is None:
-            job = queue.pop()
-            if budget is not None and job.est_cost is not None:
-                if state["spent"] + state["reserved"] + job.est_cost > budget:
-                    state["stop"] = state["stop"] or JudgeStopped(
-                        f"judge {cfg['name']!r}: budget cap ${budget} reached after ${state['spent']:.4f}; "
-                        f"everything judged so far is kept in the journal and cache: raise "
-                        f"judges.{cfg['name']}.budget_usd and rerun to judge the rest")
-                    queue.append(job)
-                    return
-                state["reserved"] += job.est_cost
+            jobs = []
+            while queue and len(jobs) < per_call:
+                job = queue.pop()
+                if budget is not None and job.est_cost is not None:
+                    if state["spent"] + state["reserved"] + job.est_cost > budget:
+                        state["stop"] = state["stop"] or JudgeStopped(
+                            f"judge {cfg['name']!r}: budget cap ${budget} reached after ${state['spent']:.4f}; "
+                            f"everything judged so far is kept in the journal and cache: raise "
+                            f"judges.{cfg['name']}.budget_usd and rerun to judge the rest")
+                        queue.append(job)
+                        break
+                    state["reserved"] += job.est_cost
+                jobs.append(job)
+            if not jobs:
+                return
             try:
-                raw = await backend.ask(job.prompt)
+                if per_call > 1:
+                    raws = await backend.ask_many([j.prompt for j in jobs])
+                else:
+                    raws = [await backend.ask(jobs[0].prompt)]
             except Exception as e:  # noqa: BLE001 - any failure stops the run cleanly
                 state["stop"] = state["stop"] or e
                 return
             finally:
-                if budget is not None and job.est_cost is not None:
-                    state["reserved"] -= job.est_cost
-            cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
-                             raw.get("completion_tokens") or 1)
-            state["spent"] += cost or 0.0
-            group = same_prompt[job.cache_key]
-            writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
-            state["asked"] += 1
-            bar.update(len(group))
+                if budget is not None:
+                    state["reserved"] -= sum(j.est_cost for j in jobs if j.est_cost is not None)
+            for job, raw in zip(jobs, raws):
+                cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
+                                 raw.get("completion_tokens") or 1)
+                state["spent"] += cost or 0.0
+                group = same_prompt[job.cache_key]
+                writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
+                state["asked"] += 1
+                bar.update(len(group))
 
     finished = asyncio.Event()
     flusher = asyncio.create_task(writer.run(finished))
