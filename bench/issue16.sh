@@ -16,7 +16,7 @@ has() { [[ ",$parts," == *",$1,"* ]]; }
 if has compile; then
     rm -rf /tmp/persisted-cc
     for p in cold warm; do
-        TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$p TRITON_CACHE_DIR=/tmp/tri-$p timeout 330 \
+        TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$p TRITON_CACHE_DIR=/tmp/tri-$p timeout 280 \
             python3 -m bench.compile_cache --shape "${SHAPE:-qwen2.5-7b}" --cache /tmp/persisted-cc \
             --out "$out/cc-$p.json" >"$out/cc-$p.log" 2>&1
         grep -E "^\[|^[A-Za-z_]+ +[0-9.]+$|Error" "$out/cc-$p.log" | tail -25
