@@ -46,6 +46,18 @@ def _version(module_name: str) -> str | None:
     return getattr(module, "__version__", None)
 
 
+def _plain(value):
+    """JSON-able and the same in every process: sets (PEFT's target_modules) become sorted lists; a set's own
+    order follows the process's string-hash seed."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
 def compile_key_identity(model) -> dict:
     """What the key of `model`'s compile cache hashes (see the module docstring)."""
     import torch
@@ -58,7 +70,7 @@ def compile_key_identity(model) -> dict:
     for name, cfg in (getattr(model, "peft_config", None) or {}).items():
         adapters[name] = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_ADAPTER}
     cuda = torch.cuda.is_available()
-    return {
+    return _plain({
         "python": platform.python_version_tuple()[:2],
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
         "transformers": _version("transformers"), "peft": _version("peft"),
@@ -67,7 +79,7 @@ def compile_key_identity(model) -> dict:
         "dtype": str(next(inner.parameters()).dtype),
         "config": config, "adapters": adapters,
         "active_adapters": active_adapters(model),
-    }
+    })
 
 
 def compile_key(model) -> str:

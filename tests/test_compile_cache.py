@@ -126,3 +126,25 @@ def test_key_changes_with_model_and_adapters(tiny_model_dir):
     base2, _ = load_base_model(tiny_model_dir, device="cpu")
     peft8 = get_peft_model(base2, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="em")
     assert compile_key(peft8) != k4
+
+
+KEY_SCRIPT = textwrap.dedent("""
+    import sys
+    from peft import LoraConfig, get_peft_model
+    from persona_em.compile_cache import compile_key
+    from persona_em.compose import load_base_model
+    base, _ = load_base_model(sys.argv[1], device="cpu")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    print(compile_key(get_peft_model(base, LoraConfig(r=4, target_modules=targets), adapter_name="em")))
+""")
+
+
+def test_key_is_the_same_in_every_process(tiny_model_dir, tmp_path):
+    """PEFT keeps target_modules as a set, whose order follows the string-hash seed of the process: two jobs of the
+    same model must still find one key (seen on the GPU: two processes wrote under two keys)."""
+    script = tmp_path / "key.py"
+    script.write_text(KEY_SCRIPT)
+    keys = {subprocess.run([sys.executable, str(script), str(tiny_model_dir)], check=True, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed}
+                           ).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(keys) == 1, keys
