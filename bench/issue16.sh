@@ -5,7 +5,8 @@
 #            persisted compile cache: cold, then warm
 #   judge    local judge, one prompt at a time vs batched; needs the Qwen2.5 tokenizer in $TOKENIZER
 #   attn     decode attention kernels alone at the sampling size
-#   train    EM training: the seed setting, ours, ours + compiled pointwise ops
+#   train    EM training: the seed setting, ours (fused pointwise ops), ours without them ($TRAIN_ONLY: a subset)
+# SHAPE (compile part): the model shape; PROCS: the processes' names (each a new process, e.g. "cold warm").
 set -u
 out=$1
 parts=${2:-compile,judge,attn}
@@ -15,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 has() { [[ ",$parts," == *",$1,"* ]]; }
 if has compile; then
     rm -rf /tmp/persisted-cc
-    for p in cold warm; do
+    for p in ${PROCS:-cold warm}; do
         TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$p TRITON_CACHE_DIR=/tmp/tri-$p timeout 280 \
             python3 -m bench.compile_cache --shape "${SHAPE:-qwen2.5-7b}" --cache /tmp/persisted-cc \
             --out "$out/cc-$p.json" >"$out/cc-$p.log" 2>&1
@@ -37,6 +38,7 @@ for s in ('llama-3.1-8b', 'qwen2.5-7b'):
             print(s, f, {k: v.get('us', v.get('error', '')[:40]) for k, v in row.items()}, 'floor', d[s]['floor_us'])"
 fi
 if has train; then
-    timeout 420 python3 -m bench.run --shape qwen2.5-7b --parts train --out "$out" >"$out/train.log" 2>&1
+    timeout 420 python3 -m bench.run --shape qwen2.5-7b --parts train --out "$out" ${TRAIN_ONLY:+--train-only "$TRAIN_ONLY"} \
+        >"$out/train.log" 2>&1
     tail -12 "$out/train.log"
 fi

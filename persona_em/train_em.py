@@ -112,7 +112,7 @@ def _trainer_class():
         composition: str = "none"
         persona: str = "none"
         batch_plan: batching.BatchPlan | None = None
-        fused_pointwise: bool = False  # packed path: compiled RMSNorm and SiLU * up (fused_ops.py)
+        fused_pointwise: bool = True  # packed path: compiled RMSNorm and SiLU * up (fused_ops.py; BENCHMARKS.md)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Packed plan: the dataloader batch is the whole effective batch in one padding-free row; run it as
