@@ -12,18 +12,11 @@ Nothing here changes what is computed: the same logits up to bf16 rounding, the 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_NAME = "sdpa_gqa_decode"
-# Which SDPA kernel a decode step uses (PyTorch's own choice is cuDNN on Hopper). Measured alone at the sampling
-# size (bench/decode_attention.py): see BENCHMARKS.md. PERSONA_EM_DECODE_SDPA=efficient|cudnn|auto.
-_DECODE_SDPA = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-                "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], "auto": None}
-DECODE_SDPA_BACKENDS = _DECODE_SDPA[os.environ.get("PERSONA_EM_DECODE_SDPA", "auto")]
 
 
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -44,8 +37,7 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
     mask = attention_mask
     if mask is not None:
         mask = mask[:, :, -1:, : key.shape[-2]]  # [B, 1, 1, L]: broadcast over KV heads and group
-    with sdpa_kernel(DECODE_SDPA_BACKENDS) if DECODE_SDPA_BACKENDS else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
