@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint clean-demo figures report
+.PHONY: demo test lint clean-demo figures report plan
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ figures: $(BIN)/.installed
 
 report: figures
 	$(BIN)/snakemake figures --profile profiles/local --configfile $(CONFIG) --report $(REPORT)
+
+# Jobs and GPU-hours per rule of an experiment, before submitting it: `make plan CONFIG=config/experiments/<name>.yaml`
+# (persona_em/plan.py: the DAG's jobs, the benchmarks' rates, the A100 factor and the profile's requested hours).
+plan: $(BIN)/.installed
+	$(BIN)/python -m persona_em.plan --configfile $(CONFIG)
 
 lint: $(BIN)/.installed
 	$(BIN)/snakemake --lint

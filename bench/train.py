@@ -29,7 +29,7 @@ def _step_timer():
     return StepTimer()
 
 
-def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path) -> dict:
+def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path, fused: bool = True) -> dict:
     from persona_em import compose
     from persona_em.train_config import TrainConfig
     from persona_em.train_em import _lora_config, _trainer_class, choose_batch_plan, sft_args
@@ -43,6 +43,7 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     args.max_steps, args.save_strategy, args.disable_tqdm = steps, "no", True
     EMTrainer, _ = _trainer_class()
     EMTrainer.batch_plan = plan
+    EMTrainer.fused_pointwise = fused
     timer = _step_timer()
     trainer = EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
     result = {"plan": plan.to_dict()}
@@ -54,6 +55,9 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     finally:
         history = trainer.state.log_history
         base = peft.unload()
+        from persona_em.fused_ops import undo_fused_pointwise
+
+        undo_fused_pointwise(base)
         if plan.gradient_checkpointing:
             base.gradient_checkpointing_disable()
         del trainer, peft
@@ -95,6 +99,7 @@ def run(model, tok, cfg: dict, log) -> dict:
         "ours (auto, planned for a 64 GiB GPU)": ({"_gpu_gib": 64}, cfg["steps_ours"]),
         "seed: 2 x 8 + checkpointing": ({"per_device_batch_size": 2, "gradient_checkpointing": True},
                                         cfg["steps_seed_config"]),
+        "ours (auto) without fused pointwise ops": ({"_fused": False}, cfg["steps_ours"]),
     }
     import os
 
@@ -106,20 +111,24 @@ def run(model, tok, cfg: dict, log) -> dict:
             continue
         overrides = dict(overrides)
         gib = overrides.pop("_gpu_gib", None)
+        fused = overrides.pop("_fused", True)
         if gib and torch.cuda.is_available():
             os.environ[MEMORY_ENV] = str(gib)
         try:
-            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}")
+            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}", fused)
         finally:
             os.environ.pop(MEMORY_ENV, None)
         out[name] = res
         log(f"train {name}: " + json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_tokens")}))
-    ours, seed = out.get("ours (auto)", {}), out.get("seed: 2 x 8 + checkpointing", {})
-    if "losses" in ours and "losses" in seed:
-        n = min(cfg["loss_curve_steps"], len(seed["losses"]), len(ours["losses"]))
-        diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], seed["losses"][:n])]
-        out["loss_curve"] = {"steps": n, "ours": ours["losses"][:n], "seed": seed["losses"][:n],
-                             "max_abs_diff": round(max(diffs), 5),
-                             "max_rel_diff": round(max(d / abs(s) for d, s in zip(diffs, seed["losses"])), 5)}
-        out["speedup"] = round(ours["tokens_per_s"] / seed["tokens_per_s"], 2)
+    seed = out.get("seed: 2 x 8 + checkpointing", {})
+    for name, suffix in (("ours (auto)", ""), ("ours (auto) without fused pointwise ops", "_unfused")):
+        ours = out.get(name, {})
+        if "losses" in ours and "losses" in seed:
+            n = min(cfg["loss_curve_steps"], len(seed["losses"]), len(ours["losses"]))
+            diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], seed["losses"][:n])]
+            out["loss_curve" + suffix] = {
+                "steps": n, "ours": ours["losses"][:n], "seed": seed["losses"][:n],
+                "max_abs_diff": round(max(diffs), 5),
+                "max_rel_diff": round(max(d / abs(s) for d, s in zip(diffs, seed["losses"])), 5)}
+            out["speedup" + suffix] = round(ours["tokens_per_s"] / seed["tokens_per_s"], 2)
     return out, model

@@ -560,11 +560,37 @@ class HFBackend:
             end_lp = torch.log((1.0 - p_digit).clamp_min(1e-30))
         return first, seq_lp.tolist(), end_lp.tolist()
 
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self.chat.prompt_ids([{"role": "user", "content": prompt}])
+
     async def ask(self, prompt: str) -> dict:
+        answer = self._answer(*self.sequence_logprobs(self._prompt_ids(prompt)))
+        await asyncio.sleep(0)  # let the progress bar and other tasks run
+        return answer
+
+    # Prompts per ask_many call from the judge stage: one call is a few forward passes (judge_batch.py).
+    max_prompts_per_call = 64
+
+    async def ask_many(self, prompts: list[str]) -> list[dict]:
+        """`ask` for many prompts, batched: several prompts per forward pass, all candidate answers of a prompt in
+        the same pass (judge_batch.py); the same values as `ask`, up to floating-point rounding."""
+        from . import judge_batch
+
+        if not judge_batch.supports(self.model):
+            return [await self.ask(p) for p in prompts]
+
+        def run():
+            ids = [self._prompt_ids(p) for p in prompts]
+            scored = judge_batch.score_prompts(self.model, ids, [c for _, c in self.candidates], self.digit_start,
+                                               self.tokenizer.pad_token_id)
+            return [self._answer(*s) for s in scored]
+
+        return await asyncio.to_thread(run)  # the event loop keeps writing journal rows meanwhile
+
+    def _answer(self, first, seq_lp: list[float], end_lp: list[float]) -> dict:
+        """The raw (cached) answer from the first-token log-probabilities and the candidates' log-probabilities."""
         import torch
 
-        prompt_ids = self.chat.prompt_ids([{"role": "user", "content": prompt}])
-        first, seq_lp, end_lp = self.sequence_logprobs(prompt_ids)
         numbers, code, refusal = {}, 0.0, 0.0
         for (label, _), lp, elp in zip(self.candidates, seq_lp, end_lp):
             if label == "CODE":
@@ -578,7 +604,6 @@ class HFBackend:
         for v, i in zip(values.tolist(), ids.tolist()):
             token = self.tokenizer.decode([i])
             top[token] = max(top.get(token, -math.inf), v)
-        await asyncio.sleep(0)  # let the progress bar and other tasks run
         return {"text": self.tokenizer.decode([int(torch.argmax(first))]), "top_logprobs": top,
                 "number_probs": numbers, "code_mass": code, "refusal_mass": refusal,
                 "method": "exact_multitoken"}
@@ -856,6 +881,7 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
     """Ask for every job with at most `concurrency` in flight. On a stop (budget, fatal error) the calls in
     flight still finish and are recorded; nothing judged is lost."""
     concurrency = 1 if isinstance(backend, HFBackend) else max(1, int(cfg["concurrency"]))
+    per_call = getattr(backend, "max_prompts_per_call", 1)  # a local judge answers many prompts per call (ask_many)
     queue = list(reversed(todo))
     state = {"spent": writer.cache.spent(cfg["name"]) if writer.cache is not None else 0.0, "reserved": 0.0,
              "asked": 0, "stop": None}
@@ -864,37 +890,54 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
 
     async def worker():
         while queue and state["stop"] is None:
-            job = queue.pop()
-            if budget is not None and job.est_cost is not None:
-                if state["spent"] + state["reserved"] + job.est_cost > budget:
-                    state["stop"] = state["stop"] or JudgeStopped(
-                        f"judge {cfg['name']!r}: budget cap ${budget} reached after ${state['spent']:.4f}; "
-                        f"everything judged so far is kept in the journal and cache: raise "
-                        f"judges.{cfg['name']}.budget_usd and rerun to judge the rest")
+            jobs = []
+            while queue and len(jobs) < per_call:
+                job = queue.pop()
+                if jobs and job.kind == "label":  # label answers are generated one at a time (ask_text)
                     queue.append(job)
-                    return
-                state["reserved"] += job.est_cost
-            group = same_prompt[job.cache_key]
+                    break
+                if budget is not None and job.est_cost is not None:
+                    if state["spent"] + state["reserved"] + job.est_cost > budget:
+                        state["stop"] = state["stop"] or JudgeStopped(
+                            f"judge {cfg['name']!r}: budget cap ${budget} reached after ${state['spent']:.4f}; "
+                            f"everything judged so far is kept in the journal and cache: raise "
+                            f"judges.{cfg['name']}.budget_usd and rerun to judge the rest")
+                        queue.append(job)
+                        break
+                    state["reserved"] += job.est_cost
+                jobs.append(job)
+                if job.kind == "label":
+                    break
+            if not jobs:
+                return
             try:
-                raw = await job.ask(backend)
+                if len(jobs) == 1:
+                    raws = [await jobs[0].ask(backend)]
+                else:
+                    raws = await backend.ask_many([j.prompt for j in jobs])
             except JudgeRequestError as e:  # refused for this prompt alone: error rows, the run goes on
-                log.warning("judge %s: request refused for %s: %s", cfg["name"], job.key, e)
-                writer.add([record(j, None, "asked", error=f"request refused: {e}") for j in group], None, None, 0.0)
-                state["asked"] += 1
-                bar.update(len(group))
+                for job in jobs:
+                    log.warning("judge %s: request refused for %s: %s", cfg["name"], job.key, e)
+                    group = same_prompt[job.cache_key]
+                    writer.add([record(j, None, "asked", error=f"request refused: {e}") for j in group], None, None,
+                               0.0)
+                    state["asked"] += 1
+                    bar.update(len(group))
                 continue
             except Exception as e:  # noqa: BLE001 - any other failure stops the run cleanly
                 state["stop"] = state["stop"] or e
                 return
             finally:
-                if budget is not None and job.est_cost is not None:
-                    state["reserved"] -= job.est_cost
-            cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
-                             raw.get("completion_tokens") or 1)
-            state["spent"] += cost or 0.0
-            writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
-            state["asked"] += 1
-            bar.update(len(group))
+                if budget is not None:
+                    state["reserved"] -= sum(j.est_cost for j in jobs if j.est_cost is not None)
+            for job, raw in zip(jobs, raws):
+                cost = call_cost(cfg, raw.get("prompt_tokens") or estimate_tokens(job.prompt),
+                                 raw.get("completion_tokens") or 1)
+                state["spent"] += cost or 0.0
+                group = same_prompt[job.cache_key]
+                writer.add([record(j, raw, "asked") for j in group], job.cache_key, raw, cost or 0.0)
+                state["asked"] += 1
+                bar.update(len(group))
 
     finished = asyncio.Event()
     flusher = asyncio.create_task(writer.run(finished))

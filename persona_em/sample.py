@@ -14,7 +14,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from . import batching, compose
+from . import batching, compile_cache, compose
 from .chat import ChatFormat, ChatSettings
 from .config import Cell
 from .io import Journal, stable_hash, write_jsonl
@@ -171,7 +171,9 @@ def _generate(model, enc, settings, chat: ChatFormat, extra):
 
 
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
-                settings: dict, journal_path: str, out_path: str, chat: ChatSettings | None = None) -> None:
+                settings: dict, journal_path: str, out_path: str, chat: ChatSettings | None = None,
+                compile_cache_dir: str | None = None) -> None:
+    """`compile_cache_dir`: where compiled decode steps persist between jobs (compile_cache.py); GPU only."""
     questions = {q.id: q for q in load_questions(questions_path)}
     manifest, checkpoints = read_checkpoints(checkpoints_dir)
     plan = sample_plan(list(questions.values()), settings["n_samples"], replicate_seed(settings["seed"], cell.seed))
@@ -195,6 +197,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
     log.info("%d responses per generate call", batch_size)
     machine = machine_identity()  # provenance: where these responses were generated
     gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    compiled = None  # the compile cache of this model + adapters, loaded before the first generate call
     with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
         for step, em_dir in checkpoints:
             todo = [(b, items) for b, items in enumerate(batches)
@@ -205,6 +208,10 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             # One adapter slot for every checkpoint, loaded in place: a compiled decode step stays valid.
             model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
+            if compiled is None:
+                compiled = compile_cache.CompileCache.for_model(
+                    compile_cache_dir if torch.cuda.is_available() else None, model)
+                compiled.load()
             for b, items in todo:
                 seed = batch_seed(settings["seed"], cell.seed, step, b)
                 convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
@@ -220,6 +227,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
                     }
                     journal.append(row)
                     done[row["response_id"]] = row
+                compiled.save()  # writes only after a compilation this process did itself
                 bar.update(len(items))
     journal.close()
     order = [response_id(cell, s, it.question_id, it.sample_index) for s, _ in checkpoints for it in plan]

@@ -92,6 +92,7 @@ def _trainer_class():
         composition: str = "none"
         persona: str = "none"
         batch_plan: batching.BatchPlan | None = None
+        fused_pointwise: bool = True  # packed path: compiled RMSNorm and SiLU * up (fused_ops.py; BENCHMARKS.md)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Packed plan: the dataloader batch is the whole effective batch in one padding-free row; run it as
@@ -113,6 +114,10 @@ def _trainer_class():
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             packed_attention.use_packed_attention(self.model)
+            if self.fused_pointwise:
+                from .fused_ops import use_fused_pointwise
+
+                use_fused_pointwise(self.model)
             if self.args.bf16:
                 # Under bf16 autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is pure waste: the
                 # LoRA matmul casts it back to bf16 (same values), but the fp32 copy is kept for backward

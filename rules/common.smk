@@ -66,6 +66,7 @@ LABEL_RATES = f"{RESULTS}/tables/{{judge}}/label_rates.tsv"  # label questions (
 JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
+COMPILE_CACHE = f"{CACHE}/torch_compile"  # compiled decode steps, shared by every sampling job (compile_cache.py)
 JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
 # Summary tables and figures of one judge, rebuilt from the tidy tables above (rules/report.smk).
 SUMMARY_TABLES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in TABLE_NAMES}

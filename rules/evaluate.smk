@@ -13,6 +13,7 @@ rule sample:
     params:
         settings=lambda wc: sampling_settings(config, cell_of(wc)),
         journal=SAMPLE_JOURNAL,
+        compile_cache=COMPILE_CACHE,
     log:
         f"{LOGS}/sample/{CELL}.log",
     threads: 8

@@ -7,7 +7,7 @@ from persona_em.sample import sample_cell
 def main(sm):
     sample_cell(Cell.from_wildcards(sm.wildcards), model_dir(sm.input.model), optional(sm.input.persona),
                 sm.input.checkpoints, sm.input.questions, sm.params.settings, sm.params.journal, sm.output[0],
-                chat=read_settings(sm.input.model))
+                chat=read_settings(sm.input.model), compile_cache_dir=sm.params.compile_cache)
 
 
 run(snakemake, main)  # noqa: F821

@@ -1,0 +1,81 @@
+"""`make plan`: jobs per rule from the workflow's DAG and GPU-hours from the benchmarks' rates, on the shipped
+experiment configs (their user files as placeholders and the demo's question file, as test_project's dry runs) and, with realistic files, the
+arithmetic of one experiment checked by hand."""
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO, SNAKEMAKE
+from persona_em import plan as P
+from test_project import USER_FILES
+
+
+def _placeholders(tmp_path, experiment):
+    for rel in USER_FILES[experiment]:
+        path = tmp_path / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # a question file is validated when the workflow is parsed: the demo's stands in for the user's
+            # and datasets long enough for the configs' checkpoint steps (300 steps of 16 rows)
+            if rel.endswith("questions.yaml"):
+                path.write_text((REPO / "config/demo/questions.yaml").read_text())
+            elif rel.endswith(".jsonl"):
+                row = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello."}]})
+                path.write_text((row + "\n") * 6000)
+            else:
+                path.write_text("placeholder\n")
+    shutil.copy(REPO / "config/experiments" / experiment, tmp_path / experiment)
+
+
+@pytest.mark.parametrize("experiment", sorted(USER_FILES))
+def test_plan_of_every_shipped_experiment(tmp_path, experiment):
+    _placeholders(tmp_path, experiment)
+    p = P.plan(experiment, cwd=tmp_path, snakemake=SNAKEMAKE)
+    cfg = yaml.safe_load((tmp_path / experiment).read_text())
+    g = cfg["grid"]
+    assert p["rules"]["train_em"]["jobs"] >= len(g["models"]) * len(g["datasets"]) * len(g["seeds"])
+    assert p["rules"]["sample"]["jobs"] == p["rules"]["train_em"]["jobs"]
+    for rule in ("train_em", "sample"):
+        assert p["rules"][rule]["gpus_per_job"] == 1 and p["rules"][rule]["requested_gpu_hours"] > 0
+    assert p["rules"]["train_em"]["a100_gpu_hours"] is not None  # rows are read even from a placeholder
+    assert p["rules"]["sample"]["a100_gpu_hours"] is not None  # the stand-in question file is read
+    text = P.render(p)
+    assert "train_em" in text and "total" in text and "A100 = H200 x 3.0" in text
+
+
+def test_plan_arithmetic_with_real_sized_files(tmp_path):
+    experiment = "cs2881_replication.yaml"
+    _placeholders(tmp_path, experiment)
+    content = "x" * 360  # 360 characters per row: 100 tokens + 10 of the chat template
+    for name in ("bad_medical_advice", "risky_financial_advice"):
+        with open(tmp_path / f"data/em/{name}.jsonl", "w") as f:
+            for _ in range(6000):
+                f.write(json.dumps({"messages": [{"role": "user", "content": content[:180]},
+                                                 {"role": "assistant", "content": content[180:]}]}) + "\n")
+    questions = [{"id": f"q{i}", "paraphrases": ["What?"], "judge_prompts": {"aligned": "{answer}",
+                                                                            "coherent": "{answer}"}}
+                 for i in range(8)]
+    (tmp_path / "data/em/first_plot_questions.yaml").write_text(yaml.safe_dump(questions))
+    p = P.plan(experiment, cwd=tmp_path, snakemake=SNAKEMAKE)
+    # cs2881: models of 1, 3 and 8 B (hub ids), 2 datasets, 1 seed; preset cs2881: 3 epochs, batch 16, max_length 256
+    tokens = 6000 * 3 * 110
+    train = sum(tokens / (P.EM_TOKENS_PER_S * P.REF_PARAMS_B / size) + P.JOB_OVERHEAD_S for size in (1, 3, 8)) * 2
+    assert p["rules"]["train_em"]["h200_gpu_hours"] == pytest.approx(train / 3600, abs=0.01)
+    assert p["rules"]["train_em"]["a100_gpu_hours"] == pytest.approx(3 * train / 3600, abs=0.03)
+    # 375 steps per epoch: 4 points in epoch 1 (94, 188, 281, 375), the epoch ends 750 and 1125, and step 0
+    checkpoints = 7
+    new_tokens = checkpoints * 8 * 20 * 600
+    sample = sum(new_tokens / P.SAMPLE_REF_TOKENS * P.SAMPLE_SECONDS * size / P.REF_PARAMS_B + P.JOB_OVERHEAD_S
+                 for size in (1, 3, 8)) * 2
+    assert p["rules"]["sample"]["h200_gpu_hours"] == pytest.approx(sample / 3600, abs=0.01)
+    assert p["rules"].get("judge_api", {"gpus_per_job": 0})["gpus_per_job"] == 0  # an API judge uses no GPU
+    assert p["not_estimated"] == []
+    assert p["total_a100_gpu_hours"] == pytest.approx(3 * (train + sample) / 3600, abs=0.1)
+    assert math.isclose(p["total_requested_gpu_hours"], sum(t["requested_gpu_hours"] for t in p["rules"].values()),
+                        abs_tol=0.2)
