@@ -22,7 +22,7 @@ PYTHON = "3.11"  # the version `make` and the tests use
 STACKS = {
     "torch": ("Model stages: models and data, persona arm, EM training, sampling, judging.",
               ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "safetensors",
-               "huggingface_hub", "openai", "jsonschema", "pandas", "numpy", "PyYAML", "tqdm",
+               "huggingface_hub", "openai", "tenacity", "jsonschema", "pandas", "numpy", "PyYAML", "tqdm",
                "bitsandbytes"]),
     # tqdm: persona_em.judge (the aggregate rule reads its column names); tabulate: DataFrame.to_markdown
     "analysis": ("Tables, figures and report pages (no model library).",

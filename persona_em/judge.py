@@ -55,9 +55,9 @@ the stage logs a warning when the top logprobs never hold a two-digit number; us
 
 Throughput, cost, resume
 ------------------------
-The `openai` backend (OpenAI, OpenRouter, Azure OpenAI, vLLM: anything OpenAI-compatible) uses `AsyncOpenAI` with
-at most `concurrency` requests in flight and retries 429 / 5xx / timeouts / malformed bodies with exponential
-backoff, honouring Retry-After. Every answer is stored in a persistent cache keyed by (judge model and endpoint,
+The `openai` backend (OpenAI, OpenRouter, Azure OpenAI, vLLM: anything OpenAI-compatible) uses the project's one
+async client with at most `concurrency` requests in flight and its one retry policy (persona_em.openai_client:
+408 / 409 / 429 / 5xx / timeouts / malformed bodies, Retry-After or exponential backoff). Every answer is stored in a persistent cache keyed by (judge model and endpoint,
 mode, prompt template hash, question, answer), so reruns never pay twice, and every judgment is appended to the
 cell's journal as it arrives, so a killed job asks only for the missing ones. Before spending, the estimated cost is logged; a budget
 cap stops cleanly with everything judged so far kept. The API key is read from the environment variable named in
@@ -71,7 +71,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sqlite3
 import sys
@@ -83,6 +82,7 @@ from tqdm.auto import tqdm
 from .config import model_source
 from .errors import UserError
 from .io import Journal, sha256_file, stable_hash, write_jsonl
+from .openai_client import RetriesExhausted, make_client, retrying
 from .questions import LABEL_TYPE, load_questions
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,6 @@ JUDGE_DEFAULTS = {
     "text_max_tokens": 16,
 }
 STATUSES = ("scored", "null", "code", "refusal", "labelled", "error")
-RETRY_AFTER_CAP = 600.0  # never sleep longer than this on a server's say-so
 LABEL_MAX_TOKENS = 16  # a label answer's length (enough for TRUE / FALSE / UNKNOWN and to see a longer answer)
 
 
@@ -383,39 +382,14 @@ PER_REQUEST_STATUS = (400, 413, 422)  # bad request, too large, unprocessable: a
 PROBE_PROMPT = "Reply with the number 50."  # a neutral request: does the endpoint accept this judge's requests at all?
 
 
-def _retry_after(exc) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    headers = response.headers
-    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            value = float(headers.get(header)) / scale
-        except (TypeError, ValueError):
-            continue
-        if value >= 0:
-            return min(value, RETRY_AFTER_CAP)
-    return None
-
-
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint: OpenAI, OpenRouter, a vLLM server (base_url), or Azure OpenAI
-    (azure_api_version set; base_url is then the Azure endpoint and model the deployment name)."""
+    (azure_api_version set; base_url is then the Azure endpoint and model the deployment name). The client and its
+    retry policy: persona_em.openai_client."""
 
     def __init__(self, cfg: dict):
-        import openai
-
-        env = cfg["api_key_env"]
-        key = os.environ.get(env)
-        if not key:
-            raise UserError(f"judge {cfg['name']!r}: the API key variable {env} (judges.{cfg['name']}.api_key_env) "
-                            f"is not set in the environment")
-        common = {"api_key": key, "timeout": cfg["timeout"], "max_retries": 0}  # retries are ours (logged, capped)
-        if cfg.get("azure_api_version"):
-            self.client = openai.AsyncAzureOpenAI(azure_endpoint=cfg["base_url"],
-                                                  api_version=cfg["azure_api_version"], **common)
-        else:
-            self.client = openai.AsyncOpenAI(base_url=cfg.get("base_url"), **common)
+        self.where = f"judges.{cfg['name']}"
+        self.client = make_client(cfg, self.where, asynchronous=True)
         self.cfg = cfg
         self.retries = 0
         self.identity_model = cfg["model"]
@@ -464,40 +438,30 @@ class OpenAIBackend:
     async def _with_retries(self, prompt: str, max_tokens: int | None, probing: bool = False):
         import openai
 
-        transient = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                     openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError)
-        attempts = self.cfg["max_retries"] + 1
-        for attempt in range(attempts):
-            try:
-                resp = await self.client.chat.completions.create(**self.request(prompt, max_tokens))
-                self.works = True
-                return resp
-            except openai.APIStatusError as e:
-                if not isinstance(e, transient) and e.status_code in PER_REQUEST_STATUS:
-                    if probing:
-                        raise JudgeStopped(
-                            f"judge {self.cfg['name']!r}: the endpoint refused a request and a neutral probe request "
-                            f"too (HTTP {e.status_code}: {e.message}): it refuses this judge's requests, not one "
-                            f"prompt; check base_url, model, mode and the key in {self.cfg['api_key_env']}") from None
-                    await self.probe(max_tokens)
-                    raise JudgeRequestError(f"HTTP {e.status_code}: {e.message}") from None
-                if not isinstance(e, transient) and e.status_code not in (408, 409, 429) and e.status_code < 500:
-                    raise JudgeStopped(f"judge {self.cfg['name']!r}: the endpoint refused the request "
-                                       f"(HTTP {e.status_code}: {e.message}); check base_url, model and "
-                                       f"the key in {self.cfg['api_key_env']}") from None
-                error = e
-            except transient as e:
-                error = e
-            if attempt + 1 == attempts:
-                raise JudgeStopped(f"judge {self.cfg['name']!r}: gave up after {attempts} attempts; last error: "
-                                   f"{type(error).__name__}: {str(error)[:200]}") from None
-            delay = _retry_after(error)
-            if delay is None:
-                delay = min(self.cfg["backoff_max"], self.cfg["backoff_base"] * 2 ** attempt) * random.uniform(1, 1.25)
+        def counted():
             self.retries += 1
-            log.warning("judge %s: %s, retry %d/%d in %.2f s", self.cfg["name"], type(error).__name__, attempt + 1,
-                        attempts - 1, delay)
-            await asyncio.sleep(delay)
+
+        async def create():
+            return await self.client.chat.completions.create(**self.request(prompt, max_tokens))
+
+        try:
+            resp = await retrying(self.cfg, self.where, asynchronous=True, on_retry=counted)(create)
+        except RetriesExhausted as e:
+            raise JudgeStopped(f"judge {self.cfg['name']!r}: {e}") from None
+        except openai.APIStatusError as e:  # not transient (openai_client.is_transient): about the request
+            if e.status_code in PER_REQUEST_STATUS:
+                if probing:
+                    raise JudgeStopped(
+                        f"judge {self.cfg['name']!r}: the endpoint refused a request and a neutral probe request "
+                        f"too (HTTP {e.status_code}: {e.message}): it refuses this judge's requests, not one "
+                        f"prompt; check base_url, model, mode and the key in {self.cfg['api_key_env']}") from None
+                await self.probe(max_tokens)
+                raise JudgeRequestError(f"HTTP {e.status_code}: {e.message}") from None
+            raise JudgeStopped(f"judge {self.cfg['name']!r}: the endpoint refused the request "
+                               f"(HTTP {e.status_code}: {e.message}); check base_url, model and "
+                               f"the key in {self.cfg['api_key_env']}") from None
+        self.works = True
+        return resp
 
     async def aclose(self) -> None:
         await self.client.close()

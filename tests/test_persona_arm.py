@@ -107,7 +107,7 @@ def _expand_settings(**over):
 
 def _gen(url, **over):
     return {"name": "api", "backend": "openai", "model": "glm-test", "base_url": url, "api_key_env": "TEST_API_KEY",
-            "max_retries": 2, "backoff_seconds": 0.01, "max_concurrency": 2, **over}
+            "max_retries": 2, "backoff_base": 0.01, "backoff_max": 0.05, "max_concurrency": 2, **over}
 
 
 def test_expand_prompts_meets_quotas_with_dedup_and_replays_from_the_journal(constitution, tmp_path, monkeypatch):
@@ -225,7 +225,7 @@ def test_teacher_api_failing_retries_then_fails_keeping_what_it_received(constit
 
 def test_missing_api_key_is_a_clear_error(constitution, tmp_path, monkeypatch):
     monkeypatch.delenv("TEST_API_KEY", raising=False)
-    with pytest.raises(UserError, match="environment variable TEST_API_KEY"):
+    with pytest.raises(UserError, match="API key variable TEST_API_KEY"):
         respond("teacher", str(constitution), str(_prompts(tmp_path)), _gen("http://127.0.0.1:9/v1"), None,
                 _teacher_settings(), str(tmp_path / "j.jsonl"), str(tmp_path / "o.jsonl"))
 

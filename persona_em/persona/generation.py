@@ -3,9 +3,9 @@
 Backends (the `backend` key of a generator in `persona_training.generators`):
   hf      a local causal LM (a name under `models:`), `device_map="auto"` on GPUs so a large teacher (e.g. a
           ~110B MoE) spans all GPUs the job was given; optionally with a LoRA adapter on top (the persona).
-  openai  any OpenAI-compatible chat endpoint (OpenAI, an API router, vLLM). The key comes from the environment
-          variable named by `api_key_env`; it never reaches a file or a log. Failed calls are retried with
-          exponential backoff; when the retries run out the stage fails with a clear error and everything already
+  openai  any OpenAI-compatible chat endpoint (OpenAI, an API router, vLLM, Azure) through the project's one client
+          and retry policy (persona_em.openai_client: the key only from the environment variable named by
+          `api_key_env`). When the retries run out the stage fails with a clear error and everything already
           received stays in the journal, so a rerun asks only for the rest.
 
 `run_journaled` appends every finished item to a Journal the moment it is done (a kill loses at most the items in
@@ -14,8 +14,6 @@ flight) and shows a progress bar with rate and ETA.
 from __future__ import annotations
 
 import logging
-import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import Journal, stable_hash
+from ..openai_client import RetriesExhausted, make_client, retrying
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +43,22 @@ class APIFailed(Exception):
     """An API call failed after all retries."""
 
 
-class OpenAIBackend:
-    def __init__(self, cfg: dict, settings: dict):
-        import openai
+# The API generator's call settings and their defaults (the same as in config/schemas/config.schema.yaml; a test
+# checks that). What they mean: persona_em.openai_client.
+API_DEFAULTS = {"api_key_env": "OPENAI_API_KEY", "timeout": 600, "max_retries": 5, "backoff_base": 2.0,
+                "backoff_max": 60.0, "max_concurrency": 8}
 
-        key = os.environ.get(cfg.get("api_key_env", "OPENAI_API_KEY"))
-        if not key:
-            raise UserError(f"generator {cfg['name']!r}: environment variable {cfg.get('api_key_env', 'OPENAI_API_KEY')} "
-                            "(the API key) is not set")
-        # Retries are ours (below): the client's own would hide how many attempts failed and why.
-        self.client = openai.OpenAI(base_url=cfg.get("base_url"), api_key=key, timeout=cfg.get("timeout", 600),
-                                    max_retries=0)
-        self.cfg, self.settings = cfg, settings
-        self.batch_size = int(cfg.get("max_concurrency", 8))
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint through the project's one client and retry policy
+    (persona_em.openai_client), `max_concurrency` calls in flight."""
+
+    def __init__(self, cfg: dict, settings: dict):
+        self.cfg = {**API_DEFAULTS, **cfg}
+        self.where = f"persona_training.generators.{cfg['name']}"
+        self.client = make_client(self.cfg, self.where)
+        self.settings = settings
+        self.batch_size = int(self.cfg["max_concurrency"])
         self.name = cfg["name"]
 
     def _once(self, req: Request) -> str:
@@ -75,20 +77,12 @@ class OpenAIBackend:
     def _with_retries(self, req: Request) -> str:
         import openai
 
-        retries, backoff = int(self.cfg.get("max_retries", 5)), float(self.cfg.get("backoff_seconds", 2.0))
-        for attempt in range(retries + 1):
-            try:
-                return self._once(req)
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                if attempt == retries:
-                    raise APIFailed(f"{type(e).__name__}: {e}") from None
-                wait = backoff * 2**attempt
-                log.warning("generator %s: %s on %s (attempt %d of %d); retrying in %.1f s",
-                            self.name, type(e).__name__, req.key, attempt + 1, retries + 1, wait)
-                time.sleep(wait)
-            except openai.APIStatusError as e:  # 4xx other than rate limits: retrying will not help
-                raise APIFailed(f"{type(e).__name__} (HTTP {e.status_code}): {e}") from None
-        raise AssertionError("unreachable")
+        try:
+            return retrying(self.cfg, f"{self.where} ({req.key})")(self._once, req)
+        except RetriesExhausted as e:
+            raise APIFailed(str(e)) from None
+        except openai.APIStatusError as e:  # not transient (e.g. 400 / 401 / 404): retrying will not help
+            raise APIFailed(f"{type(e).__name__} (HTTP {e.status_code}): {e}") from None
 
     def generate(self, batch: list[Request]):
         """Yield (request, text) as each call finishes (in completion order)."""
