@@ -1,11 +1,14 @@
-"""Training hyper-parameters as a dataclass, with the named presets of the seed studies.
+"""Training settings of every trainer (EM, persona DPO, introspection SFT): one dataclass family, presets, one
+resolver, one LoRA-config builder and one adapter-save helper.
 
-A cell's training settings = preset, then `training:` keys from the config, then the cell's overrides.
+Settings = preset, then the config's keys, then (EM) the cell's overrides; an unknown key is refused, naming it.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from .errors import UserError
 
@@ -13,15 +16,93 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 @dataclass
-class TrainConfig:
+class LoraTrainSettings:
+    """What every trainer here sets: the LoRA and the optimizer step's size. The field order is TrainConfig's first
+    fields (its `to_dict` is a Snakemake param, compared by repr, so the order must not move)."""
+
+    # Class attributes, not fields (no annotation): preset name -> values ("default" = the class's own defaults).
+    presets = {"default": {}}
+    default_preset = "default"
+
     lora_r: int = 32
     lora_alpha: int = 64
     use_rslora: bool = False
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     learning_rate: float = 1e-5
-    epochs: int = 1
+    epochs: int | str = 1
     effective_batch_size: int = 16
+    per_device_batch_size: int | str = 4
+
+    def validate(self, where: str):
+        if self.per_device_batch_size != "auto" and self.effective_batch_size % self.per_device_batch_size:
+            raise UserError(
+                f"{where}: effective_batch_size {self.effective_batch_size} is not a multiple of "
+                f"per_device_batch_size {self.per_device_batch_size}"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_settings(cls: type, *layers: dict, where: str):
+    """Merge `cls`'s preset (the last layer naming `preset` wins) and the layers (later wins) into validated
+    settings of `cls`; an unknown key or preset is a UserError naming it."""
+    merged: dict = {}
+    preset = cls.default_preset
+    for layer in layers:
+        preset = layer.get("preset", preset)
+    if preset not in cls.presets:
+        raise UserError(f"{where}: unknown training preset {preset!r} (known: {', '.join(sorted(cls.presets))})")
+    merged.update(cls.presets[preset])
+    known = {f.name for f in fields(cls)}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "preset":
+                continue
+            if key not in known:
+                raise UserError(f"{where}: unknown training key {key!r} (known: {', '.join(sorted(known))})")
+            merged[key] = value
+    return cls(**merged).validate(where)
+
+
+def lora_config(s: LoraTrainSettings):
+    """The PEFT LoraConfig of any trainer's settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, use_rslora=s.use_rslora,
+                      target_modules=list(s.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def check_targets_exist(model, targets, what: str) -> None:
+    """LoRA target modules that the base lacks would silently train nothing there."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise UserError(f"{what}: target modules {missing} do not exist in the base model "
+                        f"(its projections: {sorted(n for n in names if n.endswith('proj'))})")
+
+
+def save_adapter(model, adapter_name: str, out_dir) -> None:
+    """Adapter `adapter_name` of a PEFT model as a plain adapter directory (adapter_config.json at the top of
+    `out_dir`). Not atomic by itself: callers write into an atomic_dir."""
+    out = Path(out_dir)
+    model.save_pretrained(str(out), selected_adapters=[adapter_name])
+    sub = out / adapter_name  # PEFT puts a non-"default" adapter in a subfolder named after it
+    if sub.is_dir():
+        for f in sub.iterdir():
+            shutil.move(str(f), out / f.name)
+        sub.rmdir()
+
+
+@dataclass
+class TrainConfig(LoraTrainSettings):
+    """EM fine-tuning (train_em.py); presets: PRESETS below."""
+
+    default_preset = "betley"
+
+    epochs: int = 1
     # How the effective batch is computed (persona_em/batching.py). `auto`: on a GPU, the whole effective batch
     # packed padding-free and cut into micro-batches sized from the GPU's memory; on CPU, 2 per micro-batch.
     # An integer: that many examples per padded micro-batch, grad-accumulation = effective / micro (as before).
@@ -50,17 +131,7 @@ class TrainConfig:
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise UserError(f"{where}: gradient_checkpointing must be true, false or 'auto', "
                             f"got {self.gradient_checkpointing!r}")
-        if self.per_device_batch_size == "auto":
-            return self
-        if self.effective_batch_size % self.per_device_batch_size:
-            raise UserError(
-                f"{where}: effective_batch_size {self.effective_batch_size} is not a multiple of "
-                f"per_device_batch_size {self.per_device_batch_size}"
-            )
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return super().validate(where)
 
     def check_installed(self, where: str) -> None:
         """Before any model is loaded: the packages these settings need are importable here."""
@@ -138,21 +209,60 @@ PRESETS: dict[str, dict] = {
 }
 
 
+TrainConfig.presets = PRESETS
+
+
 def resolve_train_config(*layers: dict, where: str) -> TrainConfig:
     """Merge `preset` + override layers (later wins) into a validated TrainConfig."""
-    merged: dict = {}
-    preset = "betley"
-    for layer in layers:
-        preset = layer.get("preset", preset)
-    if preset not in PRESETS:
-        raise UserError(f"{where}: unknown training preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-    merged.update(PRESETS[preset])
-    known = {f.name for f in fields(TrainConfig)}
-    for layer in layers:
-        for key, value in layer.items():
-            if key == "preset":
-                continue
-            if key not in known:
-                raise UserError(f"{where}: unknown training key {key!r} (known: {', '.join(sorted(known))})")
-            merged[key] = value
-    return TrainConfig(**merged).validate(where)
+    return resolve_settings(TrainConfig, *layers, where=where)
+
+
+@dataclass
+class PersonaTrainSettings(LoraTrainSettings):
+    """What the persona trainers (DPO and introspection SFT) share, with their defaults (their one preset,
+    "default", is these values)."""
+
+    lora_r: int = 64
+    lora_alpha: int = 128
+    learning_rate: float = 5e-5
+    effective_batch_size: int = 32
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1  # transformers 5: warmup_steps < 1 is a ratio of all steps
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    resume_every_steps: int = 50
+    seed: int = 0
+
+    def validate(self, where: str):
+        value = self.per_device_batch_size
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"{where}: per_device_batch_size must be a positive integer, got {value!r}")
+        return super().validate(where)
+
+
+@dataclass
+class DPOSettings(PersonaTrainSettings):
+    """persona_training.dpo (persona/train_dpo.py). Epochs follow the pair count (`epochs: auto`)."""
+
+    lora_dropout: float = 0.05
+    epochs: int | str = "auto"
+    max_length: int = 1024
+    beta: float = 0.1
+    # (upper bound on the pair count, epochs), first match wins; null = no bound.
+    epochs_by_pairs: list = field(default_factory=lambda: [[100, 5], [300, 3], [None, 1]])
+    nll_weight: float = 0.0
+
+    def resolve_epochs(self, n_pairs: int) -> int:
+        if self.epochs != "auto":
+            return int(self.epochs)
+        for bound, epochs in self.epochs_by_pairs:
+            if bound is None or n_pairs < bound:
+                return int(epochs)
+        raise UserError(f"persona_training.dpo.epochs_by_pairs {self.epochs_by_pairs}: no entry covers {n_pairs} pairs "
+                        "(end the list with [null, epochs])")
+
+
+@dataclass
+class SFTSettings(PersonaTrainSettings):
+    """persona_training.sft (persona/introspection.py train_sft): the shared persona defaults, 1 epoch, no dropout.
+    The config schema states the same defaults (tests/test_train_config_family.py compares them)."""

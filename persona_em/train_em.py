@@ -28,7 +28,7 @@ from .errors import UserError
 from .io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
 from .schedule import expand_schedule, steps_per_epoch
 from .sigterm import train_until_sigterm
-from .train_config import TrainConfig
+from .train_config import TrainConfig, lora_config, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +52,13 @@ def build_dataset(chat: ChatFormat, train_path, cfg: TrainConfig):
     return Dataset.from_list(kept)
 
 
-def _lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
-        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
+_lora_config = lora_config  # the name tests/test_train_config.py imports
 
 
 def _save_em(model, out: Path) -> None:
-    """Save only the EM adapter, as a plain adapter directory (adapter_config.json at its top)."""
+    """Save only the EM adapter, atomically, as a plain adapter directory (adapter_config.json at its top)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=[compose.EM])
-        sub = tmp / compose.EM  # PEFT puts a non-"default" adapter in a subfolder named after it
-        if sub.is_dir():
-            for f in sub.iterdir():
-                shutil.move(str(f), tmp / f.name)
-            sub.rmdir()
+        save_adapter(model, compose.EM, tmp)
 
 
 def _export_step(checkpoint: Path, adapters_dir: Path, step: int) -> None:
@@ -251,7 +240,7 @@ def train_em(
              cell.path, len(dataset), per_epoch, cfg.epochs, schedule)
 
     torch.manual_seed(cell.seed)  # the EM adapter's initialisation
-    model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, _lora_config(cfg))
+    model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, lora_config(cfg))
     state = compose.describe(model)
     log.info("training with active adapters %s, merged persona %s", state["active_adapters"], state["merged_persona"])
 

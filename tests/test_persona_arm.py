@@ -285,7 +285,7 @@ def test_dpo_defaults_and_epochs_by_pair_count():
             s.max_length) == (64, 128, 0.1, 5e-5, "cosine", 0.1, 32, 1024)
     assert [s.resolve_epochs(n) for n in (49, 99, 100, 166, 299, 300, 5000)] == [5, 5, 3, 3, 3, 1, 1]
     assert settings_from({"epochs": 2}, "x").resolve_epochs(10) == 2
-    with pytest.raises(UserError, match=r"unknown keys \['lr'\]"):
+    with pytest.raises(UserError, match=r"config persona_training\.dpo: unknown training key 'lr'"):
         settings_from({"lr": 1}, "config persona_training.dpo")
     with pytest.raises(UserError, match="not a multiple"):
         settings_from({"effective_batch_size": 32, "per_device_batch_size": 5}, "config persona_training.dpo")

@@ -15,7 +15,6 @@ train_sft: a LoRA trained by SFT on the model with the DPO persona MERGED into i
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
 from ..sigterm import train_until_sigterm
+from ..train_config import SFTSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
 from .constitution import load_constitution, system_prompt
 from .generation import Request, generator_identity, item_seed, make_backend, run_journaled
 
@@ -98,45 +98,45 @@ def introspect(constitution_path: str, model_dir: str, dpo_adapter: str, setting
 def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, data_path: str, settings: dict,
               work_dir: str, out_dir: str, chat: ChatSettings | None = None) -> None:
     """SFT LoRA on the DPO-merged model, then the final persona = cat(dpo, sft) as one adapter."""
+    from dataclasses import asdict
+
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     from ..compose import load_base_model
-    from .train_dpo import check_targets_exist, save_adapter
 
+    s = resolve_settings(SFTSettings, settings, where="persona_training.sft")
     rows = read_jsonl(data_path)
     if not rows:
         raise UserError(f"{data_path}: no introspection conversations to train on")
-    s = settings
     base, tokenizer = load_base_model(model_dir)
-    check_targets_exist(base, s["target_modules"], "persona_training.sft.target_modules")
+    check_targets_exist(base, s.target_modules, "persona_training.sft.target_modules")
     merged = PeftModel.from_pretrained(base, str(dpo_adapter)).merge_and_unload()
     chat_format = ChatFormat.load(model_dir, chat, tokenizer)
-    data = [chat_format.encode(r["messages"], True, s["max_length"]) for r in rows]
+    data = [chat_format.encode(r["messages"], True, s.max_length) for r in rows]
     dataset = Dataset.from_list([d for d in data if any(x != -100 for x in d["labels"])])
-    torch.manual_seed(s["seed"])
-    model = get_peft_model(merged, LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
-                                              target_modules=list(s["target_modules"]), task_type="CAUSAL_LM"))
+    torch.manual_seed(s.seed)
+    model = get_peft_model(merged, lora_config(s))
     trainer_dir = Path(work_dir) / "trainer"
     cuda = torch.cuda.is_available()
-    args = SFTConfig(output_dir=str(trainer_dir), num_train_epochs=s["epochs"],
-                     per_device_train_batch_size=s["per_device_batch_size"],
-                     gradient_accumulation_steps=s["effective_batch_size"] // s["per_device_batch_size"],
-                     learning_rate=s["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.1,
-                     max_length=s["max_length"], bf16=cuda, seed=s["seed"], data_seed=s["seed"],
+    args = SFTConfig(output_dir=str(trainer_dir), num_train_epochs=s.epochs,
+                     per_device_train_batch_size=s.per_device_batch_size,
+                     gradient_accumulation_steps=s.effective_batch_size // s.per_device_batch_size,
+                     learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio,
+                     max_length=s.max_length, bf16=cuda, seed=s.seed, data_seed=s.seed,
                      dataloader_num_workers=0, logging_steps=1, save_strategy="steps",
-                     save_steps=s["resume_every_steps"], save_total_limit=2, report_to=[], disable_tqdm=False)
+                     save_steps=s.resume_every_steps, save_total_limit=2, report_to=[], disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     resume = latest_trainer_checkpoint(trainer_dir, log)
     log.info("SFT on the DPO-merged model: %d conversations; %s", len(dataset),
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
     train_until_sigterm(trainer, resume, log)
     with atomic_dir(Path(work_dir) / "sft_adapter") as tmp:
-        save_adapter(trainer.model, tmp)
+        save_adapter(trainer.model, "default", tmp)
     combine_cat(model_dir, dpo_adapter, Path(work_dir) / "sft_adapter", out_dir, {
         "persona": persona, "model": model_name, "stage": "dpo+introspection_sft", "composition": "cat(dpo, sft)",
-        "dpo": read_json(Path(dpo_adapter) / "persona.json"), "sft": {**s, "steps": trainer.state.global_step,
+        "dpo": read_json(Path(dpo_adapter) / "persona.json"), "sft": {**asdict(s), "steps": trainer.state.global_step,
                                                                        "conversations": len(dataset)},
         "chat": chat_format.identity()})
 
@@ -156,10 +156,5 @@ def combine_cat(model_dir: str, dpo_adapter, sft_adapter, out_dir: str, manifest
     model.delete_adapter("dpo")
     model.delete_adapter("sft")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=["persona"])
-        sub = tmp / "persona"
-        if sub.is_dir():
-            for f in sub.iterdir():
-                shutil.move(str(f), tmp / f.name)
-            sub.rmdir()
+        save_adapter(model, "persona", tmp)
         write_json(tmp / "persona.json", manifest)

@@ -28,6 +28,7 @@ def check_persona_config(config: dict) -> None:
         if gen["backend"] == "hf" and gen["model"] not in config["models"]:
             raise UserError(f"config persona_training.generators.{gen['name']}.model: an hf generator names a model "
                             f"under 'models:' (defined: {sorted(config['models'])})")
-    from .train_dpo import settings_from
+    from ..train_config import DPOSettings, SFTSettings, resolve_settings
 
-    settings_from(config["persona_training"].get("dpo", {}), "config persona_training.dpo")
+    for key, cls in (("dpo", DPOSettings), ("sft", SFTSettings)):
+        resolve_settings(cls, config["persona_training"].get(key, {}), where=f"config persona_training.{key}")

@@ -15,8 +15,7 @@ Layout (like train_em):
 from __future__ import annotations
 
 import logging
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,77 +24,13 @@ from ..chat import ChatFormat, ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
 from ..sigterm import train_until_sigterm
-from ..train_config import ALL_PROJECTIONS
+from ..train_config import DPOSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DPOSettings:
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
-    beta: float = 0.1
-    learning_rate: float = 5e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    effective_batch_size: int = 32
-    per_device_batch_size: int = 4
-    max_length: int = 1024
-    epochs: int | str = "auto"
-    # (upper bound on the pair count, epochs), first match wins; null = no bound.
-    epochs_by_pairs: list = field(default_factory=lambda: [[100, 5], [300, 3], [None, 1]])
-    nll_weight: float = 0.0
-    gradient_checkpointing: bool = False
-    resume_every_steps: int = 50
-    seed: int = 0
-
-    def resolve_epochs(self, n_pairs: int) -> int:
-        if self.epochs != "auto":
-            return int(self.epochs)
-        for bound, epochs in self.epochs_by_pairs:
-            if bound is None or n_pairs < bound:
-                return int(epochs)
-        raise UserError(f"persona_training.dpo.epochs_by_pairs {self.epochs_by_pairs}: no entry covers {n_pairs} pairs "
-                        "(end the list with [null, epochs])")
-
-
 def settings_from(d: dict, where: str) -> DPOSettings:
-    known = set(DPOSettings.__dataclass_fields__)
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise UserError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    s = DPOSettings(**d)
-    if s.effective_batch_size % s.per_device_batch_size:
-        raise UserError(f"{where}: effective_batch_size {s.effective_batch_size} is not a multiple of "
-                        f"per_device_batch_size {s.per_device_batch_size}")
-    return s
-
-
-def lora_config(s: DPOSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                      target_modules=list(s.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-def check_targets_exist(model, targets, what: str) -> None:
-    """LoRA target modules that the base lacks would silently train nothing there."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(targets) - names)
-    if missing:
-        raise UserError(f"{what}: target modules {missing} do not exist in the base model "
-                        f"(its projections: {sorted(n for n in names if n.endswith('proj'))})")
-
-
-def save_adapter(model, out: Path) -> None:
-    """The trained LoRA as a plain adapter directory (adapter_config.json at its top)."""
-    model.save_pretrained(str(out))
-    for sub in [p for p in out.iterdir() if p.is_dir()]:  # a non-"default" adapter lands in a subfolder
-        for f in sub.iterdir():
-            shutil.move(str(f), out / f.name)
-        sub.rmdir()
+    return resolve_settings(DPOSettings, d, where=where)
 
 
 def _checkpointing(config_cls, enabled: bool) -> dict:
@@ -176,7 +111,7 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
              f"resumed from {resume}" if resume else "no checkpoint: training from step 0")
     train_until_sigterm(trainer, resume, log)
     with atomic_dir(out_dir) as tmp:
-        save_adapter(trainer.model, tmp)
+        save_adapter(trainer.model, "default", tmp)  # TRL's peft_config path names the LoRA "default"
         write_json(tmp / "persona.json", {
             "persona": persona, "model": model_name, "stage": "dpo", "pairs": len(rows), "epochs": epochs,
             "steps": trainer.state.global_step, "dpo": asdict(s), "composition": "single_adapter",
