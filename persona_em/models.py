@@ -99,10 +99,10 @@ def load_model(model_dir: str | Path, chat: ChatSettings | None = None, device: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device not in (None, "cpu", "cuda", "auto"):
+        raise ValueError(f"device {device!r}: one of None, 'cpu', 'cuda', 'auto'")
     path = require_local(model_dir, f"model at {model_dir}", marker="config.json")
     cuda = torch.cuda.is_available() and device != "cpu"
-    if device is not None and device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"device {device!r}: one of None, 'cpu', 'cuda', 'auto'")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.bfloat16 if cuda else torch.float32,
         device_map=("auto" if device == "auto" else "cuda") if cuda else None)
