@@ -110,6 +110,17 @@ def load_model(model_dir: str | Path, chat: ChatSettings | None = None, device: 
     return model, ChatFormat.load(path, chat)
 
 
+def load_tokenizer(model_dir: str | Path):
+    """A model directory's tokenizer; one without a pad token pads with its eos (pads never reach the loss or the
+    output: attention masks and `cut_at_stop` exclude them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def blank_generation_config(model) -> None:
     """The model's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20, top_p 0.8,
     temperature 0.7) would fill every generation setting a `generate` call does not pass explicitly. A response must

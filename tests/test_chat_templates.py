@@ -177,7 +177,7 @@ def glm():
     package registry); GLM-4.5's generation_config stops on <|user|> and <|observation|>."""
     import real_assets
 
-    from persona_em.chat import load_tokenizer
+    from persona_em.models import load_tokenizer
 
     tok = load_tokenizer(real_assets.tokenizer_dir("qwen3"))
     tok.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<sop>", "<|system|>", "<|user|>",
