@@ -205,4 +205,3 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
     if missing or len(state) != len(slot):
         raise RuntimeError(f"{em_dir}: {len(state)} adapter tensors for {len(slot)} slots of adapter {name!r} "
                            f"(missing: {sorted(missing)[:3]})")
-

@@ -46,4 +46,3 @@ def optional(value) -> str | None:
     if isinstance(value, str):
         return value
     return str(value[0]) if len(value) else None
-

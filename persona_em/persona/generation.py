@@ -119,6 +119,7 @@ class HFBackend:
         self.model, self.chat = load_model(model_dir, chat, device="auto")
         if adapter_dir is not None:
             self.model = compose.load_persona(self.model, adapter_dir, cfg["name"])
+        self.model.eval()
         self.settings = settings
         self.batch_size = int(cfg.get("batch_size", 16))
         self.name = cfg["name"]
