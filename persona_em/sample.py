@@ -90,9 +90,9 @@ def generate_batch(model, chat: ChatFormat, conversations: list[list[dict]], set
     Prompts: `chat.prompt_ids` (the model's chat settings; an optional prefill starts each answer). Sampling:
     `settings` alone (temperature, top_p, max_new_tokens; models.load_model blanked the model's generation_config).
     A row ends at the first of `chat.stop_ids` ("stop") or after max_new_tokens ("length"); n_new_tokens counts the
-    tokens before the stop. `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
-    Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with `fast`): the LoRA
-    products in bf16 under autocast, without fp32 copies of their inputs.
+    tokens before the stop. `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention
+    (fast_generate.py). Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with
+    `fast`): the LoRA products in bf16 under autocast, without fp32 copies of their inputs.
     """
     fast = torch.cuda.is_available() if fast is None else fast
     bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
