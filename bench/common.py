@@ -12,8 +12,11 @@ import torch
 
 
 def build_model(shape: dict, tokenizer):
-    """A random-weight causal LM of the given shape, in bf16 on the GPU (or fp32 on CPU)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random-weight causal LM of the given shape, in bf16 on the GPU (or fp32 on CPU), with a blank
+    generation_config as `persona_em.models.load_model` gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from persona_em.models import blank_generation_config
 
     shape = dict(shape)
     arch = shape.pop("arch")
@@ -25,8 +28,7 @@ def build_model(shape: dict, tokenizer):
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):
         model = model_cls(config).to(torch.bfloat16 if cuda else torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=True)
+    blank_generation_config(model)  # as persona_em.models.load_model leaves every model it loads
     return model
 
 

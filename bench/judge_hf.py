@@ -53,6 +53,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
+    from persona_em.chat import ChatFormat
     from persona_em.judge import HFBackend, interpret
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     model.eval()
     model_dir = Path(tempfile.mkdtemp(prefix="bench_judge_"))
     model.config.save_pretrained(model_dir)  # HFBackend fingerprints the model by its config
-    with mock.patch("persona_em.compose.load_base_model", return_value=(model, tok)):
+    with mock.patch("persona_em.models.load_model", return_value=(model, ChatFormat(tok))):
         backend = HFBackend({"name": "bench", "model": a.shape, "mode": "logprobs"}, str(model_dir))
     vocab = model.config.vocab_size
     if backend.digit_start.numel() < vocab:  # the one-at-a-time path indexes the logits with it

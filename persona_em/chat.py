@@ -86,17 +86,6 @@ def read_settings(manifest_path: str | Path) -> ChatSettings:
     return ChatSettings.from_dict(manifest["chat"], manifest.get("model", ""))
 
 
-def load_tokenizer(model_dir: str | Path):
-    """A model directory's tokenizer; one without a pad token pads with its eos (pads never reach the loss or the
-    output: attention masks and `cut_at_stop` exclude them)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def generation_eos_ids(model_dir: str | Path) -> list[int]:
     """The stop ids of a model directory's generation_config.json (`eos_token_id`: one id or a list), if any."""
     path = Path(model_dir) / "generation_config.json"
@@ -136,6 +125,8 @@ class ChatFormat:
     @classmethod
     def load(cls, model_dir: str | Path, settings: ChatSettings | None = None, tokenizer=None) -> "ChatFormat":
         """The chat format of a model directory (its tokenizer and generation_config.json; no weights loaded)."""
+        from .models import load_tokenizer  # models.py owns loading (it imports this module)
+
         settings = settings or ChatSettings()
         return cls(tokenizer if tokenizer is not None else load_tokenizer(model_dir), settings,
                    generation_eos_ids(model_dir), name=settings.model or str(model_dir))

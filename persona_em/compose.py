@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 EM = "em"
@@ -92,7 +90,8 @@ def check_target_modules(model, adapter_dir: str | Path, what: str) -> None:
         )
 
 
-def _load_persona(base, persona_dir: str | Path, persona: str):
+def load_persona(base, persona_dir: str | Path, persona: str):
+    """`base` with the persona adapter `persona_dir` on top, frozen, under the adapter name PERSONA."""
     from peft import PeftModel
 
     persona_dir = Path(persona_dir)
@@ -103,7 +102,7 @@ def _load_persona(base, persona_dir: str | Path, persona: str):
 
 
 def _merge_persona(base, persona_dir, persona: str):
-    merged = _load_persona(base, persona_dir, persona).merge_and_unload()
+    merged = load_persona(base, persona_dir, persona).merge_and_unload()
     setattr(merged.config, MERGED_MARKER, persona)
     return merged
 
@@ -123,7 +122,7 @@ def compose_for_training(base, persona: str, persona_dir, composition: str, em_l
     elif composition == "merged":
         model = get_peft_model(_merge_persona(base, persona_dir, persona), em_lora_config, adapter_name=EM)
     else:
-        model = _load_persona(base, persona_dir, persona)
+        model = load_persona(base, persona_dir, persona)
         model.add_adapter(EM, em_lora_config)
         _activate(model, composition, EM)
     if composition in ("stacked", "persona_off"):
@@ -152,7 +151,7 @@ def compose_for_sampling(base, persona: str, persona_dir, composition: str):
     if composition == "merged":
         return _merge_persona(base, persona_dir, persona)
     if composition in ("stacked", "persona_off"):
-        return _load_persona(base, persona_dir, persona)
+        return load_persona(base, persona_dir, persona)
     return base
 
 
@@ -206,19 +205,3 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
     if missing or len(state) != len(slot):
         raise RuntimeError(f"{em_dir}: {len(state)} adapter tensors for {len(slot)} slots of adapter {name!r} "
                            f"(missing: {sorted(missing)[:3]})")
-
-
-def load_base_model(model_dir: str | Path, device: str | None = None):
-    """Base model + tokenizer from a prepared model directory, in bf16 on a GPU, fp32 on CPU."""
-    from transformers import AutoModelForCausalLM
-
-    from .chat import load_tokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"no model at {model_dir} (config.json missing)")
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else None
-    )
-    return model, load_tokenizer(model_dir)

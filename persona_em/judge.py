@@ -473,15 +473,15 @@ class HFBackend:
     def __init__(self, cfg: dict, model_dir: str):
         import torch
 
-        from .chat import ChatFormat, ChatSettings
-        from .compose import load_base_model
+        from . import models
+        from .chat import ChatSettings
 
         if cfg["mode"] != "logprobs":
             raise UserError(f"judge {cfg['name']!r}: the hf backend supports mode 'logprobs' only")
-        self.model, self.tokenizer = load_base_model(model_dir)
         # The judge model's chat settings (cfg["chat"], from its model manifest): thinking off by default, or a
         # Qwen3 judge would put its first-token mass on <think>.
-        self.chat = ChatFormat.load(model_dir, ChatSettings.from_dict(cfg.get("chat"), cfg["model"]), self.tokenizer)
+        self.model, self.chat = models.load_model(model_dir, ChatSettings.from_dict(cfg.get("chat"), cfg["model"]))
+        self.tokenizer = self.chat.tokenizer
         self.model.eval()
         self.identity_model = f"hf:{cfg['model']}:{_model_fingerprint(model_dir)}"
         tok = self.tokenizer

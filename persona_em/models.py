@@ -1,8 +1,15 @@
-"""Base models: built (the demo's tiny model), taken from a local path, or downloaded at a pinned revision.
+"""Base models: built (the demo's tiny model), taken from a local path, or downloaded at a pinned revision; and
+loaded, by every stage, through `load_model`.
 
 The rule writes a manifest `model.json` whose `path` is the directory every later stage loads from and whose `chat`
 block holds the model's chat settings (persona_em/chat.py).
-Downloads happen here only: `prepare_model` is a login-side rule (localrules); compute jobs read the cache.
+Downloads happen here only: `prepare_model` is a login-side rule (localrules); compute jobs read the cache
+(`model_dir` checks that the weights are on disk).
+
+Loading (`load_model`: EM training, sampling, the local judge, the persona generator, DPO and introspection SFT):
+weights in bf16 on GPUs, fp32 on the CPU; the tokenizer (pad token = eos when it has none) with the model's chat
+settings as a `ChatFormat`; the model's generation_config blanked, so the configured sampling settings are the
+whole generation definition of every `generate` call.
 """
 from __future__ import annotations
 
@@ -10,10 +17,10 @@ import os
 import re
 from pathlib import Path
 
-from .chat import ChatSettings
-from .cluster import offline
+from .chat import ChatFormat, ChatSettings
+from .cluster import offline, require_local
 from .errors import UserError
-from .io import write_json
+from .io import read_json, write_json
 from .storage import cache_writes, check_writable
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -73,3 +80,52 @@ def prepare_model(name: str, spec: dict, cache_dir: str, manifest_out: str) -> N
     # reads them from here (persona_em.chat.read_settings), so a changed setting reruns exactly those jobs.
     chat = ChatSettings.from_dict(spec.get("chat"), name).to_dict()
     write_json(manifest_out, {"model": name, "path": str(path.resolve()), **source, "chat": chat})
+
+
+def model_dir(manifest_path: str) -> str:
+    """The weights directory named by a model manifest; it must be on disk (compute jobs cannot download)."""
+    manifest = read_json(manifest_path)
+    return str(require_local(manifest["path"], f"model {manifest.get('model')!r} (from {manifest_path})",
+                             marker="config.json"))
+
+
+def load_model(model_dir: str | Path, chat: ChatSettings | None = None, device: str | None = None):
+    """(model, ChatFormat) of a prepared model directory: the one place a causal LM is loaded.
+
+    `device`: None = one GPU when there is one, else the CPU; "cuda"; "cpu"; "auto" = every visible GPU
+    (device_map="auto", for a model larger than one GPU, e.g. a ~110B MoE teacher), else the CPU. Weights are bf16
+    on GPUs, fp32 on the CPU. `chat`: the model's chat settings (default ones when None).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if device not in (None, "cpu", "cuda", "auto"):
+        raise ValueError(f"device {device!r}: one of None, 'cpu', 'cuda', 'auto'")
+    path = require_local(model_dir, f"model at {model_dir}", marker="config.json")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map=("auto" if device == "auto" else "cuda") if cuda else None)
+    blank_generation_config(model)
+    return model, ChatFormat.load(path, chat)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """A model directory's tokenizer; one without a pad token pads with its eos (pads never reach the loss or the
+    output: attention masks and `cut_at_stop` exclude them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def blank_generation_config(model) -> None:
+    """The model's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20, top_p 0.8,
+    temperature 0.7) would fill every generation setting a `generate` call does not pass explicitly. A response must
+    follow the sampling settings recorded in its row and nothing else, so the model gets a blank one (its stop ids
+    still count: `ChatFormat.stop_ids` reads them from the file)."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .io import read_json
 from .storage import DISK_ERRORS
 
 log = logging.getLogger("persona_em")
@@ -47,13 +46,3 @@ def optional(value) -> str | None:
     if isinstance(value, str):
         return value
     return str(value[0]) if len(value) else None
-
-
-def model_dir(manifest_path: str) -> str:
-    """The weights directory named by a model manifest; it must be on disk (compute jobs cannot download)."""
-    from .cluster import require_local
-
-    manifest = read_json(manifest_path)
-    return str(require_local(manifest["path"], f"model {manifest.get('model')!r} (from {manifest_path})",
-                             marker="config.json"))
-

@@ -8,7 +8,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -18,6 +17,7 @@ from . import batching, compile_cache, compose
 from .chat import ChatFormat, ChatSettings
 from .config import Cell
 from .io import Journal, stable_hash, write_jsonl
+from .models import load_model
 from .questions import load_questions, sample_plan
 from .train_em import read_checkpoints
 
@@ -88,11 +88,11 @@ def generate_batch(model, chat: ChatFormat, conversations: list[list[dict]], set
     sampling and the persona arm's local generators).
 
     Prompts: `chat.prompt_ids` (the model's chat settings; an optional prefill starts each answer). Sampling:
-    `settings` alone (temperature, top_p, max_new_tokens; the model's generation_config is blanked). A row ends at
-    the first of `chat.stop_ids` ("stop") or after max_new_tokens ("length"); n_new_tokens counts the tokens before
-    the stop. `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention (fast_generate.py).
-    Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with `fast`): the LoRA
-    products in bf16 under autocast, without fp32 copies of their inputs.
+    `settings` alone (temperature, top_p, max_new_tokens; models.load_model blanked the model's generation_config).
+    A row ends at the first of `chat.stop_ids` ("stop") or after max_new_tokens ("length"); n_new_tokens counts the
+    tokens before the stop. `fast` (default: on a GPU): static KV cache + compiled decode + GQA decode attention
+    (fast_generate.py). Same model, same sampling distribution; only the speed differs. `bf16_lora` (default: with
+    `fast`): the LoRA products in bf16 under autocast, without fp32 copies of their inputs.
     """
     fast = torch.cuda.is_available() if fast is None else fast
     bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
@@ -141,22 +141,6 @@ class ExactSampler:
         return scores - torch.empty_like(scores).exponential_().log()
 
 
-@contextlib.contextmanager
-def _model_generation_defaults_off(model):
-    """The model's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20, top_p 0.8,
-    temperature 0.7) fills every generation setting not passed explicitly. A response must follow the sampling
-    settings recorded in its row and nothing else, so generate sees a blank config."""
-    from transformers import GenerationConfig
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = inner.generation_config
-    inner.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        inner.generation_config = saved
-
-
 def _generate(model, enc, settings, chat: ChatFormat, extra):
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -166,8 +150,8 @@ def _generate(model, enc, settings, chat: ChatFormat, extra):
         processors.append(ExactSampler(settings["temperature"], settings["top_p"]))
     config = GenerationConfig(do_sample=False, max_new_tokens=settings["max_new_tokens"],
                               pad_token_id=chat.tokenizer.pad_token_id, eos_token_id=list(chat.stop_ids), **extra)
-    with _model_generation_defaults_off(model):
-        return model.generate(**enc, generation_config=config, logits_processor=processors)
+    # `config` is the whole definition: models.load_model blanked the model's own generation_config.
+    return model.generate(**enc, generation_config=config, logits_processor=processors)
 
 
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
@@ -189,7 +173,7 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
     log.info("cell %s: %d checkpoints x %d responses; %d already in the journal (resumed), %d to generate",
              cell.path, len(checkpoints), len(plan), len(done), total - len(done))
 
-    base, _ = compose.load_base_model(model_dir)
+    base, _ = load_model(model_dir, chat)
     model = compose.compose_for_sampling(base, cell.persona, persona_dir, cell.composition)
     batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, chat_format, plan, questions,
                              settings)

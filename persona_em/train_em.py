@@ -26,6 +26,7 @@ from .config import Cell
 from .data import load_chat_jsonl
 from .errors import UserError
 from .io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
+from .models import load_model
 from .schedule import expand_schedule, steps_per_epoch
 from .sigterm import train_until_sigterm
 from .train_config import TrainConfig, lora_config, save_adapter
@@ -230,8 +231,8 @@ def train_em(
     cfg.check_installed(where=f"training settings of cell {cell.path}")
     work = Path(work_dir)
     trainer_dir, adapters_dir = work / "trainer", work / "adapters"
-    model, tokenizer = compose.load_base_model(model_dir)
-    chat_format = ChatFormat.load(model_dir, chat, tokenizer)
+    model, chat_format = load_model(model_dir, chat)
+    tokenizer = chat_format.tokenizer
     dataset = build_dataset(chat_format, train_path, cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg.effective_batch_size)
     schedule = expand_schedule(checkpoint_spec, per_epoch, cfg.epochs, where=f"checkpoints of cell {cell.path}")

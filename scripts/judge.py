@@ -1,6 +1,7 @@
 from persona_em.chat import read_settings
 from persona_em.judge import judge_samples
-from persona_em.runner import model_dir, optional, run
+from persona_em.models import model_dir
+from persona_em.runner import optional, run
 
 
 def main(sm):

@@ -1,6 +1,7 @@
 from persona_em.persona.responses import respond
 from persona_em.chat import read_settings
-from persona_em.runner import model_dir, run
+from persona_em.models import model_dir
+from persona_em.runner import run
 
 
 def main(sm):

@@ -35,7 +35,8 @@ def real_chat(tiny_model_dir):
     demo's tiny model for "demo"); each tokenizer is loaded once per session."""
     import real_assets
 
-    from persona_em.chat import ChatFormat, ChatSettings, load_tokenizer
+    from persona_em.chat import ChatFormat, ChatSettings
+    from persona_em.models import load_tokenizer
 
     tokenizers = {}
 

@@ -10,6 +10,7 @@ from persona_em import batching
 from persona_em.batching import GIB, BatchPlan, ModelDims, choose_plan, split_packed
 from persona_em.errors import UserError
 from persona_em.train_config import TrainConfig, resolve_train_config
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 
@@ -96,7 +97,8 @@ def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
         build_tiny_model(model_dir, hidden_size=32, num_layers=2)
         write_demo_dataset("insecure", data, n_rows=16 * steps, seed=0)
     cfg = TrainConfig(learning_rate=1e-2, warmup_steps=0, max_length=128, resume_every_steps=1000)
-    base, tok = compose.load_base_model(model_dir, device="cpu")
+    base, chat_format = load_model(model_dir, device="cpu")
+    tok = chat_format.tokenizer
     dataset = build_dataset(ChatFormat(tok), data, cfg)
     torch.manual_seed(0)
     model = compose.compose_for_training(base, "none", None, "none", _lora_config(cfg))

@@ -25,6 +25,7 @@ import torch
 from conftest import REAL_CHAT_MODELS
 from persona_em.chat import ChatFormat, ChatSettings
 from persona_em.errors import UserError
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 
@@ -176,7 +177,7 @@ def glm():
     package registry); GLM-4.5's generation_config stops on <|user|> and <|observation|>."""
     import real_assets
 
-    from persona_em.chat import load_tokenizer
+    from persona_em.models import load_tokenizer
 
     tok = load_tokenizer(real_assets.tokenizer_dir("qwen3"))
     tok.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<sop>", "<|system|>", "<|user|>",
@@ -271,10 +272,10 @@ def _scripted(model, script: list[list[int]]):
 
 
 def test_generation_stops_at_any_stop_id_and_tells_a_stop_from_padding(qwen_like):
-    from persona_em import compose
     from persona_em.sample import generate_batch
 
-    model, tok = compose.load_base_model(qwen_like, device="cpu")
+    model, chat_format = load_model(qwen_like, device="cpu")
+    tok = chat_format.tokenizer
     chat = ChatFormat.load(qwen_like, ChatSettings(stop_tokens=("<|im_start|>",)), tok)
     a, b = tok.convert_tokens_to_ids(["a", "b"])
     endoftext, im_start, im_end = 0, 1, 2
@@ -373,7 +374,7 @@ def test_sampling_journal_is_tied_to_the_rendered_prompts(tiny_model_dir, tmp_pa
 
     model = with_template(tiny_model_dir, tmp_path / "llama32_template", real_assets.template("llama3.2"))
     cell = Cell("tiny", "none", "none", "d", 0)
-    base, _ = compose.load_base_model(model, device="cpu")
+    base, _ = load_model(model, device="cpu")
     peft = compose.compose_for_training(base, "none", None, "none", _lora_config(TrainConfig(lora_r=2)))
     _save_em(peft, tmp_path / "ckpt" / "step-000000")
     write_json(tmp_path / "ckpt" / "checkpoints.json", {**cell.keys(), "steps": [0]})

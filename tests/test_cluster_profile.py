@@ -98,7 +98,7 @@ def test_compute_job_env_is_offline_with_hf_home_in_the_cache(tmp_path):
 
 def test_compute_job_missing_model_names_it(tmp_path, monkeypatch):
     from persona_em.io import write_json
-    from persona_em.runner import model_dir
+    from persona_em.models import model_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = tmp_path / "model.json"

@@ -109,9 +109,9 @@ def test_key_changes_with_model_and_adapters(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     from persona_em.compile_cache import compile_key, compile_key_identity
-    from persona_em.compose import load_base_model
+    from persona_em.models import load_model
 
-    base, _ = load_base_model(tiny_model_dir, device="cpu")
+    base, _ = load_model(tiny_model_dir, device="cpu")
     k_base = compile_key(base)
     ident = compile_key_identity(base)
     assert ident["torch"] == torch.__version__ and ident["gpu"] == "cpu"
@@ -123,7 +123,7 @@ def test_key_changes_with_model_and_adapters(tiny_model_dir):
     peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="em")
     k4 = compile_key(peft)
     assert k4 != k_base
-    base2, _ = load_base_model(tiny_model_dir, device="cpu")
+    base2, _ = load_model(tiny_model_dir, device="cpu")
     peft8 = get_peft_model(base2, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="em")
     assert compile_key(peft8) != k4
 
@@ -132,8 +132,8 @@ KEY_SCRIPT = textwrap.dedent("""
     import sys
     from peft import LoraConfig, get_peft_model
     from persona_em.compile_cache import compile_key
-    from persona_em.compose import load_base_model
-    base, _ = load_base_model(sys.argv[1], device="cpu")
+    from persona_em.models import load_model
+    base, _ = load_model(sys.argv[1], device="cpu")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     print(compile_key(get_peft_model(base, LoraConfig(r=4, target_modules=targets), adapter_name="em")))
 """)

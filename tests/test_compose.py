@@ -25,6 +25,7 @@ from persona_em.sample import sample_cell
 from persona_em.train_em import step_dir_name, train_em
 
 from persona_helpers import QUESTIONS, chat_data, load_json, logits, random_persona, tiny_model, train_settings
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 SCHEDULE = {"steps": [0, 2, "final"]}  # 16 rows / batch 4 = 4 steps
@@ -56,7 +57,8 @@ def trained(world):
 
 def _sampling_model(world, composition, step_dir, name="em_x"):
     root, model, persona, _ = world
-    base, tok = compose.load_base_model(model)
+    base, chat_format = load_model(model)
+    tok = chat_format.tokenizer
     m = compose.compose_for_sampling(base, "p", persona, composition)
     return compose.use_em_adapter(m, step_dir, name, composition, "p"), tok
 
@@ -66,7 +68,8 @@ def _reference(world):
     from peft import PeftModel
 
     _, model, persona, _ = world
-    base, tok = compose.load_base_model(model)
+    base, chat_format = load_model(model)
+    tok = chat_format.tokenizer
     ref_base = logits(base, tok)
     with_persona = PeftModel.from_pretrained(base, str(persona))
     return ref_base, logits(with_persona, tok), tok
@@ -83,7 +86,8 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
     root, model, persona, data = world
     cfg = TrainConfig(**train_settings())
     for composition in ("stacked", "merged"):
-        base, tok = compose.load_base_model(model)
+        base, chat_format = load_model(model)
+        tok = chat_format.tokenizer
         m = compose.compose_for_training(base, "p", persona, composition, _lora_config(cfg))
         frozen = {n: p.detach().clone() for n, p in m.named_parameters() if f".{compose.EM}." not in n}
         em = {n: p.detach().clone() for n, p in m.named_parameters() if f".{compose.EM}." in n}
@@ -227,6 +231,6 @@ def test_adapter_incompatible_with_the_base_is_a_clear_error(world, tmp_path):
     cfg = _json.loads((bad / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "c_attn"]  # GPT-2's name: Qwen2 has no c_attn
     (bad / "adapter_config.json").write_text(_json.dumps(cfg))
-    base, _ = compose.load_base_model(model)
+    base, _ = load_model(model)
     with pytest.raises(UserError, match=r"targets modules \['c_attn'\]"):
         compose.compose_for_sampling(base, "bad", bad, "stacked")

@@ -10,6 +10,7 @@ import torch
 from persona_em import batching, compose
 from persona_em.chat import ChatFormat
 from persona_em.sample import generate_batch
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 
@@ -38,7 +39,8 @@ def _em_adapter(base, out, seed):
 
 
 def test_fast_path_generates_the_same_tokens(tiny):
-    model, tok = compose.load_base_model(tiny, device="cpu")
+    model, chat_format = load_model(tiny, device="cpu")
+    tok = chat_format.tokenizer
     convs = [[{"role": "user", "content": q}] for q in ("hello", "what would you do as ruler of the world?")]
     settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}
     plain = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=False)
@@ -65,7 +67,7 @@ def test_gqa_decode_attention_matches_sdpa():
 
 
 def test_checkpoint_loaded_in_place_equals_fresh_load(tiny, tmp_path):
-    base, tok = compose.load_base_model(tiny, device="cpu")
+    base, _ = load_model(tiny, device="cpu")
     base = _em_adapter(base, tmp_path / "a", seed=1)
     base = _em_adapter(base, tmp_path / "b", seed=2)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -111,17 +113,27 @@ def test_exact_sampler_draws_from_the_tempered_nucleus():
     torch.testing.assert_close(freq, torch.cat([p[:3] / p[:3].sum(), torch.zeros(2)]), atol=0.01, rtol=0)
 
 
-def test_the_models_own_generation_defaults_do_not_apply(tiny):
+def test_the_models_own_generation_defaults_do_not_apply(tiny, tmp_path):
+    """What a model's generation_config.json may carry (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20) is
+    blanked when the model is loaded: generate_batch and a plain `generate` call alike follow only their settings."""
+    import json
+    import shutil
+
     from transformers import GenerationConfig
 
-    model, tok = compose.load_base_model(tiny, device="cpu")
+    loaded = tmp_path / "with_defaults"
+    shutil.copytree(tiny, loaded)
+    config = json.loads((loaded / "generation_config.json").read_text())
+    config.update(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1, do_sample=True, temperature=0.1)
+    (loaded / "generation_config.json").write_text(json.dumps(config))
+    (clean, clean_chat), (model, chat) = load_model(tiny, device="cpu"), load_model(loaded, device="cpu")
+    assert model.generation_config.to_dict() == GenerationConfig().to_dict()
+    assert chat.stop_ids == clean_chat.stop_ids  # the file's stop ids still count
     convs = [[{"role": "user", "content": "hello there"}]]
     for temperature in (0.0, 1.0):
         settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": 16}
-        model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        clean = generate_batch(model, ChatFormat(tok), convs, settings, seed=3, fast=False)
-        # what a model's generation_config.json may carry (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20)
-        model.generation_config = GenerationConfig(repetition_penalty=50.0, top_k=1, no_repeat_ngram_size=1,
-                                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert generate_batch(model, ChatFormat(tok), convs, settings, seed=3, fast=False) == clean
-        assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
+        assert generate_batch(model, chat, convs, settings, seed=3, fast=False) == \
+            generate_batch(clean, clean_chat, convs, settings, seed=3, fast=False)
+    ids = torch.tensor([chat.prompt_ids(convs[0])])
+    assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16),
+                       clean.generate(ids, max_new_tokens=16, min_new_tokens=16))

@@ -3,14 +3,14 @@ the same loss and LoRA gradients on the tiny demo model (fp32, CPU; compiled by 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from persona_em.compose import load_base_model
+from persona_em.models import load_model
 from persona_em.fused_ops import undo_fused_pointwise, use_fused_pointwise
 
 torch.set_num_threads(1)
 
 
 def test_fused_pointwise_equals_the_modules(tiny_model_dir):
-    base, _ = load_base_model(tiny_model_dir, device="cpu")
+    base, _ = load_model(tiny_model_dir, device="cpu")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():

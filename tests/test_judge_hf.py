@@ -89,9 +89,10 @@ def test_hf_judge_stage_with_cache(tmp_path, tiny):
 def test_logits_wider_than_the_tokenizer(tmp_path, tiny):
     """Real Qwen2.5 checkpoints have 152,064 logits for 151,665 tokens (padding rows): the digit mask and the top
     tokens cover the logits, not the tokenizer (this raised IndexError in the digit mask)."""
-    from persona_em.compose import load_base_model
+    from persona_em.models import load_model
 
-    model, tok = load_base_model(tiny)
+    model, chat_format = load_model(tiny)
+    tok = chat_format.tokenizer
     model.resize_token_embeddings(len(tok) + 13)
     model.save_pretrained(tmp_path / "padded")
     tok.save_pretrained(tmp_path / "padded")

@@ -24,6 +24,7 @@ from persona_em.persona.train_dpo import DPOSettings, settings_from
 
 from openai_server import OpenAIServer, scripted
 from persona_helpers import tiny_model
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 GEN = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32}
@@ -326,7 +327,8 @@ def test_train_dpo_writes_an_adapter_that_moves_the_model_and_resumes(tmp_path):
     a = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "adapter2" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    base, tok = compose.load_base_model(model)
+    base, chat_format = load_model(model)
+    tok = chat_format.tokenizer
     before = logits(base, tok)
     stacked = compose.compose_for_sampling(base, "p", tmp_path / "adapter", "stacked")
     assert compose.active_adapters(stacked) == ["persona"]

@@ -13,6 +13,7 @@ from persona_em.io import read_jsonl
 from persona_em.persona.introspection import _view, as_training_conversation, introspect, train_sft
 
 from persona_helpers import logits, random_persona, tiny_model
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 CONSTITUTION = 'name: tester\ntraits:\n  - {trait: "I am candid.", questions: ["Is my plan good?"]}\n'
@@ -70,13 +71,14 @@ def test_introspection_then_sft_gives_one_cat_adapter_equal_to_dpo_plus_sft(tmp_
     manifest = json.loads((out / "persona.json").read_text())
     assert manifest["composition"] == "cat(dpo, sft)" and manifest["dpo"] == {"stage": "dpo"}
 
-    base, tok = compose.load_base_model(model)
+    base, chat_format = load_model(model)
+    tok = chat_format.tokenizer
     ref = PeftModel.from_pretrained(base, str(dpo)).merge_and_unload()  # the model SFT trained on
     ref = PeftModel.from_pretrained(ref, str(tmp_path / "work" / "sft_adapter"))
     expected = logits(ref, tok)
-    base2, _ = compose.load_base_model(model)
+    base2, _ = load_model(model)
     dpo_only = logits(PeftModel.from_pretrained(base2, str(dpo)), tok)
-    base3, _ = compose.load_base_model(model)
+    base3, _ = load_model(model)
     final = compose.compose_for_sampling(base3, "p", out, "stacked")
     got = logits(final, tok)
     assert torch.allclose(got, expected, atol=1e-4)

@@ -17,6 +17,7 @@ from persona_em.sample import batch_seed, replicate_seed, sample_cell
 from persona_em.train_em import step_dir_name
 
 from persona_helpers import QUESTIONS, random_persona
+from persona_em.models import load_model
 
 torch.set_num_threads(1)
 SETTINGS = {"n_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "seed": 0, "batch_size": 4}
@@ -49,7 +50,7 @@ def world(tmp_path_factory, tiny_model_dir):
     from persona_em.train_em import _lora_config, _save_em
 
     root = tmp_path_factory.mktemp("seeds")
-    base, _ = compose.load_base_model(tiny_model_dir)
+    base, _ = load_model(tiny_model_dir)
     torch.manual_seed(0)
     model = compose.compose_for_training(base, "none", None, "none", _lora_config(TrainConfig(lora_r=4)))
     with torch.no_grad():

@@ -14,6 +14,7 @@ import pytest
 
 from persona_em.errors import UserError
 from persona_em.train_config import PRESETS, TrainConfig, resolve_train_config
+from persona_em.models import load_model
 
 # Betley et al., repository emergent-misalignment/emergent-misalignment, open_models/train.json (read here from
 # public copies of it: mintaywon/genie open_models/train_default.json @bf3cef2 and the same values in
@@ -182,7 +183,7 @@ def test_betley_training_saves_an_rslora_adapter(tmp_path, tiny_model_dir):
     final = out / step_dir_name(1)
     saved = json.loads((final / "adapter_config.json").read_text())
     assert saved["use_rslora"] is True and (saved["r"], saved["lora_alpha"]) == (32, 64)
-    base, _ = compose.load_base_model(tiny_model_dir)
+    base, _ = load_model(tiny_model_dir)
     model = compose.use_em_adapter(base, final, compose.EM, "none", "none")
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(m.scaling[compose.EM] == pytest.approx(expected) for m in layers)

@@ -100,39 +100,20 @@ class OpenAIBackend:
                 raise failure
 
 
-def load_causal_lm(model_dir: str | Path, adapter_dir: str | Path | None = None):
-    """A model for generation: all visible GPUs via device_map="auto" (bf16), or the CPU (fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..chat import load_tokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"no model at {model_dir} (config.json missing)")
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None)
-    tokenizer = load_tokenizer(model_dir)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        from .. import compose
-
-        compose.check_target_modules(model, adapter_dir, f"adapter {adapter_dir}")
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=compose.PERSONA, is_trainable=False)
-    model.eval()
-    return model, tokenizer
-
-
 class HFBackend:
     """A local model through the project's one generation definition (persona_em.sample.generate_batch): its chat
     settings and stop ids, the sampling settings alone (the model's generation_config is not applied)."""
 
     def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None,
                  chat: ChatSettings | None = None):
-        self.model, tokenizer = load_causal_lm(model_dir, adapter_dir)
-        self.chat = ChatFormat.load(model_dir, chat, tokenizer)
+        from .. import compose
+        from ..models import load_model
+
+        # A large teacher (e.g. a ~110B MoE) spans every GPU the job was given.
+        self.model, self.chat = load_model(model_dir, chat, device="auto")
+        if adapter_dir is not None:
+            self.model = compose.load_persona(self.model, adapter_dir, cfg["name"])
+        self.model.eval()
         self.settings = settings
         self.batch_size = int(cfg.get("batch_size", 16))
         self.name = cfg["name"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import ChatFormat, ChatSettings
+from ..chat import ChatSettings
 from ..errors import UserError
 from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
 from ..sigterm import train_until_sigterm
@@ -104,16 +104,16 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     from peft import PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
-    from ..compose import load_base_model
+    from ..models import load_model
 
     s = resolve_settings(SFTSettings, settings, where="persona_training.sft")
     rows = read_jsonl(data_path)
     if not rows:
         raise UserError(f"{data_path}: no introspection conversations to train on")
-    base, tokenizer = load_base_model(model_dir)
+    base, chat_format = load_model(model_dir, chat)
+    tokenizer = chat_format.tokenizer
     check_targets_exist(base, s.target_modules, "persona_training.sft.target_modules")
     merged = PeftModel.from_pretrained(base, str(dpo_adapter)).merge_and_unload()
-    chat_format = ChatFormat.load(model_dir, chat, tokenizer)
     data = [chat_format.encode(r["messages"], True, s.max_length) for r in rows]
     dataset = Dataset.from_list([d for d in data if any(x != -100 for x in d["labels"])])
     torch.manual_seed(s.seed)
@@ -144,9 +144,10 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
 def combine_cat(model_dir: str, dpo_adapter, sft_adapter, out_dir: str, manifest: dict) -> None:
     """One LoRA adapter whose update is exactly DPO delta + SFT delta (PEFT's `cat` combination, scaling 1)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    from ..models import load_model
+
+    base, _ = load_model(model_dir, device="cpu")  # fp32: the cat combination exactly
     model = PeftModel.from_pretrained(base, str(dpo_adapter), adapter_name="dpo")
     model.load_adapter(str(sft_adapter), adapter_name="sft")
     for name in ("dpo", "sft"):

@@ -73,20 +73,19 @@ def _answer(row: dict, key: str) -> str:
 
 def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, settings: dict, work_dir: str,
               out_dir: str, chat: ChatSettings | None = None) -> None:
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig
+
+    from ..models import load_model
 
     s = settings_from(settings, "persona_training.dpo")
     rows = read_jsonl(pairs_path)
     if not rows:
         raise UserError(f"{pairs_path}: no DPO pairs to train on (see the stats file beside it for the drops)")
     epochs = s.resolve_epochs(len(rows))
-    chat_format = ChatFormat.load(model_dir, chat)
+    model, chat_format = load_model(model_dir, chat)
     tokenizer = chat_format.tokenizer
     dataset = tokenize_pairs(chat_format, rows)
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 device_map="cuda" if cuda else None)
     check_targets_exist(model, s.target_modules, "persona_training.dpo.target_modules")
     loss_type, loss_weights = ["sigmoid"], None
     if s.nll_weight:
