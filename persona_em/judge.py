@@ -875,7 +875,7 @@ async def _ask_all(backend, cfg: dict, todo: list[_Job], same_prompt: dict, writ
             if not jobs:
                 return
             try:
-                if len(jobs) == 1:
+                if per_call == 1 or jobs[0].kind == "label":  # one prompt per call (API backends, labels)
                     raws = [await jobs[0].ask(backend)]
                 else:
                     raws = await backend.ask_many([j.prompt for j in jobs])
