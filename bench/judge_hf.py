@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from persona_em.chat import ChatFormat
-    from persona_em.judge import HFBackend, interpret
+    from persona_em.judging.backends import HFBackend
+    from persona_em.judging.scoring import interpret
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     if tok.pad_token is None:

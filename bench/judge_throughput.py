@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from judge_fixtures import write_questions, write_samples  # noqa: E402
 from openai_server import OpenAIServer  # noqa: E402
 
-from persona_em.judge import judge_samples  # noqa: E402
+from persona_em.judging.run import judge_samples  # noqa: E402
 
 
 def main() -> None:

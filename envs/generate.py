@@ -24,7 +24,8 @@ STACKS = {
               ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "safetensors",
                "huggingface_hub", "openai", "tenacity", "jsonschema", "pandas", "numpy", "PyYAML", "tqdm",
                "bitsandbytes"]),
-    # tqdm: persona_em.judge (the aggregate rule reads its column names); tabulate: DataFrame.to_markdown
+    # tqdm: no analysis rule imports it since the judge's column names live in persona_em.judging.identity (it was
+    # persona_em.judge, which imports tqdm); kept until the envs are next regenerated; tabulate: DataFrame.to_markdown
     "analysis": ("Tables, figures and report pages (no model library).",
                  ["pandas", "numpy", "scipy", "matplotlib", "seaborn", "PyYAML", "tqdm", "tabulate"]),
 }

@@ -1,8 +1,9 @@
 """Tidy tables from judged responses: one judge per table, never pooled (except the explicit agreement table).
 
 Every table carries the judge identity (judge, judge_key, judge_model, judge_mode, judge_prompt_hash) and, where a
-rate is defined, the EM definition's name and description. judge_key is the judge's path key (persona_em/judge.py
-judge_key): the tables of one key sit under results/tables/<key>/, with judge.json saying what the key hashes.
+rate is defined, the EM definition's name and description. judge_key is the judge's path key
+(persona_em/judging/identity.py judge_key): the tables of one key sit under results/tables/<key>/, with judge.json
+saying what the key hashes.
 
 scores.tsv       one row per (response, metric): cell keys, step, question/sample ids, judge identity, raw score,
                  status (scored / null / code / refusal / labelled / error), CODE/REFUSAL mass, question_type, label
@@ -36,7 +37,7 @@ import pandas as pd
 
 from .errors import UserError
 from .io import read_jsonl, read_table, write_json, write_table
-from .judge import JUDGE_COLUMNS
+from .judging.identity import JUDGE_COLUMNS
 from .questions import LABEL_TYPE, SCORE_TYPE
 from .metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
 from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval

@@ -77,7 +77,7 @@ def retrying(cfg: dict, where: str, *, asynchronous: bool = False, on_retry=None
     `retrying(cfg, where)(fn, *args)` or `await retrying(cfg, where, asynchronous=True)(coro_fn, *args)`, where
     coro_fn is an `async def` (the async client's methods are plain functions returning a coroutine: wrap them).
     `on_retry()` is called before each retry's wait."""
-    import tenacity  # here, like openai: the analysis stack imports persona_em.judge without either
+    import tenacity  # here, like openai: the analysis stack imports persona_em.judging.identity without either
 
     attempts = cfg["max_retries"] + 1
     backoff = tenacity.wait_exponential_jitter(multiplier=cfg["backoff_base"], max=cfg["backoff_max"],

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .io import read_json, sha256_file, stable_hash, write_json, write_text
-from .judge import JUDGE_COLUMNS
+from .judging.identity import JUDGE_COLUMNS
 
 # Packages whose versions can change a number or a pixel in an artifact (model stages included: they made the data).
 PACKAGES = ("persona-em", "snakemake", "pandas", "numpy", "scipy", "matplotlib", "seaborn", "torch", "transformers",

@@ -23,7 +23,7 @@ import pandas as pd
 from .aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
 from .aggregate import wide_scores as aggregate_wide_scores
 from .config import NO_PERSONA
-from .judge import JUDGE_COLUMNS
+from .judging.identity import JUDGE_COLUMNS
 from .metrics import EMDefinition
 from .provenance import FIGURE_SEED
 from .stats import bootstrap_ci, wilson_interval
@@ -32,7 +32,8 @@ CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell withou
 EXAMPLES_PER_CELL = 3
 BOOTSTRAP_RESAMPLES = 2000
 # Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them;
-# an error row is an answer that could not be read or a request refused for that prompt: persona_em/judge.py).
+# an error row is an answer that could not be read or a request refused for that prompt:
+# persona_em/judging/__init__.py).
 CODE_STATUS, REFUSAL_STATUS, NULL_STATUS, ERROR_STATUS = "code", "refusal", "null", "error"
 
 

@@ -14,7 +14,7 @@ from persona_em.config import (
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
-from persona_em.judge import judge_key, judge_key_identity, questions_sha256
+from persona_em.judging.identity import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
 from persona_em.questions import load_questions
 
@@ -116,7 +116,8 @@ for _pair in config["evaluation"]["judge_agreement"]:
 # job runs (persona_em/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.
 if isinstance(config["evaluation"]["questions"], str) and Path(config["evaluation"]["questions"]).is_file():
     load_questions(config["evaluation"]["questions"])
-# Every judged path holds the judge's path key (persona_em/judge.py judge_key says what it hashes), never its name.
+# Every judged path holds the judge's path key (persona_em/judging/identity.py judge_key says what it hashes), never
+# its name.
 try:
     QUESTIONS_SHA256 = questions_sha256(config)
 except UserError:

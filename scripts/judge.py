@@ -1,5 +1,5 @@
 from persona_em.chat import read_settings
-from persona_em.judge import judge_samples
+from persona_em.judging.run import judge_samples
 from persona_em.models import model_dir
 from persona_em.runner import optional, run
 

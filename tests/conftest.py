@@ -69,7 +69,7 @@ def judge_key_of(config: dict, name: str) -> str:
     fills in defaults, e.g. of a build_tiny model, and the key hashes what the workflow sees)."""
     from snakemake.utils import validate
 
-    from persona_em.judge import judge_key
+    from persona_em.judging.identity import judge_key
 
     cfg = copy.deepcopy(config)
     validate(cfg, str(REPO / "config/schemas/config.schema.yaml"))

@@ -63,7 +63,7 @@ def main(stage: str, args_path: str, log_path: str) -> None:
         sample_cell(Cell(**a["cell"]), a["model_dir"], None, a["checkpoints"], a["questions"], a["settings"],
                     a["journal"], a["out"])
     elif stage == "judge":
-        from persona_em.judge import judge_samples
+        from persona_em.judging.run import judge_samples
 
         judge_samples(a["samples"], a["questions"], a["name"], a["judge"], a["model_dir"], a["journal"], a["out"],
                       judge_key=a["judge_key"])

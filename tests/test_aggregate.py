@@ -21,7 +21,7 @@ OLD_RATE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "judge
 
 
 def key_of(judge, model_hash="0123abcd"):
-    """A made-up path key (the workflow's come from persona_em.judge.judge_key)."""
+    """A made-up path key (the workflow's come from persona_em.judging.identity.judge_key)."""
     return f"{judge}-{model_hash}"
 
 

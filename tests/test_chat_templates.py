@@ -345,7 +345,7 @@ def test_local_judge_prompt_has_thinking_off(tiny_model_dir, tmp_path):
 
     import real_assets
 
-    from persona_em.judge import HFBackend
+    from persona_em.judging.backends import HFBackend
 
     qwen3 = json.loads((real_assets.tokenizer_dir("qwen3") / "tokenizer_config.json").read_text())["chat_template"]
     model = with_template(tiny_model_dir, tmp_path / "qwen3_template", qwen3)

@@ -1,6 +1,6 @@
-"""The local judge's batched path (judge_batch.py, HFBackend.ask_many): the same exact multi-token values as the
-one-at-a-time path (`ask`), for prompts of different lengths packed into padded batches, on the tiny demo model
-(fp32, CPU), and the judge stage uses it."""
+"""The local judge's batched path (persona_em/judging/hf_batch.py, HFBackend.ask_many): the same exact multi-token
+values as the one-at-a-time path (`ask`), for prompts of different lengths packed into padded batches, on the tiny
+demo model (fp32, CPU), and the judge stage uses it."""
 import asyncio
 import math
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from judge_fixtures import write_questions, write_samples
-from persona_em import judge_batch
+from persona_em.judging import hf_batch
 from persona_em.io import read_jsonl
-from persona_em.judge import HFBackend, judge_samples
+from persona_em.judging.backends import HFBackend
+from persona_em.judging.run import judge_samples
 
 torch.set_num_threads(1)
 
@@ -30,7 +31,7 @@ def backend(tiny_model_dir):
 
 def test_tree_holds_every_prefix_once(backend):
     cands = [c for _, c in backend.candidates]
-    tree = judge_batch.CandidateTree.of(cands)
+    tree = hf_batch.CandidateTree.of(cands)
     prefixes = {tuple(c[:j]) for c in cands for j in range(1, len(c) + 1)}
     assert len(tree) == len(prefixes)
     assert tree.ancestors.diagonal().all()
@@ -41,7 +42,7 @@ def test_tree_holds_every_prefix_once(backend):
 
 @pytest.mark.parametrize("max_tokens", [10_000, 150])  # all in one padded batch / one prompt per pass
 def test_batched_answers_equal_one_at_a_time(backend, monkeypatch, max_tokens):
-    monkeypatch.setattr(judge_batch, "CPU_BATCH_TOKENS", max_tokens)
+    monkeypatch.setattr(hf_batch, "CPU_BATCH_TOKENS", max_tokens)
     one = [asyncio.run(backend.ask(p)) for p in PROMPTS]
     many = asyncio.run(backend.ask_many(PROMPTS))
     assert len(many) == len(PROMPTS)
@@ -60,15 +61,15 @@ def test_batched_answers_equal_one_at_a_time(backend, monkeypatch, max_tokens):
 
 def test_batches_respect_the_token_budget():
     lengths = [5, 50, 20, 20, 3, 49]
-    batches = judge_batch._batches(lengths, n_tree=10, max_tokens=130)
+    batches = hf_batch._batches(lengths, n_tree=10, max_tokens=130)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) * (max(lengths[i] for i in b) + 10) <= 130 or len(b) == 1
 
 
 def test_padding_never_reaches_a_real_position():
-    tree = judge_batch.CandidateTree.of([[1], [1, 2], [3]])
-    ids, pos, mask = judge_batch._inputs([[7, 8, 9], [5]], tree, pad_id=0, device="cpu")
+    tree = hf_batch.CandidateTree.of([[1], [1, 2], [3]])
+    ids, pos, mask = hf_batch._inputs([[7, 8, 9], [5]], tree, pad_id=0, device="cpu")
     lp = 3
     assert ids[1, :2].tolist() == [0, 0] and pos[1, 2].item() == 0
     real_rows = mask[1, 0, 2:]  # the short prompt's real token and its tree rows

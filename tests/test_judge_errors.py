@@ -6,7 +6,9 @@ import pytest
 from judge_fixtures import write_questions, write_samples
 from openai_server import OpenAIServer, Reply, fixed_logprobs, last_user_message
 from persona_em.io import read_jsonl
-from persona_em.judge import JudgeCache, JudgeStopped, judge_samples
+from persona_em.judging.backends import JudgeStopped
+from persona_em.judging.cache import JudgeCache
+from persona_em.judging.run import judge_samples
 
 KEY_ENV = "PERSONA_EM_TEST_JUDGE_KEY"
 ln = math.log

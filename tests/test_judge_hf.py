@@ -9,7 +9,9 @@ import torch
 from conftest import demo_config, judge_key_of
 from judge_fixtures import write_questions, write_samples
 from persona_em.io import read_jsonl
-from persona_em.judge import HFBackend, JudgeCache, judge_samples
+from persona_em.judging.backends import HFBackend
+from persona_em.judging.cache import JudgeCache
+from persona_em.judging.run import judge_samples
 
 torch.set_num_threads(1)
 
@@ -60,7 +62,7 @@ def test_score_is_the_expected_value_over_all_101_numbers(backend):
     assert sorted(probs) == list(range(101))
     mass = sum(probs.values())
     assert 0 < mass < 1
-    from persona_em.judge import interpret
+    from persona_em.judging.scoring import interpret
     j = interpret(raw, "logprobs", 0.0)
     assert j.score == pytest.approx(sum(k * p for k, p in probs.items()) / mass)
     assert j.numeric_mass == pytest.approx(mass)
@@ -101,12 +103,12 @@ def test_logits_wider_than_the_tokenizer(tmp_path, tiny):
     assert padded.model.config.vocab_size == len(tok) + 13 and padded.digit_start.shape == (len(tok) + 13,)
     assert not padded.digit_start[len(tok):].any()
     assert sorted(int(k) for k in raw["number_probs"]) == list(range(101)) and len(raw["top_logprobs"]) > 0
-    from persona_em.judge import interpret
+    from persona_em.judging.scoring import interpret
     assert interpret(raw, "logprobs", 0.0).status == "scored"
 
 
 def test_digit_mask_follows_the_number_rule(backend):
-    from persona_em.judge import starts_a_number
+    from persona_em.judging.scoring import starts_a_number
 
     tok = backend.tokenizer
     for i in range(len(tok)):

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, demo_config, judge_key_of, run_snakemake
 from persona_em.errors import UserError
 from persona_em.io import stable_hash
-from persona_em.judge import judge_key, judge_key_identity, questions_sha256
+from persona_em.judging.identity import judge_key, judge_key_identity, questions_sha256
 
 
 def api_config(tmp_path, **judge):

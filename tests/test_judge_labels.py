@@ -7,7 +7,9 @@ import pytest
 from judge_fixtures import QUESTIONS_YAML, sample_row
 from openai_server import OpenAIServer, Reply, last_user_message
 from persona_em.io import read_jsonl
-from persona_em.judge import LABEL_MAX_TOKENS, JudgeCache, interpret, judge_samples
+from persona_em.judging.cache import JudgeCache
+from persona_em.judging.run import judge_samples
+from persona_em.judging.scoring import LABEL_MAX_TOKENS, interpret
 
 KEY_ENV = "PERSONA_EM_TEST_JUDGE_KEY"
 LABEL_QUESTION = """\
@@ -86,7 +88,7 @@ def test_label_answers_read_as_text():
 def test_hf_judge_answers_label_questions_greedily(tmp_path, tiny_model_dir):
     import asyncio
 
-    from persona_em.judge import HFBackend
+    from persona_em.judging.backends import HFBackend
 
     backend = HFBackend({"name": "t", "model": "tiny", "mode": "logprobs"}, str(tiny_model_dir))
     a = asyncio.run(backend.ask_text("Reply TRUE or FALSE: is Paris in France?", LABEL_MAX_TOKENS))

@@ -13,7 +13,9 @@ from judge_fixtures import write_questions, write_samples
 from openai_server import OpenAIServer, Reply, fixed_logprobs, fixed_text, last_user_message
 from persona_em.errors import UserError
 from persona_em.io import read_jsonl
-from persona_em.judge import JudgeCache, JudgeStopped, judge_samples
+from persona_em.judging.backends import JudgeStopped
+from persona_em.judging.cache import JudgeCache
+from persona_em.judging.run import judge_samples
 
 KEY_ENV = "PERSONA_EM_TEST_JUDGE_KEY"
 SECRET = "sk-test-secret-never-in-files-4242"
@@ -229,7 +231,7 @@ def test_kill_and_rerun_asks_only_for_missing(tmp_path, key):
         s = write_samples(tmp_path / "s.jsonl", [f"answer {i}" for i in range(40)])
         journal, out = tmp_path / "journal", tmp_path / "out.jsonl"
         c = cfg(server, concurrency=2)
-        code = ("import sys, json; from persona_em.judge import judge_samples; "
+        code = ("import sys, json; from persona_em.judging.run import judge_samples; "
                 f"judge_samples({str(s)!r}, {str(q)!r}, 'j', json.loads(sys.argv[1]), None, {str(journal)!r}, "
                 f"{str(out)!r})")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

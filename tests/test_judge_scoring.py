@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from persona_em.judge import (aggregate_logprobs, clean_answer, fill_prompt, interpret, judgment_from_logprobs,
-                              judgment_from_text, parse_score_token, special_token)
+from persona_em.judging.prompts import clean_answer, fill_prompt
+from persona_em.judging.scoring import (aggregate_logprobs, interpret, judgment_from_logprobs, judgment_from_text,
+                                        parse_score_token, special_token)
 
 ln = math.log
 

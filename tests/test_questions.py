@@ -10,7 +10,7 @@ import yaml
 
 from judge_fixtures import QUESTIONS_YAML, write_questions
 from persona_em.errors import UserError
-from persona_em.judge import JUDGE_DEFAULTS
+from persona_em.judging.identity import JUDGE_DEFAULTS
 from persona_em.questions import fetch_questions, load_questions, sample_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_bad_question_files_one_clear_error(tmp_path, text, message):
 
 def test_good_templates_follow_str_format(tmp_path):
     # every template the checks accept fills in like the paper's str.format(question=..., answer=...)
-    from persona_em.judge import fill_prompt
+    from persona_em.judging.prompts import fill_prompt
 
     templates = ["{answer}", "Q: {question}\nA: {answer}", "JSON {{\"score\": 0}} {answer}", "{{{answer}}}",
                  "{{question}} {answer} }}{{"]

@@ -1,7 +1,7 @@
 """The local judge's exact multi-token scores for many prompts at once: one forward pass per batch of prompts,
 each prompt followed by a token tree of all candidate answers (tree attention).
 
-What is computed is what `HFBackend.sequence_logprobs` computes for one prompt (see judge.py): for every candidate
+What is computed is what `HFBackend.sequence_logprobs` computes for one prompt (backends.py): for every candidate
 answer c = t_1..t_n (the numbers 0-100, CODE, REFUSAL in their canonical tokenization)
     log P(c | prompt) = sum_j log P(t_j | prompt, t_1..t_{j-1})   and   log P(no digit next | prompt, c).
 Both need the next-token distribution after the prompt and after every proper or full prefix of a candidate. The
