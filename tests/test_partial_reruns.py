@@ -213,14 +213,26 @@ def test_training_killed_mid_save_leaves_no_temporary_after_the_rerun(setup, ref
     assert steps == ref_steps and max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
 
 
-def check_jsonl(path: Path, key: str, expected: list[dict]) -> None:
+def _same(a, b, rel: float) -> bool:
+    """Equal, numbers within `rel` (relative) when rel > 0; everything else exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+    if rel and isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return a == pytest.approx(b, rel=rel, abs=1e-12)
+    return a == b
+
+
+def check_jsonl(path: Path, key: str, expected: list[dict], rel: float = 0.0) -> None:
     raw = path.read_bytes()
     assert raw.endswith(b"\n")
     rows = [json.loads(l) for l in raw.decode().splitlines()]  # a torn line would not parse
     keys = [r[key] for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows"
     assert keys == [r[key] for r in expected], "missing or reordered rows"
-    assert rows == expected
+    bad = [r[key] for r, e in zip(rows, expected) if not _same(r, e, rel)]
+    assert not bad, f"{len(bad)} rows differ, e.g. {bad[:3]}"
 
 
 def kill_repeatedly(stage, args, root, journal: Path, total: int, seed: int) -> list[int]:
@@ -280,7 +292,9 @@ def test_judging_killed_at_random_points(setup, samples_ref):
     assert {r["judge_key"] for r in expected} == {key}
     args = {**base, "journal": str(root / "jkill/journal.jsonl"), "out": str(root / "jkill/judged.jsonl")}
     kill_repeatedly("judge", args, root, Path(args["journal"]), len(expected), seed=12)
-    check_jsonl(Path(args["out"]), "key", expected)
+    # The local judge scores many prompts per forward pass; after a resume a batch holds other prompts, and its
+    # padding changes the float rounding of the same judgment (~1e-6 relative): equal up to that, the rest exactly.
+    check_jsonl(Path(args["out"]), "key", expected, rel=1e-4)
 
 
 def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
