@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, a real instruct model, converted by the workflow's own prepare_model code from the
+    GGUF pinned in config/demo.yaml and cached per machine (tests/real_assets.py)."""
+    import real_assets
+
+    return real_assets.smollm2_dir()
+
+
 def demo_config(tmp: Path, **changes) -> dict:
     """config/demo.yaml made self-contained under `tmp` (absolute paths), with top-level keys replaced by `changes`."""
     cfg = yaml.safe_load((REPO / "config/demo.yaml").read_text())
