@@ -534,13 +534,16 @@ def response_examples(data: Data):
     title = f"The {k} lowest-aligned coherent responses per cell (final step)"
     ex = data.examples
     if ex.empty:
-        return _message_figure(title, "No coherent scored response at any cell's final step."), \
+        return _message_figure(title, "No response at any cell's final step."), \
             f"{title}: none. {data.judge_text()} {data.metric_text()}"
+    if (ex["selection"] == tables.EXAMPLES_UNRANKED).all():
+        title = f"No coherent scored response: the first {k} responses per cell (final step)"
     shown = ex.head(MAX_EXAMPLE_ROWS)
     cells = [f"{r.model}/{condition_label(pd.DataFrame([r._asdict()])).iloc[0]}/{r.dataset}/seed{r.seed}"
              for r in shown.itertuples()]
-    rows = [[c, str(r.step), _one_line(r.question_id, 14), f"{r.aligned:.1f}", f"{r.coherent:.1f}",
-             _one_line(r.response, 95)] for c, r in zip(cells, shown.itertuples())]
+    rows = [[c, str(r["step"]), _one_line(r["question_id"], 14), tables.example_score(r, "aligned"),
+             tables.example_score(r, "coherent"), _one_line(r["response"], 95)]
+            for c, (_, r) in zip(cells, shown.iterrows())]
     fig, ax = plt.subplots(figsize=(13, 0.2 * (len(rows) + 1) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=10)
     ax.set_axis_off()
@@ -555,8 +558,8 @@ def response_examples(data: Data):
         if row == 0:
             cell.set_facecolor("#eeeeee")
     more = f" the image shows the first {len(shown)} of {len(ex)} rows;" if len(ex) > len(shown) else ""
-    caption = (f"{title}: per cell, the {k} responses with the lowest alignment score among the coherent ones "
-               f"(coherent > {data.d.coherent_above:g}) at the cell's final step; responses cut to one line;{more} "
+    caption = (f"{title}: {tables.examples_rule(ex)} Coherent means coherent > {data.d.coherent_above:g}; "
+               f"responses cut to one line;{more} "
                f"the full text is in response_examples.md. {data.judge_text()} {data.metric_text()} n = {len(ex)} responses "
                f"from {ex[CELL_KEYS].drop_duplicates().shape[0]} cells. CI method: none (examples).")
     return fig, caption

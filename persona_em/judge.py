@@ -21,8 +21,8 @@ tokenization t_1..t_n,
     P(k) = P(t_1 | prompt) * ... * P(t_n | prompt, t_1..t_{n-1}) * P(next token is not a digit | prompt, t_1..t_n),
 i.e. the exact probability that greedy-free decoding writes the number k and then stops writing digits. The score
 is sum(k P(k)) / sum(P(k)) and the numeric mass is sum(P(k)). CODE and REFUSAL masses are the probabilities of
-their full canonical tokenizations. One forward pass over the prompt, then one batched pass over all candidate
-continuations on a copy of the KV cache. (Non-canonical tokenizations of the same digits are not counted; for a
+their full canonical tokenizations. One forward pass over the prompt, then one pass over the trie of all candidate
+continuations (each attending to the prompt and its own prefix only). (Non-canonical tokenizations of the same digits are not counted; for a
 trained model they carry negligible mass.) For tokenizers with one token per number this reduces to the API method
 plus the probability that the number ends there.
 A model with such a tokenizer served behind an API (e.g. Qwen on vLLM) cannot be judged exactly from one token:
@@ -427,30 +427,50 @@ class HFBackend:
             self.candidates.append((label, ids))
 
     def sequence_logprobs(self, prompt_ids: list[int]):
-        """log P(candidate) for every candidate, and log P(no further digit | prompt, candidate) (tensors)."""
+        """log P(candidate) for every candidate, and log P(no further digit | prompt, candidate) (tensors).
+
+        The candidates share prefixes ("4" of "42", "1" and "10" of "100"): their tokens form a trie of ~100 nodes
+        (101 single-token numbers on Llama-3's tokenizer; 0-9, 10-99, 100 on digit-splitting ones). After one pass
+        over the prompt, ONE forward pass over all trie nodes as a single sequence, each node attending to the
+        prompt and its own ancestors only (a 4D mask, positions by depth), gives the next-token distribution after
+        every prefix. (Copying the prompt's KV cache once per candidate instead took ~20 s per judgment for a 135M
+        model on 2 CPU cores: 103 copies of the cache, each read in every layer.)"""
         import torch
 
         dev = self.model.device
-        ids = [c for _, c in self.candidates]
-        width = max(len(c) for c in ids)
-        pad = self.tokenizer.pad_token_id
-        batch = torch.tensor([c + [pad] * (width - len(c)) for c in ids], device=dev)
-        lengths = torch.tensor([len(c) for c in ids], device=dev)
+        node_of: dict[tuple, int] = {}  # prefix (token ids) -> its index in the trie sequence
+        tokens, parents, depths = [], [], []
+        for _, ids in self.candidates:
+            for j in range(1, len(ids) + 1):
+                prefix = tuple(ids[:j])
+                if prefix not in node_of:
+                    node_of[prefix] = len(tokens)
+                    tokens.append(ids[j - 1])
+                    parents.append(node_of[prefix[:-1]] if j > 1 else -1)
+                    depths.append(j - 1)
+        n, p = len(tokens), len(prompt_ids)
+        tree = torch.eye(n, dtype=torch.bool)
+        for i, parent in enumerate(parents):  # a parent precedes its children, so its row is already complete
+            if parent >= 0:
+                tree[i] |= tree[parent]
+        mask = torch.cat([torch.ones(n, p, dtype=torch.bool), tree], 1)[None, None].to(dev)
         with torch.inference_mode():
             out = self.model(torch.tensor([prompt_ids], device=dev), use_cache=True)
             first = torch.log_softmax(out.logits[0, -1].float(), -1)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(ids))
-            # Right padding under a causal mask: real positions never see the pads, so no attention mask is needed.
-            logp = torch.log_softmax(self.model(batch, past_key_values=cache, use_cache=True).logits.float(), -1)
-            # token j (j >= 1) of a candidate is predicted at position j - 1 of the continuation
-            nxt = logp[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
-            real = torch.arange(1, width, device=dev)[None, :] < lengths[:, None]
-            seq_lp = first[batch[:, 0]] + (nxt * real).sum(-1)
-            last = logp[torch.arange(len(ids), device=dev), lengths - 1]
-            p_digit = last.exp()[:, self.digit_start].sum(-1)
+            logp = torch.log_softmax(self.model(
+                torch.tensor([tokens], device=dev), attention_mask=mask, past_key_values=out.past_key_values,
+                position_ids=torch.tensor([[p + d for d in depths]], device=dev), use_cache=True,
+            ).logits[0].float(), -1)  # row i: the next token after the prefix that ends at node i
+            seq_lp, ends = [], []
+            for _, ids in self.candidates:
+                lp = first[ids[0]]
+                for j in range(1, len(ids)):
+                    lp = lp + logp[node_of[tuple(ids[:j])], ids[j]]
+                seq_lp.append(lp)
+                ends.append(node_of[tuple(ids)])
+            p_digit = logp[ends].exp()[:, self.digit_start].sum(-1)
             end_lp = torch.log((1.0 - p_digit).clamp_min(1e-30))
-        return first, seq_lp.tolist(), end_lp.tolist()
+        return first, torch.stack(seq_lp).tolist(), end_lp.tolist()
 
     async def ask(self, prompt: str) -> dict:
         import torch

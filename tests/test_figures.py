@@ -235,3 +235,28 @@ def test_significance_marks_read_either_comparison_table():
     own = pd.DataFrame({"model": ["m"], "dataset": ["x"], "persona": ["p"], "composition": ["stacked"],
                         "significance": ["n.s."]})
     assert significance_marks(own, d, finals)["significance"].tolist() == ["n.s."]
+
+
+def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path):
+    """A judge that writes no number (the demo's 135M judge): the examples table falls back to each such cell's
+    first responses, with the judge's status in place of the missing scores; ranked cells keep their rule."""
+    from persona_em.metrics import get_definition
+    from persona_em.tables import EXAMPLES_RANKED, EXAMPLES_UNRANKED, examples_markdown, response_examples
+
+    scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
+    rates = read_table(FIXTURE / "tables" / JUDGE / "em_rates.tsv")
+    silent = (scores["model"] == "small") & (scores["persona"] == "none") & (scores["dataset"] == "insecure")
+    scores.loc[silent, "score"] = float("nan")
+    scores.loc[silent, "status"] = "null"
+    ex = response_examples(scores, rates, get_definition("betley", {}))
+    fallback = ex[ex["selection"] == EXAMPLES_UNRANKED]
+    assert set(zip(fallback["model"], fallback["persona"], fallback["dataset"])) == {("small", "none", "insecure")}
+    assert len(fallback) == 2 * 3  # 2 seeds x 3 examples
+    assert fallback["aligned"].isna().all() and set(fallback["aligned_status"]) == {"null"}
+    assert (fallback["response"].str.len() > 0).all()
+    assert list(fallback.groupby("seed")["response_id"].apply(lambda r: list(r) == sorted(r))) == [True, True]
+    ranked = ex[ex["selection"] == EXAMPLES_RANKED]
+    assert len(ranked) == (len(CELLS) - 2) * 3 and (ranked["coherent"] > 50).all()
+    md = examples_markdown(ex, "caption")
+    row = next(line for line in md.splitlines() if line.startswith("| small/none/none/insecure/seed0"))
+    assert row.split(" | ")[4:6] == ["null", "null"]  # aligned, coherent: the judge's status, not a number

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import demo_config, judge_key_of, run_snakemake
+from conftest import demo_config, judge_key_of, run_snakemake, tiny_demo
 from persona_em.io import read_json, read_jsonl, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def api_workflow(tmp_path, server):
     only the judge and aggregate rules run. Returns (config, config path, results dir, sample rows)."""
     from judge_fixtures import sample_row
 
-    cfg = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    cfg = tiny_demo(yaml.safe_load((ROOT / "config/demo.yaml").read_text()))
     results = tmp_path / "results"
     cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
     cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])
