@@ -260,3 +260,27 @@ def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path
     md = examples_markdown(ex, "caption")
     row = next(line for line in md.splitlines() if line.startswith("| small/none/none/insecure/seed0"))
     assert row.split(" | ")[4:6] == ["null", "null"]  # aligned, coherent: the judge's status, not a number
+
+
+def test_a_judge_that_never_gives_a_number_still_gets_every_figure_saying_so(tmp_path):
+    """All judgments null (the demo's 135M judge under the default min_numeric_mass): every figure still renders,
+    the score-based ones say that nothing has a score and why; the examples show the responses' text."""
+    from persona_em.aggregate import em_rate_table
+
+    fixture = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, fixture)
+    scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
+    scores["score"], scores["status"] = float("nan"), "null"
+    scores = scores.drop(columns=[c for c in ("score_used", "counted") if c in scores])
+    write_table(fixture / "tables" / JUDGE / "scores.tsv", scores)
+    write_table(fixture / "tables" / JUDGE / "em_rates.tsv", em_rate_table(scores, ["betley"]))
+    paths = build(tmp_path / "out", fixture=fixture)
+    said = f"The judge gave no score in {len(scores)} of {len(scores)} judgments ({len(scores)} null"
+    for name in FIGURE_NAMES:
+        assert Path(paths[f"{name}_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        caption = Path(paths[f"{name}_caption"]).read_text()
+        if name not in ("training_loss", "response_examples"):
+            assert "nothing to show" in caption and said in caption, name
+    assert "nothing to show" not in Path(paths["training_loss_caption"]).read_text()
+    examples = read_table(paths["table:response_examples"])
+    assert len(examples) == len(CELLS) * 3 and (examples["response"].str.len() > 0).all()
