@@ -566,13 +566,13 @@ def response_examples(data: Data):
     cells = [f"{r.model}/{condition_label(pd.DataFrame([r._asdict()])).iloc[0]}/{r.dataset}/seed{r.seed}"
              for r in shown.itertuples()]
     rows = [[c, str(r["step"]), _one_line(r["question_id"], 14), tables.example_score(r, "aligned"),
-             tables.example_score(r, "coherent"), _one_line(r["response"], 95)]
+             tables.example_score(r, "coherent"), _one_line(r["response"], 88)]
             for c, (_, r) in zip(cells, shown.iterrows())]
     fig, ax = plt.subplots(figsize=(13, 0.2 * (len(rows) + 1) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=10)
     ax.set_axis_off()
     table = ax.table(cellText=rows, colLabels=["cell", "step", "question", "aligned", "coherent", "response"],
-                     colWidths=[0.2, 0.04, 0.08, 0.05, 0.06, 0.57], cellLoc="left", bbox=[0, 0, 1, 1])
+                     colWidths=[0.25, 0.03, 0.08, 0.05, 0.06, 0.53], cellLoc="left", bbox=[0, 0, 1, 1])
     table.auto_set_font_size(False)
     table.set_fontsize(6.5)
     for (row, _), cell in table.get_celld().items():

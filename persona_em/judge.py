@@ -455,7 +455,7 @@ class HFBackend:
                 tree[i] |= tree[parent]
         mask = torch.cat([torch.ones(n, p, dtype=torch.bool), tree], 1)[None, None].to(dev)
         with torch.inference_mode():
-            out = self.model(torch.tensor([prompt_ids], device=dev), use_cache=True)
+            out = self.model(torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(out.logits[0, -1].float(), -1)
             logp = torch.log_softmax(self.model(
                 torch.tensor([tokens], device=dev), attention_mask=mask, past_key_values=out.past_key_values,
