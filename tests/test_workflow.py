@@ -72,7 +72,7 @@ def test_demo_dag_end_to_end(tmp_path):
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
     assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
-    changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.7}}
+    changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.5}}
     res = run_snakemake(tmp_path, changed, "-n")
     assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
 
