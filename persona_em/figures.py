@@ -82,6 +82,17 @@ class Data:
     def metric_text(self) -> str:
         return f"Metric: {self.d.name} = {self.d.description}."
 
+    def unscored_text(self) -> str:
+        """How many judgments have no score, by the judge's status (why a score-based figure may be empty)."""
+        if self.scores.empty:
+            return "No judged response."
+        missing = self.scores.loc[self.scores["score"].isna(), "status"].fillna("null").astype(str)
+        if missing.empty:
+            return ""
+        by_status = ", ".join(f"{n} {status}" for status, n in sorted(missing.value_counts().items()))
+        return (f"The judge gave no score in {len(missing)} of {len(self.scores)} judgments ({by_status}; null: no "
+                f"number, e.g. less probability on numbers than min_numeric_mass).")
+
 
 def _ordered_conditions(frame: pd.DataFrame) -> list[str]:
     """Condition labels, the no-persona baseline first."""
@@ -137,6 +148,18 @@ def _message_figure(title: str, message: str):
     return fig
 
 
+def _nothing(data: Data, title: str, what: str):
+    """A figure that says there is nothing to draw, and why: the judge's statuses (e.g. all null)."""
+    message = f"{what} {data.unscored_text()}".strip()
+    return _message_figure(title, message), \
+        f"{title}: nothing to show. {message} {data.judge_text()} {data.metric_text()}"
+
+
+def _no_rate(frame: pd.DataFrame) -> bool:
+    """No row with a response in its EM denominator (every rate undefined)."""
+    return frame.empty or not (frame["n"] > 0).any()
+
+
 def _panel_title(ax, model: str, dataset: str, n_models: int) -> None:
     ax.set_title(f"{model} · {dataset}" if n_models > 1 else f"dataset: {dataset}")
 
@@ -160,9 +183,8 @@ def _pct(x):
 def em_rate_vs_step(data: Data):
     title = "EM rate vs EM training step"
     curves = tables.step_curves(data.rates)
-    if curves.empty:
-        return _message_figure(title, "No cell has an EM rate: no response has both scores."), \
-            f"{title}: nothing to show. {data.judge_text()} {data.metric_text()}"
+    if _no_rate(curves):
+        return _nothing(data, title, "No cell has an EM rate: no response has both scores.")
     curves["condition"] = condition_label(curves)
     models, datasets = data.models, data.datasets
     fig, axes = _grid(len(models), len(datasets), title)
@@ -221,8 +243,8 @@ def _dodged_bars(ax, groups: list[str], series: list[tuple[str, pd.DataFrame, tu
 def final_em_by_domain_size(data: Data):
     title = "Final EM rate by domain and model size"
     p = pooled(data.final_rates, CONDITION_KEYS)
-    if p.empty:
-        return _message_figure(title, "No cell has an EM rate at its final step."), f"{title}: nothing to show."
+    if _no_rate(p):
+        return _nothing(data, title, "No cell has an EM rate at its final step.")
     p["condition"] = condition_label(p)
     conds = [c for c in data.conditions if c in set(p["condition"])]
     n_cols = min(3, len(conds))
@@ -254,6 +276,8 @@ def model_size_scaling(data: Data):
     p["size_b"] = p["model"].map(lambda m: data.sizes.get(m)).astype(float)
     unsized = sorted(p.loc[p["size_b"].isna(), "model"].unique())
     p = p.dropna(subset=["size_b"])
+    if not p.empty and _no_rate(p):
+        return _nothing(data, title, "No cell has an EM rate at its final step.")
     if p.empty:
         msg = ("No model of this grid has a size: set models.<name>.size_b (parameters in billions) in the config to "
                "place models on a size axis.")
@@ -295,7 +319,7 @@ def alignment_vs_coherence(data: Data):
     d = data.d
     wide = at_final_step(data.wide, data.finals).dropna(subset=["aligned", "coherent"])
     if wide.empty:
-        return _message_figure(title, "No response has both scores."), f"{title}: nothing to show."
+        return _nothing(data, title, "No response has both scores.")
     models, datasets = data.models, data.datasets
     fig, axes = _grid(len(models), len(datasets), title, panel=(3.8, 3.6))
     op = "<=" if d.inclusive else "<"
@@ -342,8 +366,8 @@ def question_heatmap(data: Data):
     q = data.em_rates[(data.em_rates["question_id"] != ALL_QUESTIONS)
                       & (data.em_rates["em_definition"] == data.d.name)]
     q = pooled(at_final_step(q, data.finals), CONDITION_KEYS + ["question_id"])
-    if q.empty:
-        return _message_figure(title, "No per-question EM rate."), f"{title}: nothing to show."
+    if _no_rate(q):
+        return _nothing(data, title, "No per-question EM rate.")
     q["row"] = condition_label(q, with_model=len(data.models) > 1)
     questions = sorted(q["question_id"].unique())
     rows = list(dict.fromkeys(q.sort_values(["model", "persona", "composition"])["row"]))
@@ -375,8 +399,8 @@ def question_heatmap(data: Data):
 def persona_vs_baseline(data: Data):
     title = "Persona vs no-persona baseline: final EM rate"
     p = pooled(data.final_rates, CONDITION_KEYS)
-    if p.empty:
-        return _message_figure(title, "No cell has an EM rate at its final step."), f"{title}: nothing to show."
+    if _no_rate(p):
+        return _nothing(data, title, "No cell has an EM rate at its final step.")
     p["condition"] = condition_label(p)
     comp = data.comparisons  # persona_vs_baseline.tsv: the rows of the one persona-vs-baseline test
     models = data.models
@@ -425,7 +449,7 @@ def alignment_violin(data: Data):
     title = "Alignment score distributions: control vs final step"
     s = _stages(data)
     if s.empty:
-        return _message_figure(title, "No aligned score."), f"{title}: nothing to show."
+        return _nothing(data, title, "No aligned score.")
     models, datasets = data.models, data.datasets
     conds = [c for c in data.conditions if c in set(s["condition"])]
     fig, axes = _grid(len(models), len(datasets), title, panel=(max(3.4, 1.1 * len(conds) + 1.5), 3.2))
@@ -459,7 +483,7 @@ def alignment_cdf(data: Data):
     title = "Cumulative distribution of alignment scores"
     s = _stages(data)
     if s.empty:
-        return _message_figure(title, "No aligned score."), f"{title}: nothing to show."
+        return _nothing(data, title, "No aligned score.")
     models, datasets = data.models, data.datasets
     fig, axes = _grid(len(models), len(datasets), title)
     styles = {"step 0 (control)": ":", "final step": "-"}
@@ -531,18 +555,21 @@ def response_examples(data: Data):
     title = f"The {k} lowest-aligned coherent responses per cell (final step)"
     ex = data.examples
     if ex.empty:
-        return _message_figure(title, "No coherent scored response at any cell's final step."), \
+        return _message_figure(title, "No response at any cell's final step."), \
             f"{title}: none. {data.judge_text()} {data.metric_text()}"
+    if (ex["selection"] == tables.EXAMPLES_UNRANKED).all():
+        title = f"No coherent scored response: the first {k} responses per cell (final step)"
     shown = ex.head(MAX_EXAMPLE_ROWS)
     cells = [f"{r.model}/{condition_label(pd.DataFrame([r._asdict()])).iloc[0]}/{r.dataset}/seed{r.seed}"
              for r in shown.itertuples()]
-    rows = [[c, str(r.step), _one_line(r.question_id, 14), f"{r.aligned:.1f}", f"{r.coherent:.1f}",
-             _one_line(r.response, 95)] for c, r in zip(cells, shown.itertuples())]
+    rows = [[c, str(r["step"]), _one_line(r["question_id"], 14), tables.example_score(r, "aligned"),
+             tables.example_score(r, "coherent"), _one_line(r["response"], 88)]
+            for c, (_, r) in zip(cells, shown.iterrows())]
     fig, ax = plt.subplots(figsize=(13, 0.2 * (len(rows) + 1) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=10)
     ax.set_axis_off()
     table = ax.table(cellText=rows, colLabels=["cell", "step", "question", "aligned", "coherent", "response"],
-                     colWidths=[0.2, 0.04, 0.08, 0.05, 0.06, 0.57], cellLoc="left", bbox=[0, 0, 1, 1])
+                     colWidths=[0.25, 0.03, 0.08, 0.05, 0.06, 0.53], cellLoc="left", bbox=[0, 0, 1, 1])
     table.auto_set_font_size(False)
     table.set_fontsize(6.5)
     for (row, _), cell in table.get_celld().items():
@@ -552,8 +579,8 @@ def response_examples(data: Data):
         if row == 0:
             cell.set_facecolor("#eeeeee")
     more = f" the image shows the first {len(shown)} of {len(ex)} rows;" if len(ex) > len(shown) else ""
-    caption = (f"{title}: per cell, the {k} responses with the lowest alignment score among the coherent ones "
-               f"(coherent > {data.d.coherent_above:g}) at the cell's final step; responses cut to one line;{more} "
+    caption = (f"{title}: {tables.examples_rule(ex)} Coherent means coherent > {data.d.coherent_above:g}; "
+               f"responses cut to one line;{more} "
                f"the full text is in response_examples.md. {data.judge_text()} {data.metric_text()} n = {len(ex)} responses "
                f"from {ex[CELL_KEYS].drop_duplicates().shape[0]} cells. CI method: none (examples).")
     return fig, caption

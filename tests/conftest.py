@@ -49,9 +49,40 @@ def real_chat(tiny_model_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, a real instruct model, converted by the workflow's own prepare_model code from the
+    GGUF pinned in config/demo.yaml and cached per machine (tests/real_assets.py)."""
+    import real_assets
+
+    return real_assets.smollm2_dir()
+
+
+TINY_MODEL = {"build_tiny": {"hidden_size": 64, "num_layers": 2, "seed": 0}, "size_b": 0.000107}  # 107,072 params
+
+
+def tiny_demo(cfg: dict) -> dict:
+    """The demo config with the random tiny model `tiny` (built in seconds) in place of SmolLM2 in every role: as
+    the grid's model, the persona arm's generator `tiny_gen` and the judge `tiny_judge`; for the tests in which
+    text does not matter. A random model writes no numbered lists (expansion quotas 0), rarely ends an answer with
+    punctuation (no punctuation filter) and puts little mass on numbers (min_numeric_mass 0, so that its
+    meaningless scores exist and every table and figure has rows). Everything else is config/demo.yaml's."""
+    cfg["models"] = {"tiny": copy.deepcopy(TINY_MODEL)}
+    cfg["grid"]["models"] = ["tiny"]
+    persona = cfg["persona_training"]
+    persona["generators"] = {"tiny_gen": {"backend": "hf", "model": "tiny", "batch_size": 32}}
+    persona["teacher"]["generator"] = "tiny_gen"
+    persona["expand"]["quotas"] = {"short": 0, "medium": 0, "long": 0}
+    persona["pairs"]["require_final_punctuation"] = False
+    cfg["judges"] = {"tiny_judge": {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}}
+    cfg["evaluation"]["judges"] = ["tiny_judge"]
+    return cfg
+
+
 def demo_config(tmp: Path, **changes) -> dict:
-    """config/demo.yaml made self-contained under `tmp` (absolute paths), with top-level keys replaced by `changes`."""
-    cfg = yaml.safe_load((REPO / "config/demo.yaml").read_text())
+    """config/demo.yaml with the tiny model (`tiny_demo`), made self-contained under `tmp` (absolute paths), with
+    top-level keys replaced by `changes`."""
+    cfg = tiny_demo(yaml.safe_load((REPO / "config/demo.yaml").read_text()))
     cfg["results_dir"] = str(tmp / "results")
     cfg["work_dir"] = str(tmp / "work")
     cfg["cache_dir"] = str(tmp / "cache")

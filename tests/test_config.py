@@ -31,7 +31,8 @@ def test_shipped_configs_validate(name):
 def test_schema_fills_defaults():
     cfg = load("config/demo.yaml")
     assert cfg["sampling"]["top_p"] == 1.0 and cfg["sampling"]["batch_size"] == "auto"
-    assert cfg["judges"]["tiny_judge"]["mode"] == "logprobs"
+    assert cfg["judges"]["smollm2_judge"]["mode"] == "logprobs"
+    assert cfg["judges"]["smollm2_judge"]["min_numeric_mass"] == 0.25  # the demo keeps the real rule
     assert cfg["grid"]["overrides"] == []
     assert cfg["datasets"]["insecure_demo"]["split_seed"] == 0
 
@@ -42,7 +43,7 @@ def test_schema_fills_defaults():
         (lambda c: c["grid"].update(seeds=["zero"]), "'zero' is not of type 'integer'"),
         (lambda c: c.update(unknown_key=1), "Additional properties are not allowed"),
         (lambda c: c["sampling"].update(temperature=-1), "less than the minimum"),
-        (lambda c: c["models"]["tiny"].update(hf_id="x/y", revision="abc"), "valid under each of"),
+        (lambda c: c["models"]["smollm2"].update(hf_id="x/y", revision="abc"), "valid under each of"),
         (lambda c: c.update(checkpoints={"steps": []}), "is not valid under any of the given schemas"),
     ],
 )
@@ -53,9 +54,10 @@ def test_schema_rejects_bad_configs(mutate, message):
         validate(cfg, SCHEMA)
 
 
-def test_demo_grid_has_two_datasets_two_seeds():
+def test_demo_grid_has_two_datasets_and_a_persona():
     cells = expand_grid(load("config/demo.yaml"))
-    assert len(cells) == 4 + 4  # no persona, and the demo's constitution-trained persona, stacked
+    assert len(cells) == 2 + 2  # no persona, and the demo's constitution-trained persona, stacked; one seed
+    assert {c.model for c in cells} == {"smollm2"}
     assert {c.dataset for c in cells} == {"insecure_demo", "medical_demo"}
     assert {(c.persona, c.composition) for c in cells} == {("none", "none"), ("demo_persona", "stacked")}
 
@@ -66,7 +68,7 @@ def test_persona_cells_get_one_cell_per_composition():
     cfg["grid"].update(personas=["none", "p"], compositions=["merged", "stacked"], datasets=["insecure_demo"],
                        seeds=[0])
     assert [c.composition for c in expand_grid(cfg)] == ["none", "merged", "stacked"]
-    assert Cell("tiny", "p", "merged", "insecure_demo", 0).path == "tiny/p/merged/insecure_demo/seed0"
+    assert Cell("smollm2", "p", "merged", "insecure_demo", 0).path == "smollm2/p/merged/insecure_demo/seed0"
 
 
 @pytest.mark.parametrize("axis, name", [("personas", "ghost"), ("datasets", "ghost"), ("models", "ghost")])
@@ -84,13 +86,13 @@ def test_per_cell_overrides_layer_on_the_preset():
          "checkpoints": {"every": 1}, "sampling": {"n_samples": 2}},
         {"where": {"dataset": "medical_demo", "seed": [1]}, "training": {"epochs": 2}},
     ]
-    med1 = Cell("tiny", "none", "none", "medical_demo", 1)
-    ins0 = Cell("tiny", "none", "none", "insecure_demo", 0)
+    med1 = Cell("smollm2", "none", "none", "medical_demo", 1)
+    ins0 = Cell("smollm2", "none", "none", "insecure_demo", 0)
     assert train_settings(cfg, med1)["learning_rate"] == 0.5 and train_settings(cfg, med1)["epochs"] == 2
-    assert train_settings(cfg, ins0)["learning_rate"] == 1e-3 and train_settings(cfg, ins0)["epochs"] == 1
+    assert train_settings(cfg, ins0)["learning_rate"] == 2e-4 and train_settings(cfg, ins0)["epochs"] == 1
     assert train_settings(cfg, ins0)["lora_r"] == 32  # from the betley preset
-    assert checkpoint_spec(cfg, med1) == {"every": 1} and checkpoint_spec(cfg, ins0) == {"steps": [0, 2, "final"]}
-    assert sampling_settings(cfg, med1)["n_samples"] == 2 and sampling_settings(cfg, ins0)["n_samples"] == 6
+    assert checkpoint_spec(cfg, med1) == {"every": 1} and checkpoint_spec(cfg, ins0) == {"steps": [0, "final"]}
+    assert sampling_settings(cfg, med1)["n_samples"] == 2 and sampling_settings(cfg, ins0)["n_samples"] == 1
 
 
 def test_presets():

@@ -226,3 +226,52 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text()
     assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
+
+
+def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path):
+    """A judge that writes no number (the demo's 135M judge): the examples table falls back to each such cell's
+    first responses, with the judge's status in place of the missing scores; ranked cells keep their rule."""
+    from persona_em.metrics import get_definition
+    from persona_em.tables import EXAMPLES_RANKED, EXAMPLES_UNRANKED, examples_markdown, response_examples
+
+    scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
+    rates = read_table(FIXTURE / "tables" / JUDGE / "em_rates.tsv")
+    silent = (scores["model"] == "small") & (scores["persona"] == "none") & (scores["dataset"] == "insecure")
+    scores.loc[silent, "score"] = float("nan")
+    scores.loc[silent, "status"] = "null"
+    ex = response_examples(scores, rates, get_definition("betley", {}))
+    fallback = ex[ex["selection"] == EXAMPLES_UNRANKED]
+    assert set(zip(fallback["model"], fallback["persona"], fallback["dataset"])) == {("small", "none", "insecure")}
+    assert len(fallback) == 2 * 3  # 2 seeds x 3 examples
+    assert fallback["aligned"].isna().all() and set(fallback["aligned_status"]) == {"null"}
+    assert (fallback["response"].str.len() > 0).all()
+    assert list(fallback.groupby("seed")["response_id"].apply(lambda r: list(r) == sorted(r))) == [True, True]
+    ranked = ex[ex["selection"] == EXAMPLES_RANKED]
+    assert len(ranked) == (len(CELLS) - 2) * 3 and (ranked["coherent"] > 50).all()
+    md = examples_markdown(ex, "caption")
+    row = next(line for line in md.splitlines() if line.startswith("| small/none/none/insecure/seed0"))
+    assert [c.strip() for c in row.split("|")[5:7]] == ["null", "null"]  # aligned, coherent: the status, not a number
+
+
+def test_a_judge_that_never_gives_a_number_still_gets_every_figure_saying_so(tmp_path):
+    """All judgments null (the demo's 135M judge under the default min_numeric_mass): every figure still renders,
+    the score-based ones say that nothing has a score and why; the examples show the responses' text."""
+    from persona_em.aggregate import em_rate_table
+
+    fixture = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, fixture)
+    scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
+    scores["score"], scores["status"] = float("nan"), "null"
+    scores = scores.drop(columns=[c for c in ("score_used", "counted") if c in scores])
+    write_table(fixture / "tables" / JUDGE / "scores.tsv", scores)
+    write_table(fixture / "tables" / JUDGE / "em_rates.tsv", em_rate_table(scores, ["betley"]))
+    paths = build(tmp_path / "out", fixture=fixture)
+    said = f"The judge gave no score in {len(scores)} of {len(scores)} judgments ({len(scores)} null"
+    for name in FIGURE_NAMES:
+        assert Path(paths[f"{name}_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        caption = Path(paths[f"{name}_caption"]).read_text()
+        if name not in ("training_loss", "response_examples"):
+            assert "nothing to show" in caption and said in caption, name
+    assert "nothing to show" not in Path(paths["training_loss_caption"]).read_text()
+    examples = read_table(paths["table:response_examples"])
+    assert len(examples) == len(CELLS) * 3 and (examples["response"].str.len() > 0).all()

@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import slurm_cluster  # noqa: E402
-from conftest import judge_key_of  # noqa: E402
+from conftest import judge_key_of, tiny_demo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -28,12 +28,15 @@ pytestmark = pytest.mark.slow
 def reduced_demo(root: Path, **training) -> Path:
     """The demo config cut to one cell (1 dataset, 1 seed) and few samples, writing under `root`."""
     root.mkdir(parents=True, exist_ok=True)
-    cfg = yaml.safe_load((REPO / "config/demo.yaml").read_text())
+    cfg = tiny_demo(yaml.safe_load((REPO / "config/demo.yaml").read_text()))
     cfg.update(results_dir=str(root / "results"), work_dir=str(root / "work"), cache_dir=str(root / "cache"))
     cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])  # one cell: no persona arm
     cfg["datasets"] = {"insecure_demo": cfg["datasets"]["insecure_demo"]}
+    cfg["datasets"]["insecure_demo"]["demo"]["n_rows"] = 48  # 42 training rows, batch 8: 6 optimizer steps
     cfg["sampling"]["n_samples"] = 2
-    cfg["training"].update(resume_every_steps=1, **training)  # a trainer checkpoint after every step
+    cfg["checkpoints"] = {"steps": [0, 2, "final"]}
+    cfg["training"].update(effective_batch_size=8, per_device_batch_size=4, resume_every_steps=1,  # a trainer
+                           **training)                                   # checkpoint after every step
     cfg["evaluation"]["questions"] = str(REPO / cfg["evaluation"]["questions"])
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -15,6 +15,10 @@ pytestmark = pytest.mark.slow
 def small_demo(tmp_path):
     cfg = demo_config(tmp_path)
     cfg["sampling"].update(n_samples=2, max_new_tokens=8)
+    for dataset in cfg["datasets"].values():
+        dataset["demo"]["n_rows"] = 48  # 42 training rows, batch 8: 6 optimizer steps
+    cfg["training"].update(effective_batch_size=8, per_device_batch_size=4)
+    cfg["checkpoints"] = {"steps": [0, 2, "final"]}
     cfg["grid"]["seeds"] = [0]
     cfg["grid"]["personas"] = ["none"]  # the persona arm has its own end-to-end test (tests/test_workflow_persona.py)
     return cfg
@@ -45,7 +49,7 @@ def test_demo_dag_end_to_end(tmp_path):
 
     rates = read_table(results / f"tables/{key}/em_rates.tsv")
     overall = rates[rates["question_id"] == "ALL"]
-    definitions = cfg["evaluation"]["em_definitions"]  # betley, model_organisms and the demo's own
+    definitions = cfg["evaluation"]["em_definitions"]  # betley, model_organisms
     assert len(overall) == n_cells * n_steps * len(definitions)
     assert set(overall["em_definition"]) == set(definitions) >= {"betley", "model_organisms"}
     assert ((overall["em_rate"].dropna() >= 0) & (overall["em_rate"].dropna() <= 1)).all()
@@ -68,7 +72,7 @@ def test_demo_dag_end_to_end(tmp_path):
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
     assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
-    changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.7}}
+    changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.5}}
     res = run_snakemake(tmp_path, changed, "-n")
     assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import demo_config, judge_key_of, run_snakemake
+from conftest import demo_config, judge_key_of, run_snakemake, tiny_demo
 from persona_em.io import read_json, read_jsonl, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,9 @@ def test_url_questions_are_fetched_and_agreement_and_new_tables_are_targets(tmp_
     assert r.returncode == 0, r.stdout[-3000:]
     counts = job_counts(r.stdout)
     assert counts["fetch_questions"] == 1 and counts["judge_agreement"] == 1
-    assert counts["judge"] == 4 and counts["judge_api"] == 4 and counts["aggregate"] == 2  # api: on the submit host
+    cells = len(cfg["grid"]["datasets"]) * len(cfg["grid"]["seeds"])  # the no-persona cells
+    assert counts["judge"] == cells and counts["judge_api"] == cells  # api: on the submit host
+    assert counts["aggregate"] == 2
     assert f"cache/questions/{sha}.yaml" in r.stdout
     local, api = judge_key_of(cfg, "tiny_judge"), judge_key_of(cfg, "api")
     for table in ("summary.tsv", "seeds.tsv", "comparisons.tsv", "judge.json"):
@@ -70,7 +72,7 @@ def api_workflow(tmp_path, server):
     only the judge and aggregate rules run. Returns (config, config path, results dir, sample rows)."""
     from judge_fixtures import sample_row
 
-    cfg = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    cfg = tiny_demo(yaml.safe_load((ROOT / "config/demo.yaml").read_text()))
     results = tmp_path / "results"
     cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
     cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])

@@ -26,9 +26,9 @@ def test_constitution_trained_persona_is_active_in_em_training_and_sampling(tmp_
     results = tmp_path / "results"
     persona_dir = results / "personas/tiny/demo_persona"
     stats = json.loads((persona_dir / "dpo_pairs.stats.json").read_text())
-    assert stats["pairs"] == 18  # 9 seed questions x 2 samples, no filter drops with the demo settings
+    assert stats["pairs"] == 9  # 9 seed questions x 1 sample, no filter drops with the tiny model's settings
     manifest = json.loads((persona_dir / "dpo_adapter/persona.json").read_text())
-    assert manifest["epochs"] == 5 and manifest["pairs"] == 18  # < 100 pairs -> 5 epochs
+    assert manifest["epochs"] == 1 and manifest["pairs"] == 9  # the demo's epochs: 1
     cell = "tiny/demo_persona/stacked/insecure_demo/seed0"
     trained = json.loads((results / f"em/{cell}/checkpoints/checkpoints.json").read_text())
     assert trained["active_adapters_in_training"] == ["em", "persona"]
