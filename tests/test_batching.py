@@ -96,7 +96,9 @@ def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
     if not model_dir.exists():
         build_tiny_model(model_dir, hidden_size=32, num_layers=2)
         write_demo_dataset("insecure", data, n_rows=16 * steps, seed=0)
-    cfg = TrainConfig(learning_rate=1e-2, warmup_steps=0, max_length=128, resume_every_steps=1000)
+    # SGD: the update is linear in the gradient, so equal gradients give equal weights. (Adam's first step is
+    # about lr * sign(g) per element, so float-rounding noise in a near-zero gradient could flip an element.)
+    cfg = TrainConfig(learning_rate=1.0, warmup_steps=0, max_length=128, resume_every_steps=1000, optimizer="sgd")
     base, chat_format = load_model(model_dir, device="cpu")
     tok = chat_format.tokenizer
     dataset = build_dataset(ChatFormat(tok), data, cfg)
