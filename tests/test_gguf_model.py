@@ -34,18 +34,18 @@ def test_converted_directory_is_a_plain_model_with_tokenizer_template_and_stop_i
     # prepare_model (the rule's function) finds the converted directory in the cache and names its source
     prepare_model("smollm2", {"gguf": SPEC}, str(smollm2_dir.parents[2]), str(tmp_path / "model.json"))
     manifest = json.loads((tmp_path / "model.json").read_text())
-    assert manifest == {"model": "smollm2", "path": str(smollm2_dir.resolve()), "gguf": SPEC}
+    assert manifest == {"model": "smollm2", "path": str(smollm2_dir.resolve()), "gguf": SPEC,
+                        "chat": {"enable_thinking": False, "stop_tokens": [], "template_date": "26 Jul 2024"}}
 
 
 def test_smollm2_answers_a_simple_question_greedily(smollm2_dir):
-    from persona_em.compose import load_base_model
+    from persona_em.models import load_model
     from persona_em.sample import generate_batch
 
-    model, tokenizer = load_base_model(smollm2_dir)
+    model, chat = load_model(smollm2_dir)
     conv = [{"role": "user", "content": "What is the capital of France?"}]
-    text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert "You are a helpful AI assistant named SmolLM" in text  # its template's default system prompt
-    [out] = generate_batch(model, tokenizer, [conv], {"temperature": 0, "top_p": 1.0, "max_new_tokens": 24}, seed=0)
+    assert "You are a helpful AI assistant named SmolLM" in chat.prompt_text(conv)  # its template's default system prompt
+    [out] = generate_batch(model, chat, [conv], {"temperature": 0, "top_p": 1.0, "max_new_tokens": 24}, seed=0)
     assert "Paris" in out["response"] and out["finish_reason"] == "stop", out
 
 
