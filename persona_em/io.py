@@ -46,6 +46,14 @@ def _tmp_beside(path: Path, suffix: str = "") -> Path:
     return Path(tmp)
 
 
+def _default_mode(directory: bool) -> int:
+    """The mode a plain open()/mkdir() would give under the process's umask (tempfile's are 0600 / 0700, which would
+    hide outputs from the other members of a project sharing results_dir or cache_dir)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -56,6 +64,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = _tmp_beside(path, suffix)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -71,6 +81,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -82,3 +82,20 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_that_the_next_write_remove
     subprocess.run([sys.executable, "-c", WRITER, kind, str(target), "finish"], env=env, check=True)
     assert sorted(p.name for p in results.rglob("*.tmp*")) == [f".{other.name}.abcd1234.tmp"]
     assert (target.read_text() if kind == "file" else (target / "adapter_model.safetensors").read_text()) == "whole"
+
+
+def test_atomic_outputs_get_the_umask_mode_not_tempfiles_private_one(tmp_path):
+    """Outputs in a shared results_dir / cache_dir must be readable by the project's group, as open() would make them."""
+    import os
+
+    from persona_em.io import atomic_dir, write_text
+
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "a").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
