@@ -77,7 +77,9 @@ def test_replicate_seeds_draw_independently_cells_of_one_seed_are_paired(world, 
     other_dataset = _sample(world, tiny_model_dir, Cell("tiny", "none", "none", "medical", 0))
     seed1 = _sample(world, tiny_model_dir, Cell("tiny", "none", "none", "insecure", 1))
     persona = _sample(world, tiny_model_dir, Cell("tiny", "p", "stacked", "insecure", 0))
-    assert len(seed0) == 3 * SETTINGS["n_samples"]
+    from persona_em.questions import load_questions
+
+    assert len(seed0) == len(load_questions(QUESTIONS)) * SETTINGS["n_samples"]
 
     def draws(rows):
         return [(r["question_id"], r["sample_index"], r["paraphrase_index"], r["batch_seed"]) for r in rows]
