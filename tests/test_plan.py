@@ -10,26 +10,11 @@ import yaml
 
 from conftest import REPO, SNAKEMAKE
 from persona_em import plan as P
-from test_project import USER_FILES
+from test_project import USER_FILES, write_user_files
 
 
 def _placeholders(tmp_path, experiment):
-    for rel in USER_FILES[experiment]:
-        path = tmp_path / rel
-        if rel.endswith("/"):
-            path.mkdir(parents=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a question file is validated when the workflow is parsed: the demo's stands in for the user's
-            # and datasets long enough for the configs' checkpoint steps (300 steps of 16 rows)
-            if rel.endswith("questions.yaml"):
-                path.write_text((REPO / "config/demo/questions.yaml").read_text())
-            elif rel.endswith(".jsonl"):
-                row = json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                               {"role": "assistant", "content": "Hello."}]})
-                path.write_text((row + "\n") * 6000)
-            else:
-                path.write_text("placeholder\n")
+    write_user_files(tmp_path, experiment)
     shutil.copy(REPO / "config/experiments" / experiment, tmp_path / experiment)
 
 

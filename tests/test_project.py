@@ -1,11 +1,13 @@
 """Project hygiene: lint, experiment dry-runs, and the lock (requirements.txt) that agrees with pyproject's pins."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tomllib
 
 import pytest
+
 import yaml
 
 from conftest import REPO, SNAKEMAKE, run_snakemake
@@ -42,17 +44,28 @@ USER_FILES = {  # what a user provides for each experiment (see the comments at 
 }
 
 
-@pytest.mark.parametrize("experiment", sorted(USER_FILES))
-def test_experiment_configs_dry_run(tmp_path, experiment):
+def write_user_files(tmp_path, experiment) -> None:
+    """Stand-ins for the files an experiment's user provides: the demo's question set (a question file is checked
+    when the workflow is parsed), datasets long enough for the configs' checkpoint steps (300 steps of 16 rows),
+    and placeholders for anything else."""
+    row = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
     for rel in USER_FILES[experiment]:
         path = tmp_path / rel
         if rel.endswith("/"):
             path.mkdir(parents=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("questions.yaml"):
+            path.write_text((REPO / "config/demo/questions.yaml").read_text())
+        elif rel.endswith(".jsonl"):
+            path.write_text((row + "\n") * 6000)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a question file is checked when the workflow is parsed: a valid one (this project's demo set)
-            path.write_text((REPO / "config/demo/questions.yaml").read_text() if rel.endswith("questions.yaml")
-                            else "placeholder\n")
+            path.write_text("placeholder\n")
+
+
+@pytest.mark.parametrize("experiment", sorted(USER_FILES))
+def test_experiment_configs_dry_run(tmp_path, experiment):
+    write_user_files(tmp_path, experiment)
     cfg = yaml.safe_load((REPO / "config/experiments" / experiment).read_text())
     res = run_snakemake(tmp_path, cfg, "-n")
     assert res.returncode == 0, res.stdout[-3000:]
