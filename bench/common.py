@@ -59,6 +59,15 @@ def em_conversations(cfg: dict) -> list[list[dict]]:
     return rows
 
 
+def sampling_workload(cfg: dict) -> tuple[list[list[dict]], dict]:
+    """One checkpoint's evaluation: n_questions questions x n_samples copies, and the generation settings."""
+    rng = random.Random(0)
+    questions = [[{"role": "user", "content": words(rng, rng.randint(*cfg["question_words"]))}]
+                 for _ in range(cfg["n_questions"])]
+    convs = [q for q in questions for _ in range(cfg["n_samples"])]
+    return convs, {k: cfg[k] for k in ("temperature", "top_p", "max_new_tokens")}
+
+
 @contextlib.contextmanager
 def measured(result: dict):
     """Wall time (synchronized) and peak GPU memory of a block into `result`."""

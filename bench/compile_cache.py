@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -53,11 +52,7 @@ def main(argv=None) -> int:
     model = common.build_model(shape, tok)
     dirs, model = _checkpoints(model, 1, Path(tempfile.mkdtemp(prefix="bench_cc_")))
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
-    rng = random.Random(0)
-    questions = [[{"role": "user", "content": common.words(rng, rng.randint(*scfg["question_words"]))}]
-                 for _ in range(scfg["n_questions"])]
-    convs = [q for q in questions for _ in range(scfg["n_samples"])]
-    settings = {k: scfg[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    convs, settings = common.sampling_workload(scfg)
     out = {"shape": a.shape, "gpu": common.gpu_name(), "torch": torch.__version__,
            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "key": compile_key(model),
            "responses": len(convs), "max_new_tokens": settings["max_new_tokens"]}

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +33,7 @@ def main():
     model = common.build_model(cfg["shapes"][a.shape], tok)
     dirs, model = _checkpoints(model, 1, Path(tempfile.mkdtemp()))
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
-    rng = random.Random(0)
-    questions = [[{"role": "user", "content": common.words(rng, rng.randint(*scfg["question_words"]))}]
-                 for _ in range(scfg["n_questions"])]
-    convs = [q for q in questions for _ in range(scfg["n_samples"])]
-    settings = {k: scfg[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    convs, settings = common.sampling_workload(scfg)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
     marks = {}

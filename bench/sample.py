@@ -4,13 +4,12 @@ loading another checkpoint in place, as sample_cell does for every checkpoint of
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.common import free_memory, measured, words
+from bench.common import free_memory, measured, sampling_workload
 
 
 def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
@@ -49,12 +48,8 @@ def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
 def run(model, tok, cfg: dict, log) -> dict:
     from persona_em import compose
 
-    rng = random.Random(0)
-    questions = [[{"role": "user", "content": words(rng, rng.randint(*cfg["question_words"]))}]
-                 for _ in range(cfg["n_questions"])]
-    convs = [q for q in questions for _ in range(cfg["n_samples"])]
+    convs, settings = sampling_workload(cfg)
     n = len(convs)
-    settings = {k: cfg[k] for k in ("temperature", "top_p", "max_new_tokens")}
     dirs, model = _checkpoints(model, 2, Path(tempfile.mkdtemp(prefix="bench_sample_")))
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
     out = {"responses_per_checkpoint": n, "max_new_tokens": cfg["max_new_tokens"]}
