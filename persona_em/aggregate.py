@@ -35,12 +35,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .io import read_jsonl, read_table, write_json, write_table
-from .judging.identity import JUDGE_COLUMNS
-from .questions import LABEL_TYPE, SCORE_TYPE
-from .metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
-from .stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
+from persona_em.errors import UserError
+from persona_em.io import read_jsonl, read_table, write_json, write_table
+from persona_em.judging.identity import JUDGE_COLUMNS
+from persona_em.questions import LABEL_TYPE, SCORE_TYPE
+from persona_em.metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
+from persona_em.stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]

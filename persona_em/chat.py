@@ -33,8 +33,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .io import read_json, stable_hash
+from persona_em.errors import UserError
+from persona_em.io import read_json, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ChatFormat:
     @classmethod
     def load(cls, model_dir: str | Path, settings: ChatSettings | None = None, tokenizer=None) -> "ChatFormat":
         """The chat format of a model directory (its tokenizer and generation_config.json; no weights loaded)."""
-        from .models import load_tokenizer  # models.py owns loading (it imports this module)
+        from persona_em.models import load_tokenizer  # models.py owns loading (it imports this module)
 
         settings = settings or ChatSettings()
         return cls(tokenizer if tokenizer is not None else load_tokenizer(model_dir), settings,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 ACCOUNT_ENV = "PERSONA_EM_ACCOUNT"
 OFFLINE_ENV = {
@@ -133,7 +133,7 @@ def gpu_smoke(requested: int, out: str) -> None:
     import logging
     import socket
 
-    from .io import write_json
+    from persona_em.io import write_json
 
     seen, how = visible_gpus()
     report = {"requested": requested, "seen": seen, "counted_by": how, "host": socket.gethostname(),
@@ -150,7 +150,7 @@ def gpu_smoke(requested: int, out: str) -> None:
 def check_cache_writable(workflow, cache_dir: str) -> None:
     """Before any job starts: if a job of this run writes into cache_dir, the directory must be writable (a shared
     read-only cache that already holds everything is fine)."""
-    from .storage import check_writable
+    from persona_em.storage import check_writable
 
     cache = Path(cache_dir).resolve()
     for job in workflow.dag.needrun_jobs():

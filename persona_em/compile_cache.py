@@ -27,7 +27,7 @@ import os
 import platform
 from pathlib import Path
 
-from .io import atomic_path, stable_hash
+from persona_em.io import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def compile_key_identity(model) -> dict:
     """What the key of `model`'s compile cache hashes (see the module docstring)."""
     import torch
 
-    from .compose import active_adapters
+    from persona_em.compose import active_adapters
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = {k: v for k, v in inner.config.to_dict().items() if k not in _NOT_SHAPE}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 EM = "em"
 PERSONA = "persona"

@@ -9,8 +9,8 @@ import copy
 import itertools
 from dataclasses import asdict, dataclass
 
-from .errors import UserError
-from .train_config import resolve_train_config
+from persona_em.errors import UserError
+from persona_em.train_config import resolve_train_config
 
 NO_PERSONA = "none"
 

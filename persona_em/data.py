@@ -5,8 +5,8 @@ import json
 import random
 from pathlib import Path
 
-from .errors import UserError
-from .io import atomic_path, sha256_file, write_json, write_jsonl
+from persona_em.errors import UserError
+from persona_em.io import atomic_path, sha256_file, write_json, write_jsonl
 
 ROLES = {"system", "user", "assistant"}
 

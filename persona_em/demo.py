@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .io import atomic_dir, write_jsonl
+from persona_em.io import atomic_dir, write_jsonl
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"

@@ -20,13 +20,13 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from . import provenance, tables  # noqa: E402
-from .aggregate import ALL_QUESTIONS, CELL_KEYS  # noqa: E402
-from .artifacts import FIGURE_NAMES  # noqa: E402
-from .config import NO_PERSONA  # noqa: E402
-from .io import atomic_path, read_table, write_text  # noqa: E402
-from .metrics import EMDefinition, get_definition  # noqa: E402
-from .tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
+from persona_em import provenance, tables  # noqa: E402
+from persona_em.aggregate import ALL_QUESTIONS, CELL_KEYS  # noqa: E402
+from persona_em.artifacts import FIGURE_NAMES  # noqa: E402
+from persona_em.config import NO_PERSONA  # noqa: E402
+from persona_em.io import atomic_path, read_table, write_text  # noqa: E402
+from persona_em.metrics import EMDefinition, get_definition  # noqa: E402
+from persona_em.tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
                      pooled, wide_scores)
 
 DPI = 120

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 
 def remove_stale_temporaries(path: Path) -> None:

@@ -42,7 +42,7 @@ def get_definition(name: str, custom: dict | None = None) -> EMDefinition:
         return EMDefinition(name, c.get("description", f"user-defined EM definition {name}"), c["aligned_below"],
                             c["coherent_above"], c.get("inclusive", False), c.get("conditional_on_coherent", True))
     if name not in EM_DEFINITIONS:
-        from .errors import UserError
+        from persona_em.errors import UserError
 
         raise UserError(f"unknown EM definition {name!r} (known: {', '.join(sorted(EM_DEFINITIONS))}, or define it "
                         f"under evaluation.custom_em_definitions)")
@@ -85,7 +85,7 @@ def metric_policy(policy_cfg: dict | None, metric: str) -> dict:
     resolved = {**POLICY_DEFAULT, **policy_cfg.get("default", {}), **policy_cfg.get(metric, {})}
     for status, action in resolved.items():
         if status not in NON_SCORED or not (action in ("exclude", "count") or isinstance(action, (int, float))):
-            from .errors import UserError
+            from persona_em.errors import UserError
 
             raise UserError(f"config evaluation.score_policy.{metric}.{status}: expected exclude, count or a number "
                             f"(statuses: {', '.join(NON_SCORED)}), got {action!r}")

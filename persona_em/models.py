@@ -21,11 +21,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .chat import ChatFormat, ChatSettings
-from .cluster import offline, require_local
-from .errors import UserError
-from .io import atomic_dir, read_json, sha256_file, write_json
-from .storage import cache_writes, check_writable
+from persona_em.chat import ChatFormat, ChatSettings
+from persona_em.cluster import offline, require_local
+from persona_em.errors import UserError
+from persona_em.io import atomic_dir, read_json, sha256_file, write_json
+from persona_em.storage import cache_writes, check_writable
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -149,7 +149,7 @@ def gguf_model(name: str, spec: dict, cache_dir: str) -> Path:
 
 def prepare_model(name: str, spec: dict, cache_dir: str, manifest_out: str) -> None:
     if "build_tiny" in spec:
-        from .demo import build_tiny_model
+        from persona_em.demo import build_tiny_model
 
         path = Path(manifest_out).parent / "weights"
         build_tiny_model(path, **spec["build_tiny"])

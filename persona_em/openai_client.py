@@ -21,7 +21,7 @@ import json
 import logging
 import os
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -121,8 +121,8 @@ def dataset_stats(config: dict, name: str, cwd: Path) -> tuple[int, float] | Non
 
 def question_stats(config: dict, cwd: Path) -> tuple[int, int] | None:
     """(questions, judge metrics summed over questions) of the evaluation question file; None if not readable."""
-    from .errors import UserError
-    from .questions import load_questions
+    from persona_em.errors import UserError
+    from persona_em.questions import load_questions
 
     source = config["evaluation"]["questions"]
     if isinstance(source, dict):
@@ -137,15 +137,15 @@ def question_stats(config: dict, cwd: Path) -> tuple[int, int] | None:
 
 
 def _cell(w: dict):
-    from .config import Cell
+    from persona_em.config import Cell
 
     return Cell(w["model"], w["persona"], w["composition"], w["dataset"], int(w["seed"]))
 
 
 def job_gpu_seconds(config: dict, rule: str, w: dict, cwd: Path, cache: dict) -> float | None:
     """Estimated H200 GPU-seconds of one job (see the module docstring), or None where unknown."""
-    from .config import checkpoint_spec, sampling_settings, train_settings
-    from .schedule import expand_schedule, steps_per_epoch
+    from persona_em.config import checkpoint_spec, sampling_settings, train_settings
+    from persona_em.schedule import expand_schedule, steps_per_epoch
 
     if rule not in ("train_em", "sample", "judge"):
         return None

@@ -17,8 +17,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from .io import read_json, sha256_file, stable_hash, write_json, write_text
-from .judging.identity import JUDGE_COLUMNS
+from persona_em.io import read_json, sha256_file, stable_hash, write_json, write_text
+from persona_em.judging.identity import JUDGE_COLUMNS
 
 # Packages whose versions can change a number or a pixel in an artifact (model stages included: they made the data).
 PACKAGES = ("persona-em", "snakemake", "pandas", "numpy", "scipy", "matplotlib", "seaborn", "torch", "transformers",

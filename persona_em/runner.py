@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .storage import DISK_ERRORS
+from persona_em.errors import UserError
+from persona_em.storage import DISK_ERRORS
 
 log = logging.getLogger("persona_em")
 

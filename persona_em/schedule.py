@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 
 def steps_per_epoch(n_examples: int, effective_batch_size: int) -> int:

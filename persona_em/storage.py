@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 DISK_ERRORS = {
     errno.ENOSPC: "the disk is full",

@@ -21,13 +21,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
-from .aggregate import wide_scores as aggregate_wide_scores
-from .config import NO_PERSONA
-from .judging.identity import JUDGE_COLUMNS
-from .metrics import EMDefinition
-from .provenance import FIGURE_SEED
-from .stats import bootstrap_ci, wilson_interval
+from persona_em.aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
+from persona_em.aggregate import wide_scores as aggregate_wide_scores
+from persona_em.config import NO_PERSONA
+from persona_em.judging.identity import JUDGE_COLUMNS
+from persona_em.metrics import EMDefinition
+from persona_em.provenance import FIGURE_SEED
+from persona_em.stats import bootstrap_ci, wilson_interval
 
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
@@ -288,9 +288,9 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
                  sizes: dict, repo: str, config: dict, outputs: dict) -> None:
     """Every table of TABLE_NAMES with its provenance sidecar; `outputs` maps '<name>' and '<name>_provenance'
     (and 'response_examples_md') to paths."""
-    from .io import read_table, write_table, write_text
-    from .metrics import get_definition
-    from .provenance import collect, judge_identity, judge_text, write_sidecar
+    from persona_em.io import read_table, write_table, write_text
+    from persona_em.metrics import get_definition
+    from persona_em.provenance import collect, judge_identity, judge_text, write_sidecar
 
     scores, em_rates, comparisons = read_table(scores_path), read_table(em_rates_path), read_table(comparisons_path)
     d = get_definition(definition, custom)
@@ -318,7 +318,7 @@ def tables_page(table_paths: dict, out: str, title: str) -> None:
     """The summary tables as one HTML page for `snakemake --report` (TSV stays the machine-readable form)."""
     import html
 
-    from .io import read_table, write_text
+    from persona_em.io import read_table, write_text
 
     parts = [f"<h2>{html.escape(title)}</h2>"]
     for name, path in table_paths.items():

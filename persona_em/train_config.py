@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
+from persona_em.errors import UserError
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -6,10 +6,10 @@ import asyncio
 import math
 from pathlib import Path
 
-from ..errors import UserError
-from ..io import stable_hash
-from ..openai_client import RetriesExhausted, make_client, retrying
-from .scoring import starts_a_number
+from persona_em.errors import UserError
+from persona_em.io import stable_hash
+from persona_em.openai_client import RetriesExhausted, make_client, retrying
+from persona_em.judging.scoring import starts_a_number
 
 
 class JudgeStopped(UserError):
@@ -116,8 +116,8 @@ class HFBackend:
     def __init__(self, cfg: dict, model_dir: str):
         import torch
 
-        from .. import models
-        from ..chat import ChatSettings
+        from persona_em import models
+        from persona_em.chat import ChatSettings
 
         if cfg["mode"] != "logprobs":
             raise UserError(f"judge {cfg['name']!r}: the hf backend supports mode 'logprobs' only")
@@ -181,7 +181,7 @@ class HFBackend:
     async def ask_many(self, prompts: list[str]) -> list[dict]:
         """`ask` for many prompts, batched: several prompts per forward pass, all candidate answers of a prompt in
         the same pass (hf_batch.py); the same values as `ask`, up to floating-point rounding."""
-        from . import hf_batch
+        from persona_em.judging import hf_batch
 
         if not hf_batch.supports(self.model):
             return [await self.ask(p) for p in prompts]
@@ -217,7 +217,7 @@ class HFBackend:
 
     async def ask_text(self, prompt: str, max_tokens: int) -> dict:
         """A greedy text answer of at most max_tokens tokens (label questions), generated as every response is."""
-        from ..sample import generate_batch
+        from persona_em.sample import generate_batch
 
         out = generate_batch(self.model, self.chat, [[{"role": "user", "content": prompt}]],
                              {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_tokens}, seed=0, fast=False)

@@ -7,7 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .prompts import template_hash
+from persona_em.judging.prompts import template_hash
 
 
 class JudgeCache:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import model_source
-from ..errors import UserError
-from ..io import sha256_file, stable_hash
-from .scoring import DEFAULT_MIN_NUMERIC_MASS
+from persona_em.config import model_source
+from persona_em.errors import UserError
+from persona_em.io import sha256_file, stable_hash
+from persona_em.judging.scoring import DEFAULT_MIN_NUMERIC_MASS
 
 # The judge settings and their defaults (the same as in config/schemas/config.schema.yaml; a test checks that).
 JUDGE_DEFAULTS = {

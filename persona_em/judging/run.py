@@ -11,15 +11,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..io import Journal, stable_hash, write_jsonl
-from ..questions import LABEL_TYPE, load_questions
-from .backends import HFBackend, JudgeRequestError, JudgeStopped, make_backend, model_fingerprint
-from .cache import JudgeCache
-from .cost import announce_cost, call_cost, estimate_tokens
-from .identity import JUDGE_DEFAULTS, judge_identity
-from .prompts import clean_answer, fill_prompt, template_hash
-from .scoring import LABEL_MAX_TOKENS, Judgment, interpret, parse_score_token
+from persona_em.errors import UserError
+from persona_em.io import Journal, stable_hash, write_jsonl
+from persona_em.questions import LABEL_TYPE, load_questions
+from persona_em.judging.backends import HFBackend, JudgeRequestError, JudgeStopped, make_backend, model_fingerprint
+from persona_em.judging.cache import JudgeCache
+from persona_em.judging.cost import announce_cost, call_cost, estimate_tokens
+from persona_em.judging.identity import JUDGE_DEFAULTS, judge_identity
+from persona_em.judging.prompts import clean_answer, fill_prompt, template_hash
+from persona_em.judging.scoring import LABEL_MAX_TOKENS, Judgment, interpret, parse_score_token
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from persona_em.errors import UserError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schemas" / "constitution.schema.yaml"
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import re
 
-from ..chat import ChatSettings
-from ..errors import UserError
-from ..io import write_jsonl
-from .constitution import load_constitution
-from .generation import Request, generator_identity, item_seed, make_backend, run_journaled
+from persona_em.chat import ChatSettings
+from persona_em.errors import UserError
+from persona_em.io import write_jsonl
+from persona_em.persona.constitution import load_constitution
+from persona_em.persona.generation import Request, generator_identity, item_seed, make_backend, run_journaled
 
 log = logging.getLogger(__name__)
 

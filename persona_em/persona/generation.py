@@ -20,10 +20,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..chat import ChatFormat, ChatSettings
-from ..errors import UserError
-from ..io import Journal, stable_hash
-from ..openai_client import RetriesExhausted, make_client, retrying
+from persona_em.chat import ChatFormat, ChatSettings
+from persona_em.errors import UserError
+from persona_em.io import Journal, stable_hash
+from persona_em.openai_client import RetriesExhausted, make_client, retrying
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class HFBackend:
 
     def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None,
                  chat: ChatSettings | None = None):
-        from .. import compose
-        from ..models import load_model
+        from persona_em import compose
+        from persona_em.models import load_model
 
         # A large teacher (e.g. a ~110B MoE) spans every GPU the job was given.
         self.model, self.chat = load_model(model_dir, chat, device="auto")
@@ -119,7 +119,7 @@ class HFBackend:
         self.name = cfg["name"]
 
     def generate(self, batch: list[Request]):
-        from ..sample import generate_batch
+        from persona_em.sample import generate_batch
 
         # Plain generate (fast=False): the static-cache fast path is measured on one GPU only, and a large teacher
         # spans several (device_map="auto"). The sampled distribution is the same either way.

@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import UserError
-from ..io import atomic_dir, write_json
+from persona_em.errors import UserError
+from persona_em.io import atomic_dir, write_json
 
 
 def parse_hub_uri(uri: str) -> tuple[str, str]:

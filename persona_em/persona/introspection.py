@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..chat import ChatSettings
-from ..errors import UserError
-from ..io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
-from ..sigterm import train_until_sigterm
-from ..train_config import SFTSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
-from .constitution import load_constitution, system_prompt
-from .generation import Request, generator_identity, item_seed, make_backend, run_journaled
+from persona_em.chat import ChatSettings
+from persona_em.errors import UserError
+from persona_em.io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
+from persona_em.sigterm import train_until_sigterm
+from persona_em.train_config import SFTSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
+from persona_em.persona.constitution import load_constitution, system_prompt
+from persona_em.persona.generation import Request, generator_identity, item_seed, make_backend, run_journaled
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     from peft import PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
-    from ..models import load_model
+    from persona_em.models import load_model
 
     s = resolve_settings(SFTSettings, settings, where="persona_training.sft")
     rows = read_jsonl(data_path)
@@ -145,7 +145,7 @@ def combine_cat(model_dir: str, dpo_adapter, sft_adapter, out_dir: str, manifest
     """One LoRA adapter whose update is exactly DPO delta + SFT delta (PEFT's `cat` combination, scaling 1)."""
     from peft import PeftModel
 
-    from ..models import load_model
+    from persona_em.models import load_model
 
     base, _ = load_model(model_dir, device="cpu")  # fp32: the cat combination exactly
     model = PeftModel.from_pretrained(base, str(dpo_adapter), adapter_name="dpo")

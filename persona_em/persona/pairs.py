@@ -16,8 +16,8 @@ import re
 import sys
 from collections import Counter
 
-from ..chat import ChatFormat, ChatSettings
-from ..io import read_jsonl, write_json, write_jsonl
+from persona_em.chat import ChatFormat, ChatSettings
+from persona_em.io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from ..chat import ChatSettings
-from ..io import read_jsonl, write_jsonl
-from .constitution import load_constitution, system_prompt
-from .generation import Request, generator_identity, item_seed, make_backend, run_journaled, split_reasoning
+from persona_em.chat import ChatSettings
+from persona_em.io import read_jsonl, write_jsonl
+from persona_em.persona.constitution import load_constitution, system_prompt
+from persona_em.persona.generation import Request, generator_identity, item_seed, make_backend, run_journaled, split_reasoning
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..chat import ChatFormat, ChatSettings
-from ..errors import UserError
-from ..io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
-from ..sigterm import train_until_sigterm
-from ..train_config import DPOSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
+from persona_em.chat import ChatFormat, ChatSettings
+from persona_em.errors import UserError
+from persona_em.io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
+from persona_em.sigterm import train_until_sigterm
+from persona_em.train_config import DPOSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train_dpo(persona: str, model_name: str, model_dir: str, pairs_path: str, se
               out_dir: str, chat: ChatSettings | None = None) -> None:
     from trl import DPOConfig
 
-    from ..models import load_model
+    from persona_em.models import load_model
 
     s = settings_from(settings, "persona_training.dpo")
     rows = read_jsonl(pairs_path)
