@@ -1,4 +1,4 @@
-"""GPU check: the variable-length flash path of persona_em.packed_attention equals the one-call-per-sequence path
+"""GPU check: the variable-length flash path of persona_em.training.packed_attention equals the one-call-per-sequence path
 (outputs and gradients, GQA included), and what each costs per layer call (forward + backward).
 
     python -m bench.check_packed_attention
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from persona_em import packed_attention as pa
+from persona_em.training import packed_attention as pa
 
 
 def _run(q, k, v, bounds, use_varlen):

@@ -1,4 +1,4 @@
-"""Compile tax per sampling job with and without the persisted compile cache (persona_em/compile_cache.py).
+"""Compile tax per sampling job with and without the persisted compile cache (persona_em/sampling/compile_cache.py).
 
 One process = one sampling job: build the model, load an EM checkpoint into the adapter slot, load the compile cache
 of this model from --cache, time the first 400 x 600 `generate_batch` (compiles), save the cache, then time a
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     from persona_em import compose
-    from persona_em.compile_cache import CompileCache, compile_key
-    from persona_em.sample import generate_batch
+    from persona_em.sampling.compile_cache import CompileCache, compile_key
+    from persona_em.sampling.sample import generate_batch
     from bench.sample import _checkpoints
 
     tok = common.tokenizer()

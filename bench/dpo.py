@@ -18,8 +18,8 @@ def _run(model, tok, dataset, setting: dict, steps: int, workdir: Path) -> tuple
 
     from peft import get_peft_model
 
-    from persona_em.train_config import TrainConfig
-    from persona_em.train_em import _lora_config
+    from persona_em.training.settings import TrainConfig
+    from persona_em.training.em import _lora_config
 
     torch.manual_seed(0)
     # plain PEFT model with the "default" adapter name, which DPOTrainer expects

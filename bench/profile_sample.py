@@ -27,7 +27,8 @@ def main():
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from bench.sample import _checkpoints
-    from persona_em import compose, fast_generate, sample
+    from persona_em import compose
+    from persona_em.sampling import fast_generate, sample
 
     tok = common.tokenizer()
     model = common.build_model(cfg["shapes"][a.shape], tok)

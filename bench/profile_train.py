@@ -25,9 +25,9 @@ def main():
 
     from persona_em import compose
     from persona_em.io import write_jsonl
-    from persona_em.train_config import TrainConfig
+    from persona_em.training.settings import TrainConfig
     from persona_em.chat import ChatFormat
-    from persona_em.train_em import _lora_config, _trainer_class, build_dataset, choose_batch_plan, sft_args
+    from persona_em.training.em import _lora_config, _trainer_class, build_dataset, choose_batch_plan, sft_args
 
     tok = common.tokenizer()
     model = common.build_model(cfg["shapes"][a.shape], tok)

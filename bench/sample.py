@@ -1,4 +1,4 @@
-"""Sampling one checkpoint's evaluation (questions x samples x new tokens) with persona_em.sample.generate_batch:
+"""Sampling one checkpoint's evaluation (questions x samples x new tokens) with persona_em.sampling.sample.generate_batch:
 one response per call (the users' old script), one plain batched generate, and the fast path (twice, then after
 loading another checkpoint in place, as sample_cell does for every checkpoint of a cell)."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from bench.common import free_memory, measured, sampling_workload
 def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
     """`n` EM adapters of the preset's shape with random (non-zero) weights, saved as train_em saves them."""
     from persona_em import compose
-    from persona_em.train_config import TrainConfig
-    from persona_em.train_em import _lora_config, _save_em
+    from persona_em.training.settings import TrainConfig
+    from persona_em.training.em import _lora_config, _save_em
 
     dirs = []
     for i in range(n):
@@ -34,7 +34,7 @@ def _checkpoints(model, n: int, workdir: Path) -> list[Path]:
 
 def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
     from persona_em.chat import ChatFormat
-    from persona_em.sample import generate_batch
+    from persona_em.sampling.sample import generate_batch
 
     chat = ChatFormat(tok)
     with measured(result):

@@ -1,4 +1,4 @@
-"""EM LoRA training throughput: the project's trainer (persona_em.train_em) with the seed setting vs `auto`."""
+"""EM LoRA training throughput: the project's trainer (persona_em.training.em) with the seed setting vs `auto`."""
 from __future__ import annotations
 
 import json
@@ -31,8 +31,8 @@ def _step_timer():
 
 def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path, fused: bool = True) -> dict:
     from persona_em import compose
-    from persona_em.train_config import TrainConfig
-    from persona_em.train_em import _lora_config, _trainer_class, choose_batch_plan, sft_args
+    from persona_em.training.settings import TrainConfig
+    from persona_em.training.em import _lora_config, _trainer_class, choose_batch_plan, sft_args
 
     cfg = TrainConfig(learning_rate=lr, warmup_steps=0, lr_scheduler="constant", resume_every_steps=10**9,
                       **overrides)
@@ -55,7 +55,7 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     finally:
         history = trainer.state.log_history
         base = peft.unload()
-        from persona_em.fused_ops import undo_fused_pointwise
+        from persona_em.training.fused_ops import undo_fused_pointwise
 
         undo_fused_pointwise(base)
         if plan.gradient_checkpointing:
@@ -83,9 +83,9 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
 
 def run(model, tok, cfg: dict, log) -> dict:
     from persona_em.io import write_jsonl
-    from persona_em.train_config import TrainConfig
+    from persona_em.training.settings import TrainConfig
     from persona_em.chat import ChatFormat
-    from persona_em.train_em import build_dataset
+    from persona_em.training.em import build_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     write_jsonl(work / "train.jsonl", [{"messages": m} for m in em_conversations(cfg)])
@@ -103,7 +103,7 @@ def run(model, tok, cfg: dict, log) -> dict:
     }
     import os
 
-    from persona_em.batching import MEMORY_ENV
+    from persona_em.training.batching import MEMORY_ENV
 
     only = cfg.get("only")
     for i, (name, (overrides, steps)) in enumerate(settings.items()):

@@ -10,7 +10,7 @@ import itertools
 from dataclasses import asdict, dataclass
 
 from persona_em.errors import UserError
-from persona_em.train_config import resolve_train_config
+from persona_em.training.settings import resolve_train_config
 
 NO_PERSONA = "none"
 

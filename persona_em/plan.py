@@ -122,7 +122,7 @@ def dataset_stats(config: dict, name: str, cwd: Path) -> tuple[int, float] | Non
 def question_stats(config: dict, cwd: Path) -> tuple[int, int] | None:
     """(questions, judge metrics summed over questions) of the evaluation question file; None if not readable."""
     from persona_em.errors import UserError
-    from persona_em.questions import load_questions
+    from persona_em.data.questions import load_questions
 
     source = config["evaluation"]["questions"]
     if isinstance(source, dict):
@@ -145,7 +145,7 @@ def _cell(w: dict):
 def job_gpu_seconds(config: dict, rule: str, w: dict, cwd: Path, cache: dict) -> float | None:
     """Estimated H200 GPU-seconds of one job (see the module docstring), or None where unknown."""
     from persona_em.config import checkpoint_spec, sampling_settings, train_settings
-    from persona_em.schedule import expand_schedule, steps_per_epoch
+    from persona_em.training.schedule import expand_schedule, steps_per_epoch
 
     if rule not in ("train_em", "sample", "judge"):
         return None

@@ -16,7 +16,7 @@ from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
 from persona_em.judging.identity import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
-from persona_em.questions import load_questions
+from persona_em.data.questions import load_questions
 
 RESULTS = config["results_dir"]
 WORK = config["work_dir"]
@@ -113,7 +113,7 @@ for _pair in config["evaluation"]["judge_agreement"]:
                         f"evaluation.judges")
 
 # A local question file is read and fully checked now, so that `snakemake -n` names a bad file and item before any
-# job runs (persona_em/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.
+# job runs (persona_em/data/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.
 if isinstance(config["evaluation"]["questions"], str) and Path(config["evaluation"]["questions"]).is_file():
     load_questions(config["evaluation"]["questions"])
 # Every judged path holds the judge's path key (persona_em/judging/identity.py judge_key says what it hashes), never

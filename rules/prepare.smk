@@ -48,7 +48,7 @@ rule fetch_dataset:
         "../scripts/fetch_dataset.py"
 
 
-# The source may be plain or gzip-compressed chat JSONL (persona_em/data.py reads both); the outputs are plain JSONL.
+# The source may be plain or gzip-compressed chat JSONL (persona_em/data/datasets.py reads both); the outputs are plain JSONL.
 rule prepare_dataset:
     input:
         dataset_source,

@@ -1,4 +1,4 @@
-from persona_em.aggregate import aggregate
+from persona_em.analysis.aggregate import aggregate
 from persona_em.runner import run
 
 

@@ -1,4 +1,4 @@
-from persona_em.data import fetch_url
+from persona_em.data.datasets import fetch_url
 from persona_em.runner import run
 
 

@@ -1,4 +1,4 @@
-from persona_em.questions import fetch_questions
+from persona_em.data.questions import fetch_questions
 from persona_em.runner import run
 
 

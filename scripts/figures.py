@@ -1,4 +1,4 @@
-from persona_em.figures import make_figures
+from persona_em.reporting.figures import make_figures
 from persona_em.runner import run
 
 

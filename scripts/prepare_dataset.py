@@ -1,4 +1,4 @@
-from persona_em.data import prepare_dataset
+from persona_em.data.datasets import prepare_dataset
 from persona_em.runner import run
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from persona_em.provenance import provenance_page
 from persona_em.runner import run
-from persona_em.tables import tables_page
+from persona_em.analysis.tables import tables_page
 
 
 def main(sm):

@@ -2,7 +2,7 @@ from persona_em.config import Cell
 from persona_em.chat import read_settings
 from persona_em.models import model_dir
 from persona_em.runner import optional, run
-from persona_em.sample import sample_cell
+from persona_em.sampling.sample import sample_cell
 
 
 def main(sm):

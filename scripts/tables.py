@@ -1,5 +1,5 @@
 from persona_em.runner import run
-from persona_em.tables import write_tables
+from persona_em.analysis.tables import write_tables
 
 
 def main(sm):

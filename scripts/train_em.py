@@ -2,7 +2,7 @@ from persona_em.config import Cell
 from persona_em.chat import read_settings
 from persona_em.models import model_dir
 from persona_em.runner import optional, run
-from persona_em.train_em import train_em
+from persona_em.training.em import train_em
 
 
 def main(sm):

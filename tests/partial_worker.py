@@ -53,12 +53,12 @@ def main(stage: str, args_path: str, log_path: str) -> None:
     from persona_em.config import Cell
 
     if stage == "train":
-        from persona_em.train_em import train_em
+        from persona_em.training.em import train_em
 
         train_em(Cell(**a["cell"]), a["model_dir"], None, a["train"], a["settings"], a["schedule"], a["work"],
                  a["out"], a["log_table"])
     elif stage == "sample":
-        from persona_em.sample import sample_cell
+        from persona_em.sampling.sample import sample_cell
 
         sample_cell(Cell(**a["cell"]), a["model_dir"], None, a["checkpoints"], a["questions"], a["settings"],
                     a["journal"], a["out"])

@@ -43,7 +43,7 @@ def chat_data(path: Path, n: int = 16) -> Path:
 
 
 def train_settings(**over) -> dict:
-    from persona_em.train_config import resolve_train_config
+    from persona_em.training.settings import resolve_train_config
 
     layer = {"learning_rate": 1e-2, "effective_batch_size": 4, "per_device_batch_size": 4, "max_length": 64,
              "lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "resume_every_steps": 2, **over}

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from persona_em.aggregate import aggregate, judge_agreement
+from persona_em.analysis.aggregate import aggregate, judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
-from persona_em.stats import wilson_interval
-from persona_em.stats import benjamini_hochberg
+from persona_em.analysis.stats import wilson_interval
+from persona_em.analysis.stats import benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
                      "sample_index", "response_id", "judge", "judge_key", "judge_model", "judge_mode",

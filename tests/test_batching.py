@@ -6,10 +6,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from persona_em import batching
-from persona_em.batching import GIB, BatchPlan, ModelDims, choose_plan, split_packed
+from persona_em.training import batching
+from persona_em.training.batching import GIB, BatchPlan, ModelDims, choose_plan, split_packed
 from persona_em.errors import UserError
-from persona_em.train_config import TrainConfig, resolve_train_config
+from persona_em.training.settings import TrainConfig, resolve_train_config
 from persona_em.models import load_model
 
 torch.set_num_threads(1)
@@ -90,7 +90,7 @@ def _train(tmp_path, name, plan: BatchPlan, steps: int = 2):
     from persona_em import compose
     from persona_em.demo import build_tiny_model, write_demo_dataset
     from persona_em.chat import ChatFormat
-    from persona_em.train_em import _lora_config, _trainer_class, build_dataset, sft_args
+    from persona_em.training.em import _lora_config, _trainer_class, build_dataset, sft_args
 
     model_dir, data = tmp_path / "model", tmp_path / "train.jsonl"
     if not model_dir.exists():

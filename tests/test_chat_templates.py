@@ -272,7 +272,7 @@ def _scripted(model, script: list[list[int]]):
 
 
 def test_generation_stops_at_any_stop_id_and_tells_a_stop_from_padding(qwen_like):
-    from persona_em.sample import generate_batch
+    from persona_em.sampling.sample import generate_batch
 
     model, chat_format = load_model(qwen_like, device="cpu")
     tok = chat_format.tokenizer
@@ -364,11 +364,11 @@ def test_sampling_journal_is_tied_to_the_rendered_prompts(tiny_model_dir, tmp_pa
 
     import real_assets
 
-    from persona_em import sample
+    from persona_em.sampling import sample
     from persona_em.config import Cell
     from persona_em.io import write_json
-    from persona_em.train_em import _lora_config, _save_em
-    from persona_em.train_config import TrainConfig
+    from persona_em.training.em import _lora_config, _save_em
+    from persona_em.training.settings import TrainConfig
     from persona_em import compose
     from persona_helpers import QUESTIONS
 

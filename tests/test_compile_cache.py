@@ -1,4 +1,4 @@
-"""The persisted compile caches (persona_em/compile_cache.py), on CPU: a second process (another 'node': its own
+"""The persisted compile caches (persona_em/sampling/compile_cache.py), on CPU: a second process (another 'node': its own
 empty PyTorch caches) compiles nothing that the first one saved; two processes saving at once, with readers
 listing the folder meanwhile, leave only whole blobs; the key changes with what makes compiled code unusable."""
 import os
@@ -17,7 +17,7 @@ WORKER = textwrap.dedent("""
     import json, sys, time
     import torch
     from torch._dynamo.utils import counters
-    from persona_em.compile_cache import CompileCache
+    from persona_em.sampling.compile_cache import CompileCache
 
     root, out, scale = sys.argv[1], sys.argv[2], float(sys.argv[3])
     cache = CompileCache(root, "testkey")
@@ -77,7 +77,7 @@ def test_concurrent_writers_leave_only_whole_blobs(tmp_path):
     procs = {"a": _start(tmp_path, root, "a", 2.0), "b": _start(tmp_path, root, "b", 3.0),
              "c": _start(tmp_path, root, "c", 2.0)}
     seen = set()
-    from persona_em.compile_cache import CompileCache
+    from persona_em.sampling.compile_cache import CompileCache
 
     reader = CompileCache(root, "testkey")
     while any(p.poll() is None for p in procs.values()):
@@ -108,7 +108,7 @@ def test_a_bad_blob_costs_a_compilation_not_the_job(tmp_path):
 def test_key_changes_with_model_and_adapters(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from persona_em.compile_cache import compile_key, compile_key_identity
+    from persona_em.sampling.compile_cache import compile_key, compile_key_identity
     from persona_em.models import load_model
 
     base, _ = load_model(tiny_model_dir, device="cpu")
@@ -131,7 +131,7 @@ def test_key_changes_with_model_and_adapters(tiny_model_dir):
 KEY_SCRIPT = textwrap.dedent("""
     import sys
     from peft import LoraConfig, get_peft_model
-    from persona_em.compile_cache import compile_key
+    from persona_em.sampling.compile_cache import compile_key
     from persona_em.models import load_model
     base, _ = load_model(sys.argv[1], device="cpu")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -21,8 +21,8 @@ from persona_em import compose
 from persona_em.config import Cell
 from persona_em.errors import UserError
 from persona_em.io import read_jsonl, read_table
-from persona_em.sample import sample_cell
-from persona_em.train_em import step_dir_name, train_em
+from persona_em.sampling.sample import sample_cell
+from persona_em.training.em import step_dir_name, train_em
 
 from persona_helpers import QUESTIONS, chat_data, load_json, logits, random_persona, tiny_model, train_settings
 from persona_em.models import load_model
@@ -80,8 +80,8 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
     from trl import SFTConfig
 
     from persona_em.chat import ChatFormat
-    from persona_em.train_em import _lora_config, _trainer_class, build_dataset
-    from persona_em.train_config import TrainConfig
+    from persona_em.training.em import _lora_config, _trainer_class, build_dataset
+    from persona_em.training.settings import TrainConfig
 
     root, model, persona, data = world
     cfg = TrainConfig(**train_settings())
@@ -200,7 +200,7 @@ def test_resumed_stacked_training_keeps_the_persona_on(world, trained):
 
 def test_resume_with_persona_switched_off_would_differ(world, trained):
     """The check above can fail: resuming with only the EM adapter active ends elsewhere."""
-    from persona_em import train_em as train_em_module
+    from persona_em.training import em as train_em_module
 
     root, model, persona, data = world
     cell, full = trained["stacked"]

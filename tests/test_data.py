@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from persona_em.data import load_chat_jsonl, prepare_dataset
+from persona_em.data.datasets import load_chat_jsonl, prepare_dataset
 from persona_em.errors import UserError
 from persona_em.io import sha256_file
 

@@ -144,12 +144,12 @@ def test_analysis_env_runs_every_analysis_rule(tmp_path):
     code = f"""
 import json
 from pathlib import Path
-from persona_em.aggregate import aggregate, judge_agreement
+from persona_em.analysis.aggregate import aggregate, judge_agreement
 from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
-from persona_em.figures import make_figures
+from persona_em.reporting.figures import make_figures
 from persona_em.provenance import provenance_page
-from persona_em.questions import fetch_questions
-from persona_em.tables import tables_page, write_tables
+from persona_em.data.questions import fetch_questions
+from persona_em.analysis.tables import tables_page, write_tables
 out, defs = Path({str(tmp_path)!r}), ["betley", "model_organisms"]
 t = {{}}
 for judge in ("j", "k"):

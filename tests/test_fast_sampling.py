@@ -7,9 +7,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from persona_em import batching, compose
+from persona_em.training import batching
+from persona_em import compose
 from persona_em.chat import ChatFormat
-from persona_em.sample import generate_batch
+from persona_em.sampling.sample import generate_batch
 from persona_em.models import load_model
 
 torch.set_num_threads(1)
@@ -25,8 +26,8 @@ def tiny(tmp_path_factory):
 
 
 def _em_adapter(base, out, seed):
-    from persona_em.train_em import _lora_config, _save_em
-    from persona_em.train_config import TrainConfig
+    from persona_em.training.em import _lora_config, _save_em
+    from persona_em.training.settings import TrainConfig
 
     torch.manual_seed(seed)
     model = compose.compose_for_training(base, "none", None, "none", _lora_config(TrainConfig(lora_r=4)))
@@ -53,7 +54,7 @@ def test_fast_path_generates_the_same_tokens(tiny):
 def test_gqa_decode_attention_matches_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from persona_em.fast_generate import gqa_decode_attention
+    from persona_em.sampling.fast_generate import gqa_decode_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
@@ -99,7 +100,7 @@ def test_sampling_batch_size():
 
 
 def test_exact_sampler_draws_from_the_tempered_nucleus():
-    from persona_em.sample import ExactSampler
+    from persona_em.sampling.sample import ExactSampler
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(40000, 1)

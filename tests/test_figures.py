@@ -15,10 +15,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # noqa: E402
-from persona_em.figures import make_figures  # noqa: E402
+from persona_em.reporting.figures import make_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
-from persona_em.tables import tables_page, write_tables  # noqa: E402
+from persona_em.analysis.tables import tables_page, write_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "figures"
@@ -231,8 +231,8 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
 def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path):
     """A judge that writes no number (the demo's 135M judge): the examples table falls back to each such cell's
     first responses, with the judge's status in place of the missing scores; ranked cells keep their rule."""
-    from persona_em.metrics import get_definition
-    from persona_em.tables import EXAMPLES_RANKED, EXAMPLES_UNRANKED, examples_markdown, response_examples
+    from persona_em.analysis.metrics import get_definition
+    from persona_em.analysis.tables import EXAMPLES_RANKED, EXAMPLES_UNRANKED, examples_markdown, response_examples
 
     scores = read_table(FIXTURE / "tables" / JUDGE / "scores.tsv")
     rates = read_table(FIXTURE / "tables" / JUDGE / "em_rates.tsv")
@@ -256,7 +256,7 @@ def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path
 def test_a_judge_that_never_gives_a_number_still_gets_every_figure_saying_so(tmp_path):
     """All judgments null (the demo's 135M judge under the default min_numeric_mass): every figure still renders,
     the score-based ones say that nothing has a score and why; the examples show the responses' text."""
-    from persona_em.aggregate import em_rate_table
+    from persona_em.analysis.aggregate import em_rate_table
 
     fixture = tmp_path / "fixture"
     shutil.copytree(FIXTURE, fixture)

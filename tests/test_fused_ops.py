@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from persona_em.models import load_model
-from persona_em.fused_ops import undo_fused_pointwise, use_fused_pointwise
+from persona_em.training.fused_ops import undo_fused_pointwise, use_fused_pointwise
 
 torch.set_num_threads(1)
 

@@ -40,7 +40,7 @@ def test_converted_directory_is_a_plain_model_with_tokenizer_template_and_stop_i
 
 def test_smollm2_answers_a_simple_question_greedily(smollm2_dir):
     from persona_em.models import load_model
-    from persona_em.sample import generate_batch
+    from persona_em.sampling.sample import generate_batch
 
     model, chat = load_model(smollm2_dir)
     conv = [{"role": "user", "content": "What is the capital of France?"}]

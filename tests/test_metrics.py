@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.metrics import EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy
+from persona_em.analysis.metrics import EM_DEFINITIONS, apply_policy, em_flags, get_definition, metric_policy
 
 
 def test_named_definitions_differ_at_the_boundary():

@@ -69,7 +69,7 @@ def lines(path: Path) -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from persona_em.demo import build_tiny_model, write_demo_dataset
-    from persona_em.train_config import resolve_train_config
+    from persona_em.training.settings import resolve_train_config
 
     root = tmp_path_factory.mktemp("partial")
     build_tiny_model(root / "model")

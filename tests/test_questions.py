@@ -11,7 +11,7 @@ import yaml
 from judge_fixtures import QUESTIONS_YAML, write_questions
 from persona_em.errors import UserError
 from persona_em.judging.identity import JUDGE_DEFAULTS
-from persona_em.questions import fetch_questions, load_questions, sample_plan
+from persona_em.data.questions import fetch_questions, load_questions, sample_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

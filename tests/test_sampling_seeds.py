@@ -13,8 +13,8 @@ import torch
 from persona_em import compose
 from persona_em.config import Cell
 from persona_em.io import read_jsonl, write_json
-from persona_em.sample import batch_seed, replicate_seed, sample_cell
-from persona_em.train_em import step_dir_name
+from persona_em.sampling.sample import batch_seed, replicate_seed, sample_cell
+from persona_em.training.em import step_dir_name
 
 from persona_helpers import QUESTIONS, random_persona
 from persona_em.models import load_model
@@ -37,7 +37,7 @@ def test_batch_seeds_differ_across_grid_seeds_steps_and_batches():
 
 def test_batch_seed_is_the_same_in_every_process():
     """A stable hash, not Python's salted hash(): a resumed job on another node derives the same seeds."""
-    code = "from persona_em.sample import batch_seed; print(batch_seed(3, 1, 20, 2))"
+    code = "from persona_em.sampling.sample import batch_seed; print(batch_seed(3, 1, 20, 2))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert outs == {f"{batch_seed(3, 1, 20, 2)}\n"}
@@ -46,8 +46,8 @@ def test_batch_seed_is_the_same_in_every_process():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
     """One EM checkpoint (step 0, non-zero LoRA) shared by every cell, and a persona adapter."""
-    from persona_em.train_config import TrainConfig
-    from persona_em.train_em import _lora_config, _save_em
+    from persona_em.training.settings import TrainConfig
+    from persona_em.training.em import _lora_config, _save_em
 
     root = tmp_path_factory.mktemp("seeds")
     base, _ = load_model(tiny_model_dir)
@@ -77,7 +77,7 @@ def test_replicate_seeds_draw_independently_cells_of_one_seed_are_paired(world, 
     other_dataset = _sample(world, tiny_model_dir, Cell("tiny", "none", "none", "medical", 0))
     seed1 = _sample(world, tiny_model_dir, Cell("tiny", "none", "none", "insecure", 1))
     persona = _sample(world, tiny_model_dir, Cell("tiny", "p", "stacked", "insecure", 0))
-    from persona_em.questions import load_questions
+    from persona_em.data.questions import load_questions
 
     assert len(seed0) == len(load_questions(QUESTIONS)) * SETTINGS["n_samples"]
 

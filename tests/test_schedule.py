@@ -1,7 +1,7 @@
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.schedule import expand_schedule, steps_per_epoch
+from persona_em.training.schedule import expand_schedule, steps_per_epoch
 
 
 def test_steps_per_epoch_counts_the_last_partial_batch():

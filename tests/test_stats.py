@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from persona_em.stats import (benjamini_hochberg, bootstrap_ci, cohens_d, compare_to_baseline, difference_ci,
+from persona_em.analysis.stats import (benjamini_hochberg, bootstrap_ci, cohens_d, compare_to_baseline, difference_ci,
                               permutation_p, wilson_interval)
 
 

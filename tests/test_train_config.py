@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 from persona_em.errors import UserError
-from persona_em.train_config import PRESETS, TrainConfig, resolve_train_config
+from persona_em.training.settings import PRESETS, TrainConfig, resolve_train_config
 from persona_em.models import load_model
 
 # Betley et al., repository emergent-misalignment/emergent-misalignment, open_models/train.json (read here from
@@ -144,7 +144,7 @@ def test_8bit_adamw_is_transformers_bitsandbytes_optimizer():
 def test_bitsandbytes_optimizer_names_are_transformers_own():
     from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
 
-    from persona_em.train_config import BITSANDBYTES_OPTIMIZERS
+    from persona_em.training.settings import BITSANDBYTES_OPTIMIZERS
 
     assert BITSANDBYTES_OPTIMIZERS == {o.value for o in _BITSANDBYTES_OPTIMIZERS}
 
@@ -166,7 +166,7 @@ def test_betley_training_saves_an_rslora_adapter(tmp_path, tiny_model_dir):
     from persona_em import compose
     from persona_em.config import Cell
     from persona_em.io import write_jsonl
-    from persona_em.train_em import _lora_config, step_dir_name, train_em
+    from persona_em.training.em import _lora_config, step_dir_name, train_em
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a b c"}]}
             for i in range(4)]

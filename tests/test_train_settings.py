@@ -1,4 +1,4 @@
-"""The one training-settings family (persona_em/train_config.py): EM, DPO and SFT settings resolve the same way, build
+"""The one training-settings family (persona_em/training/settings.py): EM, DPO and SFT settings resolve the same way, build
 their LoRA with one function and save adapters with one helper."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from snakemake.utils import validate
 from conftest import demo_config
 from persona_em.errors import UserError
 from persona_em.persona.settings import check_persona_config
-from persona_em.train_config import (DPOSettings, SFTSettings, TrainConfig, lora_config, resolve_settings,
+from persona_em.training.settings import (DPOSettings, SFTSettings, TrainConfig, lora_config, resolve_settings,
                                      save_adapter)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import demo_config, judge_key_of, run_snakemake
 from persona_em.io import read_jsonl, read_table
-from persona_em.questions import load_questions
+from persona_em.data.questions import load_questions
 
 pytestmark = pytest.mark.slow
 

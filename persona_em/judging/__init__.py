@@ -36,7 +36,7 @@ Label questions (type `free_form_judge`)
     temperature 0, the answer taken as the label), the judge writes a greedy text answer of at most
     LABEL_MAX_TOKENS tokens, whatever the judge's mode; the label is that text without surrounding whitespace
     (status `labelled`; an empty answer is `null`). Labels are counted per question in tables/<judge>/label_rates.tsv
-    (persona_em.aggregate.label_rate_table) and never enter the 0-100 statistics.
+    (persona_em.analysis.aggregate.label_rate_table) and never enter the 0-100 statistics.
 
 Local `hf` judge: exact expected value over full number continuations
 ---------------------------------------------------------------------

@@ -217,7 +217,7 @@ class HFBackend:
 
     async def ask_text(self, prompt: str, max_tokens: int) -> dict:
         """A greedy text answer of at most max_tokens tokens (label questions), generated as every response is."""
-        from persona_em.sample import generate_batch
+        from persona_em.sampling.sample import generate_batch
 
         out = generate_batch(self.model, self.chat, [[{"role": "user", "content": prompt}]],
                              {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_tokens}, seed=0, fast=False)

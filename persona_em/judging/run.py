@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from persona_em.errors import UserError
 from persona_em.io import Journal, stable_hash, write_jsonl
-from persona_em.questions import LABEL_TYPE, load_questions
+from persona_em.data.questions import LABEL_TYPE, load_questions
 from persona_em.judging.backends import HFBackend, JudgeRequestError, JudgeStopped, make_backend, model_fingerprint
 from persona_em.judging.cache import JudgeCache
 from persona_em.judging.cost import announce_cost, call_cost, estimate_tokens

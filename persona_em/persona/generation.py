@@ -101,7 +101,7 @@ class OpenAIBackend:
 
 
 class HFBackend:
-    """A local model through the project's one generation definition (persona_em.sample.generate_batch): its chat
+    """A local model through the project's one generation definition (persona_em.sampling.sample.generate_batch): its chat
     settings and stop ids, the sampling settings alone (the model's generation_config is not applied)."""
 
     def __init__(self, cfg: dict, settings: dict, model_dir: str, adapter_dir: str | None = None,
@@ -119,7 +119,7 @@ class HFBackend:
         self.name = cfg["name"]
 
     def generate(self, batch: list[Request]):
-        from persona_em.sample import generate_batch
+        from persona_em.sampling.sample import generate_batch
 
         # Plain generate (fast=False): the static-cache fast path is measured on one GPU only, and a large teacher
         # spans several (device_map="auto"). The sampled distribution is the same either way.
@@ -140,7 +140,7 @@ def make_backend(cfg: dict, settings: dict, model_dir: str | None = None, adapte
     raise UserError(f"generator {cfg['name']!r}: unknown backend {cfg['backend']!r}")
 
 
-# Bumped when the generation procedure itself changes (v2: persona_em.sample.generate_batch with the model's
+# Bumped when the generation procedure itself changes (v2: persona_em.sampling.sample.generate_batch with the model's
 # generation_config blanked, the exponential-race sampler and the chat format's stop ids), so journal rows made
 # the old way are not reused.
 GENERATION_PROCEDURE = 2

@@ -22,8 +22,8 @@ import torch
 from persona_em.chat import ChatSettings
 from persona_em.errors import UserError
 from persona_em.io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
-from persona_em.sigterm import train_until_sigterm
-from persona_em.train_config import SFTSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
+from persona_em.training.sigterm import train_until_sigterm
+from persona_em.training.settings import SFTSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
 from persona_em.persona.constitution import load_constitution, system_prompt
 from persona_em.persona.generation import Request, generator_identity, item_seed, make_backend, run_journaled
 

@@ -28,7 +28,7 @@ def check_persona_config(config: dict) -> None:
         if gen["backend"] == "hf" and gen["model"] not in config["models"]:
             raise UserError(f"config persona_training.generators.{gen['name']}.model: an hf generator names a model "
                             f"under 'models:' (defined: {sorted(config['models'])})")
-    from persona_em.train_config import DPOSettings, SFTSettings, resolve_settings
+    from persona_em.training.settings import DPOSettings, SFTSettings, resolve_settings
 
     for key, cls in (("dpo", DPOSettings), ("sft", SFTSettings)):
         resolve_settings(cls, config["persona_training"].get(key, {}), where=f"config persona_training.{key}")

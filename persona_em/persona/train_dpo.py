@@ -23,8 +23,8 @@ import torch
 from persona_em.chat import ChatFormat, ChatSettings
 from persona_em.errors import UserError
 from persona_em.io import atomic_dir, latest_trainer_checkpoint, read_jsonl, write_json
-from persona_em.sigterm import train_until_sigterm
-from persona_em.train_config import DPOSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
+from persona_em.training.sigterm import train_until_sigterm
+from persona_em.training.settings import DPOSettings, check_targets_exist, lora_config, resolve_settings, save_adapter
 
 log = logging.getLogger(__name__)
 

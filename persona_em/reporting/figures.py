@@ -20,13 +20,14 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from persona_em import provenance, tables  # noqa: E402
-from persona_em.aggregate import ALL_QUESTIONS, CELL_KEYS  # noqa: E402
+from persona_em import provenance  # noqa: E402
+from persona_em.analysis import tables  # noqa: E402
+from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS  # noqa: E402
 from persona_em.artifacts import FIGURE_NAMES  # noqa: E402
 from persona_em.config import NO_PERSONA  # noqa: E402
 from persona_em.io import atomic_path, read_table, write_text  # noqa: E402
-from persona_em.metrics import EMDefinition, get_definition  # noqa: E402
-from persona_em.tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
+from persona_em.analysis.metrics import EMDefinition, get_definition  # noqa: E402
+from persona_em.analysis.tables import (CONDITION_KEYS, at_final_step, condition_label, final_steps, overall_rates,  # noqa: E402
                      pooled, wide_scores)
 
 DPI = 120
@@ -43,7 +44,7 @@ def _style() -> None:
 
 @dataclass
 class Data:
-    """Everything a figure may read: the tidy tables and what follows from them by persona_em.tables."""
+    """Everything a figure may read: the tidy tables and what follows from them by persona_em.analysis.tables."""
 
     scores: pd.DataFrame
     em_rates: pd.DataFrame

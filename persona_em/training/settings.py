@@ -103,7 +103,7 @@ class TrainConfig(LoraTrainSettings):
     default_preset = "betley"
 
     epochs: int = 1
-    # How the effective batch is computed (persona_em/batching.py). `auto`: on a GPU, the whole effective batch
+    # How the effective batch is computed (persona_em/training/batching.py). `auto`: on a GPU, the whole effective batch
     # packed padding-free and cut into micro-batches sized from the GPU's memory; on CPU, 2 per micro-batch.
     # An integer: that many examples per padded micro-batch, grad-accumulation = effective / micro (as before).
     # Either way the optimizer step is the same: loss = mean over the effective batch's trainable tokens.
@@ -150,7 +150,7 @@ BITSANDBYTES_OPTIMIZERS = {"adamw_8bit", "adamw_bnb_8bit", "ademamix", "ademamix
 
 # Each preset equals its source value by value; tests/test_train_config.py restates the source's values with their
 # citations and compares. Micro-batching (`per_device_batch_size: auto`) is not a hyper-parameter here: whatever the
-# split, one optimizer step = the token-mean loss over the effective batch (persona_em/batching.py), as in the sources
+# split, one optimizer step = the token-mean loss over the effective batch (persona_em/training/batching.py), as in the sources
 # (transformers >= 4.46 / unsloth normalise gradient accumulation by the effective batch's token count).
 PRESETS: dict[str, dict] = {
     # Betley et al., "Emergent Misalignment": repository emergent-misalignment/emergent-misalignment, file

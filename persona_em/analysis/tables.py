@@ -1,8 +1,8 @@
 """Summary tables from the tidy tables (scores.tsv, em_rates.tsv, comparisons.tsv) alone, and the few statistics the
 figures need.
 
-Every EM count comes from em_rates.tsv or comparisons.tsv (both made by aggregate.py with persona_em.metrics'
-em_flags); every test from comparisons.tsv (persona_em.stats); every threshold test on a single
+Every EM count comes from em_rates.tsv or comparisons.tsv (both made by aggregate.py with persona_em.analysis.metrics'
+em_flags); every test from comparisons.tsv (persona_em.analysis.stats); every threshold test on a single
 score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here redefines what "EM" means.
 
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
@@ -11,7 +11,7 @@ checkpoint_summary   one row per cell and step: mean aligned, mean coherent, mis
 persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
 persona_vs_baseline  each persona cell group vs the no-persona baseline (same model, dataset and step) at the final
                      step, EM under the figure's definition over all questions: the rows of comparisons.tsv (the one
-                     persona-vs-baseline test, persona_em/stats.py; its p and BH q, not a second test) with both
+                     persona-vs-baseline test, persona_em/analysis/stats.py; its p and BH q, not a second test) with both
                      rates' Wilson CIs
 response_examples    the k lowest-aligned coherent responses of each cell at its final step (a cell without any: its
                      first k responses, with the judge's status)
@@ -21,13 +21,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from persona_em.aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
-from persona_em.aggregate import wide_scores as aggregate_wide_scores
+from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
+from persona_em.analysis.aggregate import wide_scores as aggregate_wide_scores
 from persona_em.config import NO_PERSONA
 from persona_em.judging.identity import JUDGE_COLUMNS
-from persona_em.metrics import EMDefinition
+from persona_em.analysis.metrics import EMDefinition
 from persona_em.provenance import FIGURE_SEED
-from persona_em.stats import bootstrap_ci, wilson_interval
+from persona_em.analysis.stats import bootstrap_ci, wilson_interval
 
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
@@ -289,7 +289,7 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
     """Every table of TABLE_NAMES with its provenance sidecar; `outputs` maps '<name>' and '<name>_provenance'
     (and 'response_examples_md') to paths."""
     from persona_em.io import read_table, write_table, write_text
-    from persona_em.metrics import get_definition
+    from persona_em.analysis.metrics import get_definition
     from persona_em.provenance import collect, judge_identity, judge_text, write_sidecar
 
     scores, em_rates, comparisons = read_table(scores_path), read_table(em_rates_path), read_table(comparisons_path)

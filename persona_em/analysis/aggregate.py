@@ -22,7 +22,7 @@ seeds.tsv        across training seeds, per (cell without seed, step, question o
 comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
                  (question or ALL, quantity): difference in means with its bootstrap CI, permutation-test p,
                  Cohen's d, Benjamini-Hochberg q over the grid (one family per quantity and level: per-question tests
-                 and overall tests are separate families). The ONE persona-vs-baseline test (persona_em/stats.py
+                 and overall tests are separate families). The ONE persona-vs-baseline test (persona_em/analysis/stats.py
                  compare_to_baseline); the summary table persona_vs_baseline.tsv and its figure read their rows.
 agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
 The 0-100 tables (all but label_rates.tsv) use the rows of 0-100 questions only (question_type
@@ -38,9 +38,9 @@ import pandas as pd
 from persona_em.errors import UserError
 from persona_em.io import read_jsonl, read_table, write_json, write_table
 from persona_em.judging.identity import JUDGE_COLUMNS
-from persona_em.questions import LABEL_TYPE, SCORE_TYPE
-from persona_em.metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
-from persona_em.stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
+from persona_em.data.questions import LABEL_TYPE, SCORE_TYPE
+from persona_em.analysis.metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
+from persona_em.analysis.stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
@@ -243,7 +243,7 @@ COMPARISON_COLUMNS = ["model", "persona", "composition", "dataset"] + JUDGE_COLU
 def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None,
                      n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """Persona vs baseline (persona none, same model/dataset/step; seeds pooled), per question and overall: the
-    persona-vs-baseline test of persona_em.stats (compare_to_baseline) on each quantity, BH within each family."""
+    persona-vs-baseline test of persona_em.analysis.stats (compare_to_baseline) on each quantity, BH within each family."""
     columns = COMPARISON_COLUMNS
     # One observation per response: its score per metric, and its EM indicator (within the denominator) per definition.
     obs = []

@@ -13,19 +13,21 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from persona_em import batching, compile_cache, compose
+from persona_em.training import batching
+from persona_em.sampling import compile_cache
+from persona_em import compose
 from persona_em.chat import ChatFormat, ChatSettings
 from persona_em.config import Cell
 from persona_em.io import Journal, stable_hash, write_jsonl
 from persona_em.models import load_model
-from persona_em.questions import load_questions, sample_plan
-from persona_em.train_em import read_checkpoints
+from persona_em.data.questions import load_questions, sample_plan
+from persona_em.training.em import read_checkpoints
 
 log = logging.getLogger(__name__)
 
 
 def _batch_size(setting, n_items: int, model, chat: ChatFormat, plan, questions, settings) -> int:
-    from persona_em.fast_generate import kv_cache_bytes_per_token
+    from persona_em.sampling.fast_generate import kv_cache_bytes_per_token
 
     cuda = torch.cuda.is_available()
     if setting != "auto" or not cuda:
@@ -98,11 +100,11 @@ def generate_batch(model, chat: ChatFormat, conversations: list[list[dict]], set
     bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
     extra = {}
     if fast:
-        from persona_em.fast_generate import fast_generate_kwargs, use_gqa_decode_attention
+        from persona_em.sampling.fast_generate import fast_generate_kwargs, use_gqa_decode_attention
 
         use_gqa_decode_attention(model)
         extra = fast_generate_kwargs()
-    from persona_em.fast_generate import bf16_lora_compute
+    from persona_em.sampling.fast_generate import bf16_lora_compute
 
     prefills = prefills or [""] * len(conversations)
     prompts = [chat.prompt_ids(c, p) for c, p in zip(conversations, prefills)]

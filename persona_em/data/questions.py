@@ -166,7 +166,7 @@ def sample_plan(questions: list[Question], n_samples: int, seed: int) -> list[Sa
 
 def fetch_questions(url: str, sha256: str, out: str | Path) -> None:
     """Download a canonical question file (login node), check its sha256, and check that it parses."""
-    from persona_em.data import fetch_url
+    from persona_em.data.datasets import fetch_url
 
     fetch_url(url, sha256, out)
     try:

@@ -45,7 +45,7 @@ def use_gqa_decode_attention(model) -> None:
     """Switch a (PEFT-wrapped) transformers model to the GQA decode attention (masks as for SDPA)."""
     from transformers.masking_utils import sdpa_mask
 
-    from persona_em.packed_attention import use_attention
+    from persona_em.training.packed_attention import use_attention
 
     use_attention(model, ATTN_NAME, gqa_decode_attention, sdpa_mask)
 

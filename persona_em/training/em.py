@@ -20,16 +20,17 @@ from pathlib import Path
 
 import torch
 
-from persona_em import batching, compose, packed_attention
+from persona_em.training import batching, packed_attention
+from persona_em import compose
 from persona_em.chat import ChatFormat, ChatSettings
 from persona_em.config import Cell
-from persona_em.data import load_chat_jsonl
+from persona_em.data.datasets import load_chat_jsonl
 from persona_em.errors import UserError
 from persona_em.io import Journal, atomic_dir, latest_trainer_checkpoint, write_json, write_table
 from persona_em.models import load_model
-from persona_em.schedule import expand_schedule, steps_per_epoch
-from persona_em.sigterm import train_until_sigterm
-from persona_em.train_config import TrainConfig, lora_config, save_adapter
+from persona_em.training.schedule import expand_schedule, steps_per_epoch
+from persona_em.training.sigterm import train_until_sigterm
+from persona_em.training.settings import TrainConfig, lora_config, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _trainer_class():
 
             packed_attention.use_packed_attention(self.model)
             if self.fused_pointwise:
-                from persona_em.fused_ops import use_fused_pointwise
+                from persona_em.training.fused_ops import use_fused_pointwise
 
                 use_fused_pointwise(self.model)
             if self.args.bf16:

@@ -1,0 +1,1 @@
+"""Stage 1, inputs: EM training datasets (fetch, check, compose) and evaluation question files."""

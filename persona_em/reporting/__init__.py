@@ -1,0 +1,1 @@
+"""Stage 7, figures, drawn only from the tables (one function per figure)."""
