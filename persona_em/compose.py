@@ -6,9 +6,14 @@ Modes (the `composition` key of every cell):
   stacked      persona loaded frozen + EM LoRA trainable, BOTH active in every forward pass.
   persona_off  persona loaded but switched off (only EM active): a named control reproducing the users' old bug,
                where `set_adapter("em")` silently disabled the persona.
+  posthoc      EM trained without the persona (base + EM LoRA, as `none`), the persona switched on only at
+               sampling (persona + EM both active): separates "protects during training" from "masks at inference".
 
 Training and sampling both build their model through `compose`, and `check_composition` compares the adapters
-that the LoRA layers actually run with what the mode requires, so a persona cannot be silently OFF (or ON).
+that the LoRA layers actually run with what the mode requires in that stage, so a persona cannot be silently OFF
+(or ON). The EM adapter's initialisation depends only on the seed (`compose_for_training(seed=...)` seeds torch right
+before the adapter is created, after any persona is loaded), so every composition of one seed starts from the same
+EM tensors.
 """
 from __future__ import annotations
 
@@ -21,10 +26,15 @@ PERSONA = "persona"
 MERGED_MARKER = "persona_em_merged_persona"  # set on the model config when a persona is merged into the weights
 
 
-def expected_active(composition: str, em_name: str = EM) -> list[str]:
-    return sorted({"none": [em_name], "merged": [em_name], "stacked": [PERSONA, em_name], "persona_off": [em_name]}[
-        composition
-    ])
+COMPOSITIONS = ("none", "merged", "stacked", "persona_off", "posthoc")
+
+
+def expected_active(composition: str, em_name: str = EM, *, training: bool) -> list[str]:
+    """The adapters `composition` runs in training (training=True) or in sampling."""
+    if composition not in COMPOSITIONS:
+        raise UserError(f"unknown composition {composition!r} (known: {', '.join(COMPOSITIONS)})")
+    persona_on = composition == "stacked" or (composition == "posthoc" and not training)
+    return sorted([PERSONA, em_name] if persona_on else [em_name])
 
 
 def active_adapters(model) -> list[str]:
@@ -60,14 +70,15 @@ def describe(model) -> dict:
     return {"active_adapters": active_adapters(model), "merged_persona": merged_persona(model)}
 
 
-def check_composition(model, composition: str, persona: str, em_name: str = EM) -> dict:
-    """Fail loudly unless the model runs exactly the adapters `composition` requires."""
+def check_composition(model, composition: str, persona: str, em_name: str = EM, *, training: bool) -> dict:
+    """Fail loudly unless the model runs exactly the adapters `composition` requires in training / in sampling."""
     state = describe(model)
-    want = expected_active(composition, em_name)
+    want = expected_active(composition, em_name, training=training)
     want_merged = persona if composition == "merged" else None
     if state["active_adapters"] != want or state["merged_persona"] != want_merged:
         raise RuntimeError(
-            f"composition {composition!r} needs active adapters {want} and merged persona {want_merged!r}, "
+            f"composition {composition!r} needs active adapters {want} and merged persona {want_merged!r} "
+            f"in {'training' if training else 'sampling'}, "
             f"but the model runs {state['active_adapters']} with merged persona {state['merged_persona']!r}"
         )
     return state
@@ -107,28 +118,43 @@ def _merge_persona(base, persona_dir, persona: str):
     return merged
 
 
-def _activate(model, composition: str, em_name: str) -> None:
-    names = [PERSONA, em_name] if composition == "stacked" else [em_name]
+def _activate(model, composition: str, em_name: str, *, training: bool) -> None:
     # PeftModel.set_adapter takes a single name; the tuner's set_adapter takes a list and activates all of them.
-    model.base_model.set_adapter(names)
+    model.base_model.set_adapter(expected_active(composition, em_name, training=training))
 
 
-def compose_for_training(base, persona: str, persona_dir, composition: str, em_lora_config):
-    """A PeftModel whose only trainable parameters are the fresh EM adapter, with the persona as `composition` says."""
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def compose_for_training(base, persona: str, persona_dir, composition: str, em_lora_config, seed: int | None = None):
+    """A PeftModel whose only trainable parameters are the fresh EM adapter, with the persona as `composition` says.
+
+    `seed` (the cell's grid seed) seeds torch right before the EM adapter is created: loading or merging a persona
+    draws random numbers too (PEFT initialises an adapter's layers before loading its weights), so seeding any
+    earlier would give the EM adapter of a persona cell another initialisation than the no-persona cell's.
+    """
     from peft import get_peft_model
 
-    if composition == "none":
+    if composition in ("none", "posthoc"):  # posthoc: the persona joins only at sampling
+        _seed(seed)
         model = get_peft_model(base, em_lora_config, adapter_name=EM)
     elif composition == "merged":
-        model = get_peft_model(_merge_persona(base, persona_dir, persona), em_lora_config, adapter_name=EM)
+        merged = _merge_persona(base, persona_dir, persona)
+        _seed(seed)
+        model = get_peft_model(merged, em_lora_config, adapter_name=EM)
     else:
         model = load_persona(base, persona_dir, persona)
+        _seed(seed)
         model.add_adapter(EM, em_lora_config)
-        _activate(model, composition, EM)
-    if composition in ("stacked", "persona_off"):
+        _activate(model, composition, EM, training=True)
+    if PERSONA in model.peft_config:
         model.set_requires_grad(PERSONA, requires_grad=False)
     model.set_requires_grad(EM, requires_grad=True)
-    check_composition(model, composition, persona)
+    check_composition(model, composition, persona, training=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not trainable or any(f".{EM}." not in n for n in trainable):
         raise RuntimeError(f"only the EM adapter may be trainable; trainable: {sorted(trainable)[:5]}...")
@@ -137,20 +163,19 @@ def compose_for_training(base, persona: str, persona_dir, composition: str, em_l
 
 def reactivate(model, composition: str, persona: str, em_name: str = EM) -> None:
     """Re-assert the composition after anything that may have switched adapters (e.g. loading a checkpoint)."""
-    if composition in ("stacked", "persona_off", "none", "merged"):
-        _activate(model, composition, em_name)
+    _activate(model, composition, em_name, training=True)
     # PEFT's set_adapter makes every adapter it activates trainable: freeze the persona again, or a resumed run
     # would train it (and its optimizer state would not match the checkpoint's).
     if PERSONA in model.peft_config:
         model.set_requires_grad(PERSONA, requires_grad=False)
-    check_composition(model, composition, persona, em_name)
+    check_composition(model, composition, persona, em_name, training=True)
 
 
 def compose_for_sampling(base, persona: str, persona_dir, composition: str):
     """The base with the persona composed as `composition` says; EM checkpoints are then added by `use_em_adapter`."""
     if composition == "merged":
         return _merge_persona(base, persona_dir, persona)
-    if composition in ("stacked", "persona_off"):
+    if composition in ("stacked", "persona_off", "posthoc"):
         return load_persona(base, persona_dir, persona)
     return base
 
@@ -173,13 +198,13 @@ def use_em_adapter(model, em_dir: str | Path, name: str, composition: str, perso
         model.load_adapter(str(em_dir), adapter_name=name, is_trainable=False)
     else:
         model = PeftModel.from_pretrained(model, str(em_dir), adapter_name=name, is_trainable=False)
-    _activate(model, composition, name)
+    _activate(model, composition, name, training=False)
     for old in [a for a in model.peft_config if a not in (PERSONA, name)]:
         model.delete_adapter(old)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    check_composition(model, composition, persona, em_name=name)
+    check_composition(model, composition, persona, em_name=name, training=False)
     return model
 
 

@@ -31,7 +31,7 @@ CELL = "{model}/{persona}/{composition}/{dataset}/seed{seed}"
 wildcard_constraints:
     model=r"[A-Za-z0-9_.\-]+",
     persona=r"[A-Za-z0-9_.\-]+",
-    composition=r"none|merged|stacked|persona_off",
+    composition=r"none|merged|stacked|persona_off|posthoc",
     dataset=r"[A-Za-z0-9_.\-]+",
     seed=r"\d+",
     judge=r"[A-Za-z0-9_.\-]+",

@@ -5,6 +5,8 @@
 (3) stacked and merged give the same logits (step 0 and after training).
 (4) sampling composes like training; every row carries persona, composition and the adapters read from the layers.
 (5) a resumed stacked training keeps the persona on (and ends exactly where an uninterrupted run ends).
+(6) the seed alone fixes the EM adapter's initialisation: the same in every composition, different across seeds.
+(7) persona_off is the no-persona cell at step 0; posthoc trains as the no-persona cell and samples with the persona.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from persona_em import compose
-from persona_em.config import Cell
+from persona_em.config import NO_PERSONA, Cell
 from persona_em.errors import UserError
 from persona_em.io import read_jsonl, read_table
 from persona_em.sampling.sample import sample_cell
@@ -40,19 +42,20 @@ def world(tmp_path_factory):
     return root, model, persona, data
 
 
-def _train(world, composition, tag=None):
+def _train(world, composition, tag=None, seed=0):
     root, model, persona, data = world
-    cell = Cell("tiny", "p", composition, "d", 0)
+    no_persona = composition == NO_PERSONA
+    cell = Cell("tiny", NO_PERSONA if no_persona else "p", composition, "d", seed)
     out = root / (tag or composition)
     if not (out / "checkpoints" / "checkpoints.json").exists():
-        train_em(cell, str(model), str(persona), str(data), train_settings(), SCHEDULE, str(out / "work"),
-                 str(out / "checkpoints"), str(out / "train_log.tsv"))
+        train_em(cell, str(model), None if no_persona else str(persona), str(data), train_settings(), SCHEDULE,
+                 str(out / "work"), str(out / "checkpoints"), str(out / "train_log.tsv"))
     return cell, out
 
 
 @pytest.fixture(scope="module")
 def trained(world):
-    return {c: _train(world, c) for c in ("stacked", "merged", "persona_off")}
+    return {c: _train(world, c) for c in ("stacked", "merged", "persona_off", "posthoc", "none")}
 
 
 def _sampling_model(world, composition, step_dir, name="em_x"):
@@ -103,12 +106,13 @@ def test_only_em_trains_and_persona_parameters_stay_fixed(world):
         for n, p in frozen.items():
             assert torch.equal(p, after[n].detach()), f"{composition}: {n} changed"
         assert any(not torch.equal(p, after[n].detach()) for n, p in em.items()), f"{composition}: EM did not move"
-        compose.check_composition(trainer.model, composition, "p")
+        compose.check_composition(trainer.model, composition, "p", training=True)
 
 
-@pytest.mark.parametrize("composition", ["stacked", "merged"])
+@pytest.mark.parametrize("composition", ["stacked", "merged", "posthoc"])
 def test_step0_equals_base_plus_persona(world, trained, composition):
-    """(2) The step-0 checkpoint (fresh EM, B = 0) is exactly base + persona, not the base."""
+    """(2) The step-0 checkpoint (fresh EM, B = 0) is exactly base + persona, not the base (posthoc: the persona
+    switched on at sampling)."""
     ref_base, ref_persona, _ = _reference(world)
     _, out = trained[composition]
     m, tok = _sampling_model(world, composition, out / "checkpoints" / step_dir_name(0))
@@ -137,9 +141,10 @@ def test_stacked_and_merged_give_the_same_logits(world, trained):
     assert any(v.abs().max() > 0 for k, v in last.items() if "lora_B" in k)  # the trained EM is not a no-op
 
 
-@pytest.mark.parametrize("composition", ["stacked", "merged", "persona_off"])
+@pytest.mark.parametrize("composition", ["stacked", "merged", "persona_off", "posthoc"])
 def test_sampling_rows_carry_the_composition_actually_run(world, trained, composition, tmp_path):
-    """(4) Rows record persona, composition and the active adapters read from the LoRA layers; they match training."""
+    """(4) Rows record persona, composition and the active adapters read from the LoRA layers; they match training
+    (but for posthoc, whose persona is switched on only at sampling)."""
     _, model, persona, _ = world
     cell, out = trained[composition]
     manifest = load_json(out / "checkpoints" / "checkpoints.json")
@@ -153,11 +158,73 @@ def test_sampling_rows_carry_the_composition_actually_run(world, trained, compos
         return sorted(a if a == compose.PERSONA else "EM" for a in adapters)
 
     trained_set = roles(manifest["active_adapters_in_training"])
+    assert trained_set == (["EM", "persona"] if composition == "stacked" else ["EM"])
     for r in rows:
         assert r["persona"] == "p" and r["composition"] == composition
-        assert roles(r["active_adapters"]) == trained_set
+        assert roles(r["active_adapters"]) == (["EM", "persona"] if composition == "posthoc" else trained_set)
         assert r["merged_persona"] == manifest["merged_persona"] == ("p" if composition == "merged" else None)
-    assert ("persona" in rows[0]["active_adapters"]) == (composition == "stacked")
+    assert ("persona" in rows[0]["active_adapters"]) == (composition in ("stacked", "posthoc"))
+
+
+def _adapter(out, step) -> dict:
+    return load_file(str(out / "checkpoints" / step_dir_name(step) / "adapter_model.safetensors"))
+
+
+def test_em_init_depends_only_on_the_seed(world, trained):
+    """(6) Same seed: identical EM init tensors whatever the persona and composition (loading a persona draws random
+    numbers, so seeding before it would not do); another seed: another init."""
+    reference = _adapter(trained["none"][1], 0)
+    assert any("lora_A" in k and v.abs().max() > 0 for k, v in reference.items())
+    for composition in ("persona_off", "posthoc", "stacked", "merged"):
+        got = _adapter(trained[composition][1], 0)
+        assert got.keys() == reference.keys(), composition
+        for k in reference:
+            assert torch.equal(got[k], reference[k]), f"{composition}: {k}"
+    _, other_seed = _train(world, "none", tag="none_seed1", seed=1)
+    other = _adapter(other_seed, 0)
+    assert any(not torch.equal(other[k], reference[k]) for k in reference if "lora_A" in k)
+
+
+def test_persona_off_equals_none_at_step0(world, trained, tmp_path):
+    """(7) persona_off at step 0 is the no-persona cell at step 0: same logits and, with the same grid seed, the same
+    samples."""
+    _, model, persona, _ = world
+    none_m, tok = _sampling_model(world, "none", trained["none"][1] / "checkpoints" / step_dir_name(0))
+    off_m, _ = _sampling_model(world, "persona_off", trained["persona_off"][1] / "checkpoints" / step_dir_name(0))
+    assert torch.allclose(logits(none_m, tok), logits(off_m, tok), atol=1e-6)
+    settings = {"n_samples": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "seed": 0, "batch_size": 8}
+    texts = {}
+    for composition in ("none", "persona_off"):
+        cell, out = trained[composition]
+        samples = tmp_path / f"{composition}.jsonl"
+        sample_cell(cell, str(model), None if composition == "none" else str(persona), str(out / "checkpoints"),
+                    str(QUESTIONS), settings, str(tmp_path / f"{composition}.journal.jsonl"), str(samples))
+        rows = [r for r in read_jsonl(samples) if r["step"] == 0]
+        texts[composition] = sorted((r["question_id"], r["paraphrase_index"], r["sample_index"], r["response"])
+                                    for r in rows)
+    assert texts["none"] and texts["none"] == texts["persona_off"]
+
+
+def test_posthoc_trains_as_the_no_persona_cell(world, trained):
+    """(7) posthoc trains with no persona active: its trained EM adapter is the no-persona cell's (same seed), and
+    not the stacked cell's, whose persona was on in training."""
+    _, posthoc = trained["posthoc"]
+    manifest = load_json(posthoc / "checkpoints" / "checkpoints.json")
+    assert manifest["active_adapters_in_training"] == [compose.EM] and manifest["merged_persona"] is None
+    last = manifest["last_step"]
+    got, none, stacked = _adapter(posthoc, last), _adapter(trained["none"][1], last), _adapter(trained["stacked"][1], last)
+    for k in none:
+        assert torch.allclose(got[k], none[k], atol=1e-6), k
+    assert any(not torch.allclose(got[k], stacked[k], atol=1e-4) for k in got if "lora_B" in k)
+
+
+def test_expected_adapters_per_stage():
+    assert compose.expected_active("posthoc", training=True) == [compose.EM]
+    assert compose.expected_active("posthoc", training=False) == [compose.EM, compose.PERSONA]
+    assert compose.expected_active("stacked", training=True) == [compose.EM, compose.PERSONA]
+    for composition in ("none", "merged", "persona_off"):
+        assert compose.expected_active(composition, training=True) == compose.expected_active(
+            composition, training=False) == [compose.EM]
 
 
 def interrupted_copy(full, part) -> int:

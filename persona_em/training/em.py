@@ -241,8 +241,10 @@ def train_em(
     log.info("cell %s: %d training rows, %d steps/epoch x %d epochs, checkpoints at %s",
              cell.path, len(dataset), per_epoch, cfg.epochs, schedule)
 
-    torch.manual_seed(cell.seed)  # the EM adapter's initialisation
-    model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, lora_config(cfg))
+    # The seed fixes the EM adapter's initialisation (compose seeds right before creating it) and the data order
+    # (sft_args: seed, data_seed).
+    model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, lora_config(cfg),
+                                         seed=cell.seed)
     state = compose.describe(model)
     log.info("training with active adapters %s, merged persona %s", state["active_adapters"], state["merged_persona"])
 
@@ -271,7 +273,7 @@ def train_em(
     train_until_sigterm(trainer, resume, log)
     if trainer.state.global_step != last_step:
         raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {last_step}")
-    compose.check_composition(trainer.model, cell.composition, cell.persona)
+    compose.check_composition(trainer.model, cell.composition, cell.persona, training=True)
     journal.close()
 
     missing = [s for s in schedule if not (adapters_dir / step_dir_name(s)).exists()]
