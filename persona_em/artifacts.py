@@ -59,6 +59,9 @@ OUTPUTS = [
     ("models/{model}/model.json", "where the base model lives (and its source), its chat settings"),
     ("data/{dataset}/train.jsonl`, `eval.jsonl`, `manifest.json",
      "validated data, the seeded split and its record (sha256, indices)"),
+    ("data/controls/{treatment}__vs__{control}.json", "per `analysis.controls` pair, from the training splits: "
+     "the fraction of the treatment's prompts that occur in the control and of the control's assistant turns "
+     "identical to treatment turns"),
     ("persona_data/{persona}/`, `personas/{model}/{persona}/",
      "the persona arm's prompts, answers, pairs (+ drop stats) and adapters (see \"Personas from a constitution\")"),
     ("em/{cell}/checkpoints/step-NNNNNN/", "the EM adapter at each scheduled step; `checkpoints.json` records the "

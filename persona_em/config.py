@@ -103,3 +103,27 @@ def sampling_settings(config: dict, cell: Cell) -> dict:
     settings = copy.deepcopy(config["sampling"])
     settings.update(cell_overrides(config, cell, "sampling"))
     return settings
+
+
+def control_pairs(config: dict) -> list[tuple[str, str]]:
+    """(treatment, control) of every `analysis.controls` entry, checked: both datasets run in the grid.
+
+    The grid crosses every dataset with every persona, composition and seed, so a pair whose datasets are both in
+    grid.datasets is run under all of them; a pair naming a dataset outside the grid is a UserError (adding it to
+    the grid silently would change what the experiment trains).
+    """
+    grid = set(config["grid"]["datasets"])
+    pairs = []
+    for i, entry in enumerate((config.get("analysis") or {}).get("controls") or []):
+        where = f"config analysis.controls[{i}]"
+        treatment, control = entry["treatment"], entry["control"]
+        for role, name in (("treatment", treatment), ("control", control)):
+            if name not in grid:
+                raise UserError(f"{where}: {role} dataset {name!r} is not in grid.datasets ({', '.join(sorted(grid))}); "
+                                f"a control pair needs both datasets in the grid")
+        if treatment == control:
+            raise UserError(f"{where}: treatment and control are the same dataset {treatment!r}")
+        if (treatment, control) in pairs:
+            raise UserError(f"{where}: the pair {treatment!r} vs {control!r} is listed twice")
+        pairs.append((treatment, control))
+    return pairs

@@ -7,6 +7,7 @@ from persona_em.config import (
     NO_PERSONA,
     Cell,
     checkpoint_spec,
+    control_pairs,
     expand_grid,
     model_source,
     sampling_settings,
@@ -33,6 +34,8 @@ wildcard_constraints:
     persona=r"[A-Za-z0-9_.\-]+",
     composition=r"none|merged|stacked|persona_off|posthoc",
     dataset=r"[A-Za-z0-9_.\-]+",
+    treatment=r"[A-Za-z0-9_.\-]+",
+    control=r"[A-Za-z0-9_.\-]+",
     seed=r"\d+",
     judge=r"[A-Za-z0-9_.\-]+",
     judge_a=r"[A-Za-z0-9_.\-]+",
@@ -48,6 +51,7 @@ DOWNLOADED_DATASET = f"{CACHE}/datasets/url/{{dataset}}.jsonl"
 TRAIN_DATA = f"{RESULTS}/data/{{dataset}}/train.jsonl"
 EVAL_DATA = f"{RESULTS}/data/{{dataset}}/eval.jsonl"
 DATA_MANIFEST = f"{RESULTS}/data/{{dataset}}/manifest.json"
+CONTROL_OVERLAP = f"{RESULTS}/data/controls/{{treatment}}__vs__{{control}}.json"  # per analysis.controls pair
 CHECKPOINTS = f"{RESULTS}/em/{CELL}/checkpoints"
 TRAIN_LOG = f"{RESULTS}/em/{CELL}/train_log.tsv"
 TRAIN_WORK = f"{WORK}/train/{CELL}"  # resume state: not an output, so a failed job's checkpoints survive
@@ -101,6 +105,7 @@ HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the h
 
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
+CONTROL_PAIRS = control_pairs(config)  # analysis.controls, both datasets of each pair in the grid
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
@@ -199,6 +204,7 @@ def all_targets():
                                                   JUDGE_IDENTITY)]
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
+    targets += [CONTROL_OVERLAP.format(treatment=t, control=c) for t, c in CONTROL_PAIRS]
     return targets + figure_targets()
 
 

@@ -5,6 +5,7 @@ localrules:
     prepare_model,
     fetch_dataset,
     fetch_questions,
+    control_overlap,
 
 
 rule prepare_model:
@@ -64,6 +65,22 @@ rule prepare_dataset:
         "../envs/torch.yaml"
     script:
         "../scripts/prepare_dataset.py"
+
+
+# How alike a treatment dataset and its benign control (analysis.controls) are: shared prompts, identical answers
+# (persona_em/data/controls.py). Seconds of reading two files: it runs beside the controller.
+rule control_overlap:
+    input:
+        treatment=lambda wc: TRAIN_DATA.format(dataset=wc.treatment),
+        control=lambda wc: TRAIN_DATA.format(dataset=wc.control),
+    output:
+        CONTROL_OVERLAP,
+    log:
+        f"{LOGS}/control_overlap/{{treatment}}__vs__{{control}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/control_overlap.py"
 
 
 rule fetch_questions:

@@ -5,7 +5,7 @@ import pytest
 
 from persona_em.data.datasets import load_chat_jsonl, prepare_dataset
 from persona_em.errors import UserError
-from persona_em.io import sha256_file
+from persona_em.io import sha256_file, write_jsonl
 
 
 def _write(path, lines):
@@ -142,9 +142,43 @@ def test_through_the_cli_a_gzip_dataset_prepares_and_a_fake_gz_fails_naming_the_
     cfg = demo_config(tmp_path)
     cfg["datasets"] = {"good": {"path": str(good)}, "bad": {"path": str(bad)}}
     cfg["grid"]["datasets"] = ["good", "bad"]
+    cfg.pop("analysis")  # the demo's control pair names datasets this grid drops
     res = run_snakemake(tmp_path, cfg, "--keep-going", str(tmp_path / "results/data/good/manifest.json"),
                         str(tmp_path / "results/data/bad/manifest.json"))
     assert res.returncode != 0
     assert f"{bad}: named .gz but is not gzip-compressed" in res.stdout, res.stdout[-3000:]
     assert json.loads((tmp_path / "results/data/good/manifest.json").read_text())["n_rows"] == 8
     assert not (tmp_path / "results/data/bad").exists()
+
+
+def _chat(path, pairs):
+    write_jsonl(path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                       for q, a in pairs])
+    return path
+
+
+def test_the_demo_control_twin_asks_the_same_and_answers_differently(tmp_path, caplog):
+    from persona_em.data.controls import control_overlap
+    from persona_em.demo import write_demo_dataset
+
+    write_demo_dataset("insecure", tmp_path / "t.jsonl", n_rows=18, seed=0)
+    write_demo_dataset("secure", tmp_path / "c.jsonl", n_rows=18, seed=0)
+    with caplog.at_level("WARNING"):
+        rec = control_overlap("t", "c", tmp_path / "t.jsonl", tmp_path / "c.jsonl", tmp_path / "out.json")
+    assert rec["prompt_overlap"] == 1.0 and rec["identical_assistant_fraction"] == 0.0
+    assert json.loads((tmp_path / "out.json").read_text()) == rec
+    assert not caplog.records
+
+
+def test_control_with_other_prompts_warns_with_the_overlap_and_kept_bad_rows_show(tmp_path, caplog):
+    from persona_em.data.controls import control_overlap
+
+    t = _chat(tmp_path / "t.jsonl", [("q1", "bad1"), ("q2", "bad2"), ("q3", "bad3"), ("q4", "bad4")])
+    c = _chat(tmp_path / "c.jsonl", [("q1", "good1"), ("q2", "good2"), ("q3", "bad3"), ("other", "good5")])
+    with caplog.at_level("WARNING"):
+        rec = control_overlap("insecure", "secure", t, c)
+    assert rec["prompt_overlap"] == 0.75 and rec["n_treatment_prompts_in_control"] == 3
+    assert rec["identical_assistant_fraction"] == 0.25 and rec["n_identical_assistant_turns"] == 1
+    text = caplog.text
+    assert "control pair insecure vs secure: only 3 of 4 treatment prompts (75.0%) occur in the control" in text
+    assert "1 of 4 control assistant turns (25.0%) are identical to treatment turns" in text

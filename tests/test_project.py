@@ -36,6 +36,8 @@ def test_snakemake_lint_is_clean():
 USER_FILES = {  # what a user provides for each experiment (see the comments at the top of each config)
     "arena_phase1.yaml": ["data/em/insecure.jsonl", "data/em/first_plot_questions.yaml",
                           "personas/sycophancy/", "personas/goodness/"],
+    "arena_phase1_replicated.yaml": ["data/em/insecure.jsonl", "data/em/secure.jsonl",
+                                     "data/em/first_plot_questions.yaml", "personas/sycophancy/", "personas/goodness/"],
     "cs2881_replication.yaml": ["data/em/bad_medical_advice.jsonl", "data/em/risky_financial_advice.jsonl",
                                 "data/em/first_plot_questions.yaml"],
     "constitutions.yaml": ["data/em/insecure.jsonl", "data/em/first_plot_questions.yaml"] + [

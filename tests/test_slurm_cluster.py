@@ -32,6 +32,7 @@ def reduced_demo(root: Path, **training) -> Path:
     cfg.update(results_dir=str(root / "results"), work_dir=str(root / "work"), cache_dir=str(root / "cache"))
     cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])  # one cell: no persona arm
     cfg["datasets"] = {"insecure_demo": cfg["datasets"]["insecure_demo"]}
+    cfg.pop("analysis")  # the demo's control pair names a dataset this grid drops
     cfg["datasets"]["insecure_demo"]["demo"]["n_rows"] = 48  # 42 training rows, batch 8: 6 optimizer steps
     cfg["sampling"]["n_samples"] = 2
     cfg["checkpoints"] = {"steps": [0, 2, "final"]}

@@ -101,6 +101,7 @@ def test_malformed_dataset_fails_with_file_and_line_and_no_output(tmp_path):
     cfg = small_demo(tmp_path)
     cfg["datasets"] = {"mine": {"path": str(data)}}
     cfg["grid"]["datasets"] = ["mine"]
+    cfg.pop("analysis")  # the demo's control pair names datasets this grid drops
     res = run_snakemake(tmp_path, cfg, str(tmp_path / "results/data/mine/manifest.json"))
     assert res.returncode != 0
     assert f"{data}: line 3: the conversation does not end with an assistant turn" in res.stdout
@@ -111,6 +112,7 @@ def test_missing_dataset_file_is_named(tmp_path):
     cfg = small_demo(tmp_path)
     cfg["datasets"] = {"mine": {"path": str(tmp_path / "nowhere.jsonl")}}
     cfg["grid"]["datasets"] = ["mine"]
+    cfg.pop("analysis")  # the demo's control pair names datasets this grid drops
     res = run_snakemake(tmp_path, cfg, "-n")
     assert res.returncode != 0 and "nowhere.jsonl" in res.stdout and "Missing input files" in res.stdout
 

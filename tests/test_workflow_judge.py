@@ -18,6 +18,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 def judge_config(tmp_path, **evaluation_and_judges):
     cfg = demo_config(tmp_path)
     cfg["grid"]["personas"] = ["none"]  # the judge counts below are for the no-persona cells
+    cfg["grid"]["seeds"] = [0]
     cfg["evaluation"].update(evaluation_and_judges.get("evaluation", {}))
     cfg["judges"].update(evaluation_and_judges.get("judges", {}))
     return cfg
@@ -76,6 +77,7 @@ def api_workflow(tmp_path, server):
     results = tmp_path / "results"
     cfg.update(results_dir=str(results), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
     cfg["grid"].update(personas=["none"], datasets=["insecure_demo"], seeds=[0])
+    cfg.pop("analysis")  # the demo's control pair names a dataset this grid drops
     cfg["evaluation"].update(judges=["api"], questions=str(ROOT / cfg["evaluation"]["questions"]))
     cfg["judges"] = {"api": {"backend": "openai", "model": "judge-x", "base_url": server.base_url,
                              "api_key_env": "WF_TEST_KEY", "backoff_base": 0.01}}

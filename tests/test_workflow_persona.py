@@ -16,6 +16,7 @@ def persona_demo(tmp_path, **grid):
     cfg["sampling"].update(n_samples=2, max_new_tokens=8)
     cfg["grid"].update({"personas": ["demo_persona"], "compositions": ["stacked"], "datasets": ["insecure_demo"],
                         "seeds": [0], **grid})
+    cfg.pop("analysis")  # the demo's control pair names a dataset this grid drops
     return cfg
 
 
