@@ -124,6 +124,8 @@ def test_missing_dataset_file_is_named(tmp_path):
         (lambda c: c["grid"].update(datasets=["ghost"]), "grid.datasets: unknown dataset 'ghost'"),
         (lambda c: c["sampling"].update(top_p=2), "2 is greater than the maximum of 1"),
         (lambda c: c["evaluation"].update(judges=["nobody"]), "evaluation.judges: unknown judge 'nobody'"),
+        (lambda c: c["grid"].update(datasets=["insecure_demo"]),
+         "config analysis.controls[0]: control dataset 'secure_demo' is not in grid.datasets (insecure_demo)"),
     ],
 )
 def test_config_errors_are_reported_before_any_job(tmp_path, change, message):
