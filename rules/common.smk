@@ -2,7 +2,8 @@
 import re
 from pathlib import Path
 
-from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
+from persona_em.activations.settings import activation_settings, check_config as check_activation_config
+from persona_em.artifacts import ACTIVATION_FIGURES, ACTIVATION_TABLES, FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -99,8 +100,20 @@ SFT_WORK = f"{WORK}/personas/{{model}}/{{persona}}/sft"
 PERSONA_FINAL = f"{RESULTS}/personas/{{model}}/{{persona}}/adapter"  # cat(dpo, sft) when introspection is on
 HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the hub cache stays in CACHE)
 
+# Inside the model (rules/activations.smk; only when analysis.activations is configured).
+ACTIVATIONS = f"{RESULTS}/activations/{CELL}"  # activations.safetensors, index.tsv, meta.json
+ACTIVATION_WORK = f"{WORK}/activations/{CELL}"  # resume state: per (reader, step) tensors and a journal
+MISALIGNMENT_DIRECTION = f"{RESULTS}/directions/{{judge}}/{{model}}"  # direction.safetensors, layers.tsv, direction.json
+ACTIVATION_TABLE_FILES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in ACTIVATION_TABLES}
+ACTIVATION_FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in ACTIVATION_FIGURES
+    for kind, suffix in FIGURE_SUFFIXES.items()
+}
+
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
+check_activation_config(config, sorted({c.model for c in CELLS}))  # layers out of range: one error, at parse time
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
@@ -200,6 +213,14 @@ def all_targets():
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
         targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
     return targets + figure_targets()
+
+
+def activation_targets():
+    """The activation analysis of every judge (rule `activations`); nothing unless analysis.activations is set."""
+    if activation_settings(config) is None:
+        return []
+    patterns = [*ACTIVATION_TABLE_FILES.values(), *ACTIVATION_FIGURE_FILES.values()]
+    return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
 
 
 # Parameters in billions of each model (config models.<name>.size_b); None where not given.
