@@ -25,6 +25,51 @@ rule collect_activations:
         "../scripts/collect_activations.py"
 
 
+def model_activations(wildcards):
+    return [ACTIVATIONS.format(**c.keys()) for c in CELLS if c.model == wildcards.model]
+
+
+def model_directions(wildcards):
+    return {m: MISALIGNMENT_DIRECTION.format(judge=wildcards.judge, model=m) for m in sorted({c.model for c in CELLS})}
+
+
+rule misalignment_direction:
+    input:
+        activations=model_activations,
+        scores=SCORES,
+    output:
+        directory(MISALIGNMENT_DIRECTION),
+    params:
+        settings=activation_settings(config),
+    log:
+        f"{LOGS}/misalignment_direction/{{judge}}/{{model}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/misalignment_direction.py"
+
+
+rule activation_projections:
+    input:
+        activations=cell_paths(ACTIVATIONS),
+        directions=lambda wc: list(model_directions(wc).values()),
+        scores=SCORES,
+        em_rates=EM_RATES,
+    output:
+        **ACTIVATION_TABLE_FILES,
+    params:
+        settings=activation_settings(config),
+        directions=model_directions,
+        definition=config["evaluation"]["figure_em_definition"],
+        n_bootstrap=config["evaluation"]["bootstrap"]["n_resamples"],
+    log:
+        f"{LOGS}/activation_projections/{{judge}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/activation_projections.py"
+
+
 rule activations:
     input:
         activation_targets(),
