@@ -25,14 +25,6 @@ rule collect_activations:
         "../scripts/collect_activations.py"
 
 
-def model_activations(wildcards):
-    return [ACTIVATIONS.format(**c.keys()) for c in CELLS if c.model == wildcards.model]
-
-
-def model_directions(wildcards):
-    return {m: MISALIGNMENT_DIRECTION.format(judge=wildcards.judge, model=m) for m in sorted({c.model for c in CELLS})}
-
-
 rule misalignment_direction:
     input:
         activations=model_activations,
@@ -68,6 +60,21 @@ rule activation_projections:
         "../envs/analysis.yaml"
     script:
         "../scripts/activation_projections.py"
+
+
+rule activation_figures:
+    input:
+        summary=ACTIVATION_TABLE_FILES["activation_summary"],
+        retention=ACTIVATION_TABLE_FILES["persona_retention"],
+        directions=lambda wc: list(model_directions(wc).values()),
+    output:
+        **ACTIVATION_FIGURE_FILES,
+    log:
+        f"{LOGS}/activation_figures/{{judge}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/activation_figures.py"
 
 
 rule activations:

@@ -301,3 +301,13 @@ def figure_outputs():
         caption = f"../report/{name}.rst"
         flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path
     return flagged
+
+
+def model_activations(wildcards):
+    """The collect_activations outputs of every cell of one model."""
+    return [ACTIVATIONS.format(**c.keys()) for c in CELLS if c.model == wildcards.model]
+
+
+def model_directions(wildcards):
+    """model -> its misalignment direction under the judge."""
+    return {m: MISALIGNMENT_DIRECTION.format(judge=wildcards.judge, model=m) for m in sorted({c.model for c in CELLS})}

@@ -115,3 +115,22 @@ def test_too_few_misaligned_refuses_without_output(tmp_path):
         D.misalignment_direction(dirs, str(tmp_path / "scores.tsv"), {**SETTINGS, "min_per_class": 500}, "j-1", "m",
                                  str(tmp_path / "dir"))
     assert not (tmp_path / "dir").exists()
+
+
+def test_figures_are_drawn_from_the_tables(tmp_path):
+    from persona_em.activations.projections import activation_projections as run_projections
+    from persona_em.reporting.activation_figures import make_activation_figures
+    from persona_em.artifacts import ACTIVATION_FIGURES, FIGURE_SUFFIXES
+
+    dirs, _ = world(tmp_path)
+    D.misalignment_direction(dirs, str(tmp_path / "scores.tsv"), SETTINGS, "j-1", "m", str(tmp_path / "dir"))
+    tables = {n: str(tmp_path / f"{n}.tsv") for n in ("activation_projections", "activation_summary",
+                                                      "persona_retention")}
+    run_projections(dirs, {"m": str(tmp_path / "dir")}, str(tmp_path / "scores.tsv"), str(tmp_path / "em_rates.tsv"),
+                    SETTINGS, "betley", 100, "j-1", tables)
+    outputs = {f"{n}_{k}": str(tmp_path / "fig" / f"{n}.{s}") for n in ACTIVATION_FIGURES
+               for k, s in FIGURE_SUFFIXES.items()}
+    make_activation_figures(tables["activation_summary"], tables["persona_retention"], [str(tmp_path / "dir")],
+                            outputs)
+    for path in outputs.values():
+        assert (tmp_path / "fig" / path.rsplit("/", 1)[1]).stat().st_size > 0
