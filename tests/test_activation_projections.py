@@ -71,7 +71,7 @@ def test_projection_values_and_cross_fitting(tmp_path):
     checked = 0
     for d in dirs:
         tensors, index, meta = collect.load_activations(d)
-        x = tensors["response_mean"].float().numpy()
+        x = tensors["response_mean"].astype(np.float32)
         rows = proj[proj["response_id"].isin(index["response_id"])]
         assert set(rows["fold"].astype(str)) == {str(meta["seed"])}  # its own seed's fold: built without it
         for j, layer in enumerate(LAYERS):

@@ -45,12 +45,7 @@ from persona_em.training.em import read_checkpoints
 
 log = logging.getLogger(__name__)
 
-OWN, BASE = "own", "base"
-READERS = (OWN, BASE)
-KINDS = ("response_mean", "last_prompt")
-TENSORS = "activations.safetensors"
-INDEX = "index.tsv"
-META = "meta.json"
+from persona_em.activations.store import BASE, INDEX, KINDS, META, OWN, READERS, TENSORS, load_activations  # noqa: F401
 INDEX_KEYS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
               "sample_index", "response_id"]
 
@@ -279,12 +274,3 @@ def _num_layers(model_dir: str) -> int:
     cfg = getattr(cfg, "text_config", None) or cfg
     return int(cfg.num_hidden_layers)
 
-
-def load_activations(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], "object", dict]:
-    """(tensors, index DataFrame, meta) of one cell's collect_activations output."""
-    from safetensors.torch import load_file
-
-    from persona_em.io import read_json, read_table
-
-    out_dir = Path(out_dir)
-    return load_file(str(out_dir / TENSORS)), read_table(out_dir / INDEX), read_json(out_dir / META)

@@ -141,7 +141,7 @@ def own_activations(activation_dirs: list[str], kind: str):
     import pandas as pd
     from safetensors import safe_open
 
-    from persona_em.activations.collect import INDEX, META, OWN, TENSORS
+    from persona_em.activations.store import INDEX, META, OWN, TENSORS
     from persona_em.io import read_json, read_table
 
     xs, frames, layers = [], [], None

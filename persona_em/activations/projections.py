@@ -28,7 +28,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from persona_em.activations.collect import BASE, OWN, load_activations
+from persona_em.activations.store import BASE, OWN, load_activations
 from persona_em.activations.direction import ALIGNED, MISALIGNED, UNLABELLED, auroc, load_direction, \
     response_labels, unit
 from persona_em.analysis.stats import bootstrap_ci
@@ -151,7 +151,7 @@ def activation_projections(activation_dirs: list[str], direction_dirs: dict[str,
     for d in activation_dirs:
         tensors, index, meta = load_activations(d)
         layers = meta["layers"]
-        x = tensors[settings["kind"]].float().numpy()
+        x = tensors[settings["kind"]].astype(np.float32)
         info, directions = infos[meta["model"]]
         if info["layers"] != layers:
             raise RuntimeError(f"{d}: layers {layers} differ from the direction's {info['layers']}")
