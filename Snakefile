@@ -23,6 +23,7 @@ include: "rules/persona.smk"
 include: "rules/em.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/activations.smk"
 include: "rules/cluster.smk"
 
 
@@ -34,4 +35,5 @@ onstart:
 rule all:
     input:
         all_targets(),
+        activation_targets(),
     default_target: True

@@ -26,8 +26,8 @@ STACKS = {
                "bitsandbytes", "gguf"]),
     # tqdm: no analysis rule imports it since the judge's column names live in persona_em.judging.identity (it was
     # persona_em.judge, which imports tqdm); kept until the envs are next regenerated; tabulate: DataFrame.to_markdown
-    "analysis": ("Tables, figures and report pages (no model library).",
-                 ["pandas", "numpy", "scipy", "matplotlib", "seaborn", "PyYAML", "tqdm", "tabulate"]),
+    "analysis": ("Tables, figures and report pages (no model library; safetensors: the activation analysis).",
+                 ["pandas", "numpy", "scipy", "matplotlib", "seaborn", "PyYAML", "tqdm", "tabulate", "safetensors"]),
 }
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)$")
 

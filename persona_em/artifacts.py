@@ -49,6 +49,23 @@ FIGURES = {
     "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
     "response_examples": "the lowest-aligned coherent responses per cell as an image",
 }
+# Inside the model (rules/activations.smk, only with `analysis.activations`): results/tables/{judge}/<name>.tsv and
+# results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
+ACTIVATION_TABLES = {
+    "activation_projections": "one row per (response, reader, direction, layer): the projection of the response's "
+                              "activation on the unit misalignment direction (cross-fitted) or a random control "
+                              "direction, with the judge's labels",
+    "activation_summary": "per (cell, step, reader, direction, layer): mean projection with a bootstrap CI over "
+                          "seeds, and the AUROC of the projection against the judge's misaligned / aligned labels",
+    "persona_retention": "per (cell, step): persona retention R(t) = (p_t - p_none,0) / (p_persona,0 - p_none,0) on "
+                         "the persona's direction, next to the EM rate",
+}
+ACTIVATION_FIGURES = {
+    "misalignment_projection_vs_step": "mean projection on the misalignment direction vs EM training step, one line "
+                                       "per persona (band over seeds)",
+    "persona_retention_vs_step": "persona retention R(t) vs step next to the EM rate vs step",
+    "direction_auroc_by_layer": "held-out AUROC of the misalignment direction per layer, the chosen layer marked",
+}
 TABLE_NAMES = tuple(SUMMARY_TABLES)
 FIGURE_NAMES = tuple(FIGURES)
 # The files of each figure: kind -> file suffix (caption: RST that `snakemake --report` includes; provenance: JSON sidecar)
@@ -80,6 +97,14 @@ OUTPUTS = [
       for name, text in SUMMARY_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
       for name, text in FIGURES.items()),
+    ("activations/{cell}/", "with `analysis.activations`: per response x reader (own model, base model) the mean "
+     "over response tokens and the last prompt token's state at the configured layers (`activations.safetensors`, "
+     "fp16), `index.tsv` (row keys), `meta.json`"),
+    ("directions/{judge}/{model}/", "the misalignment direction per layer and cross-fitting fold "
+     "(`direction.safetensors`), held-out AUROC per layer (`layers.tsv`), the chosen layer (`direction.json`)"),
+    *((f"tables/{{judge}}/{name}.tsv", text) for name, text in ACTIVATION_TABLES.items()),
+    *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
+      for name, text in ACTIVATION_FIGURES.items()),
     ("figures/{judge}/summary_tables.html`, `provenance.html", "the summary tables and every artifact's provenance "
      "as pages of `snakemake --report`"),
     ("logs/{rule}/...log", "one log per job: what was resumed, what was skipped, progress bars"),

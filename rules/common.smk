@@ -2,7 +2,8 @@
 import re
 from pathlib import Path
 
-from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
+from persona_em.activations.settings import activation_settings, check_config as check_activation_config
+from persona_em.artifacts import ACTIVATION_FIGURES, ACTIVATION_TABLES, FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -103,9 +104,21 @@ SFT_WORK = f"{WORK}/personas/{{model}}/{{persona}}/sft"
 PERSONA_FINAL = f"{RESULTS}/personas/{{model}}/{{persona}}/adapter"  # cat(dpo, sft) when introspection is on
 HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the hub cache stays in CACHE)
 
+# Inside the model (rules/activations.smk; only when analysis.activations is configured).
+ACTIVATIONS = f"{RESULTS}/activations/{CELL}"  # activations.safetensors, index.tsv, meta.json
+ACTIVATION_WORK = f"{WORK}/activations/{CELL}"  # resume state: per (reader, step) tensors and a journal
+MISALIGNMENT_DIRECTION = f"{RESULTS}/directions/{{judge}}/{{model}}"  # direction.safetensors, layers.tsv, direction.json
+ACTIVATION_TABLE_FILES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in ACTIVATION_TABLES}
+ACTIVATION_FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in ACTIVATION_FIGURES
+    for kind, suffix in FIGURE_SUFFIXES.items()
+}
+
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
 CONTROL_PAIRS = control_pairs(config)  # analysis.controls, both datasets of each pair in the grid
+check_activation_config(config, sorted({c.model for c in CELLS}))  # layers out of range: one error, at parse time
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
@@ -208,6 +221,14 @@ def all_targets():
     return targets + figure_targets()
 
 
+def activation_targets():
+    """The activation analysis of every judge (rule `activations`); nothing unless analysis.activations is set."""
+    if activation_settings(config) is None:
+        return []
+    patterns = [*ACTIVATION_TABLE_FILES.values(), *ACTIVATION_FIGURE_FILES.values()]
+    return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
+
+
 # Parameters in billions of each model (config models.<name>.size_b); None where not given.
 MODEL_SIZES = {name: spec.get("size_b") for name, spec in config["models"].items()}
 
@@ -286,3 +307,13 @@ def figure_outputs():
         caption = f"../report/{name}.rst"
         flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path
     return flagged
+
+
+def model_activations(wildcards):
+    """The collect_activations outputs of every cell of one model."""
+    return [ACTIVATIONS.format(**c.keys()) for c in CELLS if c.model == wildcards.model]
+
+
+def model_directions(wildcards):
+    """model -> its misalignment direction under the judge."""
+    return {m: MISALIGNMENT_DIRECTION.format(judge=wildcards.judge, model=m) for m in sorted({c.model for c in CELLS})}

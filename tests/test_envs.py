@@ -125,7 +125,10 @@ def test_the_blocker_blocks():
 
 ANALYSIS_RULES = {"aggregate": "scripts/aggregate.py", "judge_agreement": "scripts/judge_agreement.py",
                   "fetch_questions": "scripts/fetch_questions.py", "summary_tables": "scripts/tables.py",
-                  "plot_figures": "scripts/figures.py", "report_pages": "scripts/report_pages.py"}
+                  "plot_figures": "scripts/figures.py", "report_pages": "scripts/report_pages.py",
+                  "misalignment_direction": "scripts/misalignment_direction.py",
+                  "activation_projections": "scripts/activation_projections.py",
+                  "activation_figures": "scripts/activation_figures.py"}
 
 
 def test_analysis_env_runs_every_analysis_rule(tmp_path):

@@ -64,3 +64,20 @@ def test_plan_arithmetic_with_real_sized_files(tmp_path):
     assert p["total_a100_gpu_hours"] == pytest.approx(3 * (train + sample) / 3600, abs=0.1)
     assert math.isclose(p["total_requested_gpu_hours"], sum(t["requested_gpu_hours"] for t in p["rules"].values()),
                         abs_tol=0.2)
+
+
+def test_plan_knows_the_activation_rules(tmp_path):
+    """With analysis.activations: one collect_activations GPU job per cell (as many as sample), counted but not
+    estimated (no benchmark of the whole job), and the CPU analysis jobs listed."""
+    experiment = "arena_phase1.yaml"
+    _placeholders(tmp_path, experiment)
+    cfg = yaml.safe_load((tmp_path / experiment).read_text())
+    cfg["analysis"] = {"activations": {"layers": [0, 14, 28]}}
+    (tmp_path / experiment).write_text(yaml.safe_dump(cfg))
+    p = P.plan(experiment, cwd=tmp_path, snakemake=SNAKEMAKE)
+    rules = p["rules"]
+    assert rules["collect_activations"]["jobs"] == rules["sample"]["jobs"]
+    assert rules["collect_activations"]["gpus_per_job"] == 1 and rules["collect_activations"]["a100_gpu_hours"] is None
+    assert "collect_activations" in p["not_estimated"]
+    for rule in ("misalignment_direction", "activation_projections", "activation_figures"):
+        assert rules[rule]["jobs"] >= 1 and rules[rule]["gpus_per_job"] == 0
