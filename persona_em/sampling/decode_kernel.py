@@ -110,15 +110,15 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         scale, g, d, chunk, GP=gp, D=dp, BLOCK_N=block, **opts)
     if splits == 1:
-        return o[:, :, 0, :g].to(q.dtype)
+        return o[:, :, 0, :g].to(q.dtype).contiguous()
     lse, o = lse[..., :g], o[..., :g, :]
     w = torch.exp(lse - lse.amax(2, keepdim=True))  # [B, KVH, S, G]; splits past the row's end weigh 0
-    return ((w[..., None] * o).sum(2) / w.sum(2)[..., None]).to(q.dtype)
+    return ((w[..., None] * o).sum(2) / w.sum(2)[..., None]).to(q.dtype).contiguous()
 
 
 @gqa_decode.register_fake
 def _(q, k, v, mask, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel's result
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, mask) -> bool:
