@@ -7,6 +7,9 @@ so the compiled decode step stays one CUDA graph), with the query heads of one K
 product, so K/V are read once per KV head. It computes exactly SDPA's function: softmax(q k^T * scale + mask) v
 with the boolean mask (True = attend), online softmax in fp32 over blocks of keys.
 
+The compiled decode step calls it by name (a custom op), so a persisted compile cache (compile_cache.py) never holds
+a stale copy of it; Triton compiles the kernel itself once per process (~1 s).
+
 Grid: (batch, KV heads, splits). With a large batch (sampling: 400 rows x 4-8 KV heads) one split per row and
 head fills the GPU; with a small one the keys are split into chunks whose partial results are merged (split-K,
 "flash-decoding").
@@ -122,5 +125,8 @@ def _(q, k, v, mask, scale):
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, mask) -> bool:
-    """What the kernel takes: a boolean mask, unit stride along the head dimension."""
-    return (mask is not None and mask.dtype == torch.bool and mask.stride(-1) == 1 and query.stride(-1) == 1 and key.stride(-1) == 1)
+    """What the kernel takes: a boolean mask, unit stride along the head dimension; on a GPU bf16/fp16 only (its
+    float32 products would run in tf32, less exact than SDPA's)."""
+    return (mask is not None and mask.dtype == torch.bool and mask.stride(-1) == 1
+            and (query.dtype in (torch.bfloat16, torch.float16) or not query.is_cuda)
+            and query.stride(-1) == 1 and key.stride(-1) == 1)

@@ -65,6 +65,8 @@ def use_gqa_decode_attention(model) -> None:
             from persona_em.sampling import decode_kernel
         except ImportError:  # no Triton (CPU installs): SDPA
             decode_kernel = None
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+            decode_kernel = None  # its bf16 tensor-core products need an Ampere GPU or newer
         _kernel_module = decode_kernel
     use_attention(model, ATTN_NAME, gqa_decode_attention, sdpa_mask)
 
