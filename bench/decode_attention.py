@@ -3,6 +3,8 @@ new tokens of static cache): the kernels the compiled decode step can use, timed
 
     python -m bench.decode_attention --out results/decode_attention.json
 
+Also times the length-aware kernel (persona_em/sampling/decode_kernel.py) in several block/warp/stage settings.
+
 The K/V bytes of the whole static cache, read once, over the copy bandwidth are the floor of one call; the profile
 of the compiled decode step (BENCHMARKS.md) showed cuDNN's SDPA at ~445 us per layer for Llama-3.1-8B.
 """
