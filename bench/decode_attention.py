@@ -3,6 +3,8 @@ new tokens of static cache): the kernels the compiled decode step can use, timed
 
     python -m bench.decode_attention --out results/decode_attention.json
 
+Also times the length-aware kernel (persona_em/sampling/decode_kernel.py) in several block/warp/stage settings.
+
 The K/V bytes of the whole static cache, read once, over the copy bandwidth are the floor of one call; the profile
 of the compiled decode step (BENCHMARKS.md) showed cuDNN's SDPA at ~445 us per layer for Llama-3.1-8B.
 """
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     del x, y
     b, length = a.batch, a.prompt + a.new
     for name, (h, kvh, d) in SHAPES.items():
+        torch.manual_seed(0)
         g = h // kvh
         k = torch.randn(b, kvh, length, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -73,6 +76,17 @@ def main(argv=None) -> int:
             kf, vf, mf = k[:, :, :filled], v[:, :, :filled], mask[..., :filled]
             variants["sdpa_default_filled_only"] = lambda: F.scaled_dot_product_attention(q, kf, vf, attn_mask=mf,
                                                                                           scale=scale)
+            # the length-aware kernel (persona_em/sampling/decode_kernel.py): reads only up to each row's end
+            from persona_em.sampling import decode_kernel
+
+            mask2 = mask[:, 0, 0, :]
+            default = dict(decode_kernel.CONFIG)
+            for block, warps, stages in [(64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 8, 3), (64, 4, 2), (64, 4, 4),
+                                         (128, 8, 3), (32, 2, 3)]:
+                def kern(cfg={"BLOCK_N": block, "num_warps": warps, "num_stages": stages}):
+                    decode_kernel.CONFIG.update(cfg)
+                    return decode_kernel.gqa_decode(q, k, v, mask2, scale)
+                variants[f"kernel_n{block}_w{warps}_s{stages}"] = kern
             for vname, fn in variants.items():
                 try:
                     o = fn()
@@ -81,7 +95,15 @@ def main(argv=None) -> int:
                     row[vname] = {"us": round(us, 1), "rel_err": float(f"{err:.2e}")}
                 except Exception as e:  # noqa: BLE001 - a kernel that does not take this input
                     row[vname] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+            decode_kernel.CONFIG.update(default)
             res[f"filled_{filled}"] = row
+        # a small batch takes the split-K path (partial results merged): its error at the last step
+        small = slice(0, 8)
+        ref_small = manual(q[small].float(), k[small].float(), v[small].float(), mask[small], scale)
+        o_small = decode_kernel.gqa_decode(q[small], k[small], v[small], mask[small, 0, 0, :], scale)
+        res["kernel_batch8_split_k"] = {
+            "splits": decode_kernel._splits(8, kvh, length, decode_kernel.CONFIG["BLOCK_N"], q.device),
+            "rel_err": float(f"{((o_small.float() - ref_small).norm() / ref_small.norm()).item():.2e}")}
         out[name] = res
         print(name, json.dumps(res, indent=1), flush=True)
         del k, v, q

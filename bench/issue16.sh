@@ -5,6 +5,8 @@
 #            persisted compile cache: cold, then warm
 #   judge    local judge, one prompt at a time vs batched; needs the Qwen2.5 tokenizer in $TOKENIZER
 #   attn     decode attention kernels alone at the sampling size
+#   kernel   sampling 400 x 600 in one process: SDPA decode attention vs the length-aware kernel, interleaved
+#            (shapes in $SHAPES, default both)
 #   train    EM training: the seed setting, ours (fused pointwise ops), ours without them ($TRAIN_ONLY: a subset)
 # SHAPE (compile part): the model shape; PROCS: the processes' names (each a new process, e.g. "cold warm").
 set -u
@@ -28,7 +30,7 @@ if has judge; then
     tail -6 "$out/judge.log"
 fi
 if has attn; then
-    timeout 120 python3 -m bench.decode_attention --out "$out/attn.json" >"$out/attn.log" 2>&1
+    timeout 200 python3 -m bench.decode_attention --out "$out/attn.json" >"$out/attn.log" 2>&1
     tail -3 "$out/attn.log"
     python3 -c "
 import json; d = json.load(open('$out/attn.json'))
@@ -36,6 +38,13 @@ for s in ('llama-3.1-8b', 'qwen2.5-7b'):
     for f, row in d[s].items():
         if f.startswith('filled'):
             print(s, f, {k: v.get('us', v.get('error', '')[:40]) for k, v in row.items()}, 'floor', d[s]['floor_us'])"
+fi
+if has kernel; then
+    for shape in ${SHAPES:-llama-3.1-8b qwen2.5-7b}; do
+        timeout ${KERNEL_TIMEOUT:-500} python3 -m bench.run --shape "$shape" --parts sample --sample-variants kernel \
+            --out "$out" >"$out/kernel-$shape.log" 2>&1
+        grep -E "sample |Error" "$out/kernel-$shape.log" | cut -c1-230
+    done
 fi
 if has train; then
     timeout 420 python3 -m bench.run --shape qwen2.5-7b --parts train --out "$out" ${TRAIN_ONLY:+--train-only "$TRAIN_ONLY"} \

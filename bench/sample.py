@@ -88,6 +88,29 @@ def run(model, tok, cfg: dict, log) -> dict:
         step("ours, first call (includes compilation)", lambda r: _generate(model, tok, convs, settings, True, r))
         step("ours, steady state", lambda r: _generate(model, tok, convs, settings, True, r))
         step("ours, next checkpoint loaded in place", next_checkpoint)
+    if "kernel" in variants:  # decode attention: SDPA over the whole static cache vs the length-aware kernel
+        from persona_em.sampling import decode_kernel, fast_generate
+
+        launches = []
+        launch = decode_kernel._kernel
+        decode_kernel._kernel = lambda device: launches.append(1) or launch(device)  # runs while compiling/capturing
+
+        def attention(devices, r):
+            fast_generate.KERNEL_DEVICES = set(devices)  # a new object: the compiled step's guard sees the change
+            launches.clear()
+            r = _generate(model, tok, convs, settings, True, r)
+            r["kernel_launches_traced"] = len(launches)
+            return r
+
+        for name, devices in [("SDPA decode attention (before), first call", ()),
+                              ("SDPA decode attention (before), steady", ()),
+                              ("length-aware kernel, first call (recompiles)", ("cuda",)),
+                              ("length-aware kernel, steady", ("cuda",)),
+                              ("SDPA decode attention (before), steady again", ()),
+                              ("length-aware kernel, steady again", ("cuda",))]:
+            step(name, lambda r, devices=devices: attention(devices, r))
+        fast_generate.KERNEL_DEVICES = {"cuda"}
+        decode_kernel._kernel = launch
     if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
         step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
              lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))

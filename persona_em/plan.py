@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 REF_PARAMS_B = 7.62  # the benchmarks' Qwen2.5-7B shape
 EM_TOKENS_PER_S = 12_500  # train_em, auto plan + fused pointwise ops: 12,542-13,508 on the H200 (run6)
-SAMPLE_SECONDS = 18.3  # one checkpoint, 400 responses x 600 new tokens, steady state (run6, H200)
+SAMPLE_SECONDS = 13.5  # one checkpoint, 400 responses x 600 new tokens, steady, length-aware decode kernel (run7, H200)
 SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)

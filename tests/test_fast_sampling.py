@@ -138,3 +138,20 @@ def test_the_models_own_generation_defaults_do_not_apply(tiny, tmp_path):
     ids = torch.tensor([chat.prompt_ids(convs[0])])
     assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16),
                        clean.generate(ids, max_new_tokens=16, min_new_tokens=16))
+
+
+
+def test_decode_kernel_under_triton_interpreter():
+    """The length-aware decode kernel's cases (tests/decode_kernel_cases.py) on CPU, in Triton's interpreter: in a
+    process of their own, since TRITON_INTERPRET counts only when Triton is first imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    cases = Path(__file__).with_name("decode_kernel_cases.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout

@@ -5,7 +5,9 @@ Measured in bench/ (BENCHMARKS.md). Plain HF `generate` on a batch of 400 spends
 transformers' SDPA path expands the 4 (Qwen) or 8 (Llama) KV heads to all query heads, i.e. copies the whole
 KV cache 7x / 4x per step, and (3) per-kernel launch gaps. A static cache removes (1); the attention below
 removes (2) by letting the query heads of one KV group share it; transformers compiles the decode step with
-CUDA graphs when the cache is static, which removes (3).
+CUDA graphs when the cache is static, which removes (3). A static cache also hands every step K/V of its full length
+(prompt + max_new_tokens), of which SDPA's kernels read every slot; on a GPU the length-aware kernel of
+decode_kernel.py reads only the filled ones.
 
 Nothing here changes what is computed: the same logits up to bf16 rounding, the same sampling.
 """
@@ -17,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 ATTN_NAME = "sdpa_gqa_decode"
+# Where the length-aware decode kernel (decode_kernel.py, Triton) replaces SDPA; "cpu" runs Triton's interpreter
+# (tests). Empty: SDPA everywhere (the earlier path; bench/sample.py measures both).
+KERNEL_DEVICES = {"cuda"}
+_kernel_module = None  # decode_kernel, once imported by use_gqa_decode_attention (None: Triton is not installed)
 
 
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -34,6 +40,12 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q = query.reshape(b, kvh, h // kvh, d)
+    if (_kernel_module is not None and query.device.type in KERNEL_DEVICES
+            and _kernel_module.supports(q, key, attention_mask)):
+        mask = attention_mask[:, 0, -1, : key.shape[-2]]  # [B, L]: the decode token's row
+        scale = scaling if scaling is not None else d ** -0.5
+        out = torch.ops.persona_em.gqa_decode_attention(q, key, value, mask, scale)
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
     mask = attention_mask
     if mask is not None:
         mask = mask[:, :, -1:, : key.shape[-2]]  # [B, 1, 1, L]: broadcast over KV heads and group
@@ -47,6 +59,15 @@ def use_gqa_decode_attention(model) -> None:
 
     from persona_em.training.packed_attention import use_attention
 
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from persona_em.sampling import decode_kernel
+        except ImportError:  # no Triton (CPU installs): SDPA
+            decode_kernel = None
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+            decode_kernel = None  # its bf16 tensor-core products need an Ampere GPU or newer
+        _kernel_module = decode_kernel
     use_attention(model, ATTN_NAME, gqa_decode_attention, sdpa_mask)
 
 
