@@ -35,6 +35,11 @@ SUMMARY_TABLES = {
                            "with both rates' Wilson CIs and significance marks",
     "response_examples": "the lowest-aligned coherent responses of each cell at its final step (also as "
                          "`response_examples.md`)",
+    "onset": "EM onset per cell and per condition (seed `ALL`) and EM definition: the first step where the EM rate "
+             "reaches `analysis.onset.threshold`, interpolated between checkpoints; censored rows kept; CI over seeds "
+             "(over responses with one seed, `ci_unit`)",
+    "onset_comparisons": "persona - baseline onset, paired by seed: difference with its CI, sign-flip permutation p, "
+                         "Benjamini-Hochberg q",
 }
 # Figures (rule plot_figures): results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
 FIGURES = {
@@ -48,6 +53,7 @@ FIGURES = {
     "alignment_cdf": "cumulative distribution of alignment scores, step 0 and final step",
     "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
     "response_examples": "the lowest-aligned coherent responses per cell as an image",
+    "onset": "EM onset step per persona with CIs (censored conditions marked), from `onset.tsv`",
 }
 TABLE_NAMES = tuple(SUMMARY_TABLES)
 FIGURE_NAMES = tuple(FIGURES)

@@ -14,6 +14,7 @@ from persona_em.config import (
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
+from persona_em.analysis.onset import onset_settings
 from persona_em.judging.identity import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
 from persona_em.data.questions import load_questions
@@ -111,6 +112,8 @@ for _pair in config["evaluation"]["judge_agreement"]:
     if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
         raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
                         f"evaluation.judges")
+
+onset_settings(config)  # analysis.onset.threshold in [0, 1]: one clear error at parse time
 
 # A local question file is read and fully checked now, so that `snakemake -n` names a bad file and item before any
 # job runs (persona_em/data/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.

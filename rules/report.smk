@@ -31,6 +31,7 @@ rule plot_figures:
         train_logs=train_logs,
         comparisons=SUMMARY_TABLES["persona_vs_baseline"],
         examples=SUMMARY_TABLES["response_examples"],
+        onset=SUMMARY_TABLES["onset"],
     output:
         **figure_outputs(),
     params:

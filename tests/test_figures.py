@@ -40,7 +40,7 @@ def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
     write_tables(str(scores), str(rates), str(comparisons), "betley", {}, sizes, str(ROOT), CONFIG, t)
     f = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
     make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
-                 "betley", {}, sizes, str(ROOT), CONFIG, f)
+                 "betley", {}, sizes, str(ROOT), CONFIG, f, onset_path=t["onset"])
     tables_page({n: t[n] for n in TABLE_NAMES}, str(out / "figures" / "summary_tables.html"), "tables")
     sidecars = [t[f"{n}_provenance"] for n in TABLE_NAMES] + [f[f"{n}_provenance"] for n in FIGURE_NAMES]
     provenance_page(sidecars, str(out / "figures" / "provenance.html"), "provenance")

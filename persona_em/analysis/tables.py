@@ -15,6 +15,8 @@ persona_vs_baseline  each persona cell group vs the no-persona baseline (same mo
                      rates' Wilson CIs
 response_examples    the k lowest-aligned coherent responses of each cell at its final step (a cell without any: its
                      first k responses, with the judge's status)
+onset, onset_comparisons  EM onset per cell and condition, and persona - baseline onset paired by seed
+                     (persona_em/analysis/onset.py)
 """
 from __future__ import annotations
 
@@ -290,16 +292,21 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
     (and 'response_examples_md') to paths."""
     from persona_em.io import read_table, write_table, write_text
     from persona_em.analysis.metrics import get_definition
+    from persona_em.analysis.onset import onset_comparison_table, onset_settings, onset_table
     from persona_em.provenance import collect, judge_identity, judge_text, write_sidecar
 
     scores, em_rates, comparisons = read_table(scores_path), read_table(em_rates_path), read_table(comparisons_path)
     d = get_definition(definition, custom)
+    boot = {"n_resamples": 2000, "seed": 0} | (config.get("evaluation", {}).get("bootstrap") or {})
+    onset = onset_settings(config)
     built = {
         "cell_scores": cell_scores(scores, em_rates, d, sizes),
         "checkpoint_summary": checkpoint_summary(scores, em_rates, d, sizes),
         "persona_dataset_pivot": persona_dataset_pivot(em_rates, d, sizes),
         "persona_vs_baseline": persona_vs_baseline(em_rates, comparisons, d, sizes),
         "response_examples": response_examples(scores, em_rates, d),
+        "onset": onset_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
+        "onset_comparisons": onset_comparison_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
     }
     shared = collect(repo, config, scores, [em_rates, comparisons], em_definition=d.name)
     for name, frame in built.items():
