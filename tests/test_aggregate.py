@@ -10,7 +10,7 @@ from persona_em.analysis.aggregate import aggregate, judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
 from persona_em.analysis.stats import wilson_interval
-from persona_em.analysis.stats import benjamini_hochberg
+from persona_em.analysis.stats import SEED_UNIT, benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
                      "sample_index", "response_id", "judge", "judge_key", "judge_model", "judge_mode",
@@ -114,8 +114,11 @@ def test_seeds_table_and_comparisons(tmp_path):
     assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2" and row["mean"] == pytest.approx(per_seed.mean())
     assert row["ci_low"] <= row["mean"] <= row["ci_high"]
 
-    c = t["comparisons"]
-    assert set(c["persona"]) == {"p"}
+    everything = t["comparisons"]
+    # three seeds: each comparison has a row with the response as the unit (seeds pooled) and one paired by seed
+    assert set(everything["unit"]) == {"response (seeds pooled)", SEED_UNIT}
+    c = everything[everything["unit"] == "response (seeds pooled)"]
+    assert set(c["persona"]) == {"p"} and set(c["n_seeds"]) == {3}
     al = c[(c["quantity"] == "score") & (c["metric"] == "aligned") & (c["question_id"] == "ALL")].iloc[0]
     s = t["scores"]
     a = s[(s["persona"] == "p") & (s["metric"] == "aligned")]["score"].to_numpy()
@@ -138,7 +141,15 @@ def test_seeds_table_and_comparisons(tmp_path):
     assert e["test"] == "permutation_exact" and (e["n_persona"], e["n_baseline"]) == (n["p"], n["none"])
     assert e["p_value"] == pytest.approx(min(1, 2 * min(null.cdf(k["p"]), null.sf(k["p"] - 1))))
     assert e["difference"] == pytest.approx(k["p"] / n["p"] - k["none"] / n["none"])
-    for _, fam in c.groupby("bh_family"):
+    by_seed = everything[everything["unit"] == SEED_UNIT]
+    assert len(by_seed) == len(c) and set(by_seed["test"]) == {"sign_flip_exact"} and set(by_seed["n_seeds"]) == {3}
+    sal = by_seed[(by_seed["quantity"] == "score") & (by_seed["metric"] == "aligned")
+                  & (by_seed["question_id"] == "ALL")].iloc[0]
+    per_seed = s[s["metric"] == "aligned"].groupby(["persona", "seed"])["score"].mean()
+    assert sal["difference"] == pytest.approx((per_seed["p"] - per_seed["none"]).mean())
+    assert sal["p_value"] == pytest.approx(2 / 8) and sal["bh_family"].endswith(":seed")
+    assert sal["difference_ci_low"] < sal["difference"] < sal["difference_ci_high"]
+    for _, fam in everything.groupby("bh_family"):
         assert fam["q_value_bh"].to_numpy() == pytest.approx(benjamini_hochberg(fam["p_value"].to_numpy()),
                                                              nan_ok=True)
 

@@ -18,6 +18,7 @@ from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # n
 from persona_em.reporting.figures import make_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
+from persona_em.analysis.stats import SEED_UNIT  # noqa: E402
 from persona_em.analysis.tables import tables_page, write_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,10 +147,11 @@ def test_tables_hold_what_the_issue_asks(built):
     # one test: its p and q are comparisons.tsv's (EM, betley, all questions, final step), and the pooled counts agree
     stats = read_table(FIXTURE / "tables" / JUDGE / "comparisons.tsv")
     stats = stats[(stats["quantity"] == "em") & (stats["em_definition"] == "betley") & (stats["question_id"] == "ALL")
-                  & (stats["step"] == 20)]
+                  & (stats["step"] == 20) & (stats["unit"] == SEED_UNIT)]  # two seeds: the rows paired by seed
     keys = ["model", "persona", "composition", "dataset"]
     joined = comp.merge(stats, on=keys, suffixes=("", "_stats"), validate="one_to_one")
-    assert len(joined) == len(comp) and (joined["test"] == "permutation_exact").all()
+    assert len(joined) == len(comp) and (joined["test"] == "sign_flip_exact").all() and (joined["n_seeds"] == 2).all()
+    assert comp["ci_method"].str.startswith("cluster bootstrap95 over 2 seeds").all()
     for column in ("p_value", "q_value_bh", "difference", "difference_ci_low", "difference_ci_high"):
         assert joined[column].tolist() == joined[f"{column}_stats"].tolist(), column
     final = all_rates[all_rates["step"] == 20].groupby(keys)[["n", "n_em"]].sum().reset_index()

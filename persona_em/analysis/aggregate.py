@@ -19,10 +19,12 @@ label_rates.tsv  label questions (type free_form_judge): one row per (cell, step
                  empty label, so no judged question disappears
 seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
                  SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
-comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
-                 (question or ALL, quantity): difference in means with its bootstrap CI, permutation-test p,
-                 Cohen's d, Benjamini-Hochberg q over the grid (one family per quantity and level: per-question tests
-                 and overall tests are separate families). The ONE persona-vs-baseline test (persona_em/analysis/stats.py
+comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step) per (question or ALL,
+                 quantity): difference in means with its CI, permutation-test p, Cohen's d, Benjamini-Hochberg q over
+                 the grid (one family per quantity, level and unit: per-question tests and overall tests are separate
+                 families). Every comparison has a row with the response as the unit (seeds pooled; `unit`); where
+                 persona and baseline share >= 2 seeds, a second row with the seed as the unit (paired by seed:
+                 sign-flip test, cluster-bootstrap CI; `n_seeds`), which the summary tables and figures use. The ONE persona-vs-baseline test (persona_em/analysis/stats.py
                  compare_to_baseline); the summary table persona_vs_baseline.tsv and its figure read their rows.
 agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
 The 0-100 tables (all but label_rates.tsv) use the rows of 0-100 questions only (question_type
@@ -237,7 +239,7 @@ def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int =
 COMPARISON_COLUMNS = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + [
     "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
     "mean_baseline", "difference", "difference_ci_low", "difference_ci_high", "difference_ci_method", "test",
-    "p_value", "unit", "cohens_d", "bh_family", "q_value_bh"]
+    "p_value", "unit", "n_seeds", "cohens_d", "bh_family", "q_value_bh"]
 
 
 def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None,
@@ -267,8 +269,7 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
     what = ["quantity", "em_definition", "metric"]
     for level in ("question", "all"):
         extra = ["question_id"] if level == "question" else []
-        base_groups = {k: g["value"].to_numpy()
-                       for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
+        base_groups = {k: g for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
         persona = obs[obs["persona"] != NO_PERSONA]
         by = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + ["step"] + extra + what
         for key, group in persona.groupby(by, sort=True, dropna=False):
@@ -276,10 +277,17 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
             b = base_groups.get(tuple(rec[k] for k in ["model", "dataset", "step"] + extra + what))
             if b is None:
                 continue
-            stats = compare_to_baseline(group["value"].to_numpy(), b, n_bootstrap, seed)
             rec.setdefault("question_id", ALL_QUESTIONS)
             family = f"{rec['quantity']}:{rec['em_definition'] or rec['metric']}:{level}"
-            rows.append({**rec, **stats, "bh_family": family})
+            pooled = compare_to_baseline(group["value"].to_numpy(), b["value"].to_numpy(), n_bootstrap, seed)
+            pooled["n_seeds"] = len(set(group["seed"]) | set(b["seed"]))
+            rows.append({**rec, **pooled, "bh_family": family})
+            if len(set(group["seed"]) & set(b["seed"])) >= 2:  # and with the seed as the unit (its own family)
+                clusters = ((group["seed"].to_numpy(), group["question_id"].to_numpy()),
+                            (b["seed"].to_numpy(), b["question_id"].to_numpy()))
+                by_seed = compare_to_baseline(group["value"].to_numpy(), b["value"].to_numpy(), n_bootstrap, seed,
+                                              clusters)
+                rows.append({**rec, **by_seed, "bh_family": family + ":seed"})
     frame = pd.DataFrame(rows, columns=[c for c in columns if c != "q_value_bh"])
     frame["q_value_bh"] = np.nan
     for _, idx in frame.groupby("bh_family").groups.items():

@@ -132,10 +132,26 @@ def cohens_d(a, b) -> float:
     return float((a.mean() - b.mean()) / math.sqrt(pooled))
 
 
-def compare_to_baseline(persona, baseline, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
+def compare_to_baseline(persona, baseline, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                        clusters=None) -> dict:
     """The persona-vs-baseline comparison of one quantity (module docstring): group sizes and means, the difference
-    in means with its bootstrap CI, the permutation test's p-value, and Cohen's d."""
-    a, b = _finite(persona), _finite(baseline)
+    in means with its CI, the permutation test's p-value, and Cohen's d.
+
+    Without `clusters` the unit is the response (seeds pooled). `clusters` = ((persona seeds, persona questions),
+    (baseline seeds, baseline questions)), one entry per value: when the two groups share two or more seeds the unit
+    is the seed, over the shared seeds: means are means over seeds of per-seed means, the difference is the mean of
+    per-seed differences, its CI the cluster bootstrap (`cluster_bootstrap`, paired by seed) and its p the sign-flip
+    test (`sign_flip_p`); with fewer shared seeds it falls back to the response unit."""
+    a, b = np.asarray(persona, dtype=float), np.asarray(baseline, dtype=float)
+    keep_a, keep_b = ~np.isnan(a), ~np.isnan(b)
+    a, b = a[keep_a], b[keep_b]
+    n_seeds = 1
+    if clusters is not None:
+        (sa, qa), (sb, qb) = [(np.asarray(s)[k], np.asarray(q)[k]) for (s, q), k in zip(clusters, (keep_a, keep_b))]
+        shared = sorted(set(sa.tolist()) & set(sb.tolist()))
+        n_seeds = len(set(sa.tolist()) | set(sb.tolist()))
+        if len(shared) >= 2:
+            return _compare_by_seed(a, b, (sa, qa), (sb, qb), shared, n_bootstrap, seed)
     mean_a = float(a.mean()) if len(a) else math.nan
     mean_b = float(b.mean()) if len(b) else math.nan
     low, high = difference_ci(a, b, n_bootstrap, seed)
@@ -143,7 +159,23 @@ def compare_to_baseline(persona, baseline, n_bootstrap: int = DEFAULT_BOOTSTRAP,
     return {"n_persona": len(a), "n_baseline": len(b), "mean_persona": mean_a, "mean_baseline": mean_b,
             "difference": mean_a - mean_b, "difference_ci_low": low, "difference_ci_high": high,
             "difference_ci_method": f"bootstrap95_{n_bootstrap}_seed{seed}", "test": test, "p_value": p,
-            "unit": RESPONSE_UNIT, "cohens_d": cohens_d(a, b)}
+            "unit": RESPONSE_UNIT, "n_seeds": n_seeds, "cohens_d": cohens_d(a, b)}
+
+
+def _compare_by_seed(a, b, clusters_a, clusters_b, shared, n_bootstrap: int, seed: int) -> dict:
+    """compare_to_baseline with the seed as the unit, over the `shared` seeds."""
+    in_a, in_b = np.isin(clusters_a[0], shared), np.isin(clusters_b[0], shared)
+    a, b = a[in_a], b[in_b]
+    groups = [(a, clusters_a[0][in_a], clusters_a[1][in_a]), (b, clusters_b[0][in_b], clusters_b[1][in_b])]
+    per_seed = np.array([[v[s == k].mean() for k in shared] for v, s, _ in groups])
+    diffs = per_seed[0] - per_seed[1]
+    _, low, high = cluster_ci(groups, lambda m: m[..., 0] - m[..., 1], n_bootstrap, seed)
+    p, test = sign_flip_p(diffs, seed)
+    return {"n_persona": len(a), "n_baseline": len(b), "mean_persona": float(per_seed[0].mean()),
+            "mean_baseline": float(per_seed[1].mean()), "difference": float(diffs.mean()),
+            "difference_ci_low": low, "difference_ci_high": high,
+            "difference_ci_method": f"cluster_bootstrap95_{n_bootstrap}_seed{seed}", "test": test, "p_value": p,
+            "unit": SEED_UNIT, "n_seeds": len(shared), "cohens_d": cohens_d(a, b)}
 
 
 def sign_flip_p(differences, seed: int = 0, n_resamples: int = PERMUTATIONS) -> tuple[float, str]:

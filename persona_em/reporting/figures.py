@@ -428,8 +428,10 @@ def persona_vs_baseline(data: Data):
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
         ax.set_ylim(0, min(115, max(10, float(_pct(sub["ci_high"]).max()) * 1.3 + 8)))
     _condition_legend(fig, data, [c for c in data.conditions if c in set(p["condition"])])
-    test = ("two-sided exact permutation test of the difference in EM rate against the 'none' baseline of the same "
-            "model, dataset and step (unit: response, seeds pooled), Benjamini-Hochberg adjusted within its family "
+    units = "; ".join(sorted(set(comp["unit"].astype(str)))) if "unit" in comp else ""
+    test = ("two-sided permutation test of the difference in EM rate against the 'none' baseline of the same "
+            f"model, dataset and step (exact over responses with one seed; sign flips of per-seed differences with "
+            f"two or more seeds; unit: {units}), Benjamini-Hochberg adjusted within its family "
             "(tables persona_vs_baseline.tsv and comparisons.tsv)")
     tests = ("No persona besides 'none' in this grid: no comparison, no marks." if comp.empty else
              f"Marks above persona bars: {test}; * q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; "
