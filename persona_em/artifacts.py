@@ -40,6 +40,9 @@ SUMMARY_TABLES = {
              "(over responses with one seed, `ci_unit`)",
     "onset_comparisons": "persona - baseline onset, paired by seed: difference with its CI, sign-flip permutation p, "
                          "Benjamini-Hochberg q",
+    "control_contrasts": "per benign-control pair of `analysis.controls`, model, persona, composition, step: "
+                         "EM(treatment) - EM(control) and the difference-in-differences against the no-persona "
+                         "baseline, with CIs (cluster bootstrap over seeds; over responses with one seed, `ci_unit`)",
 }
 # Figures (rule plot_figures): results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
 FIGURES = {
@@ -54,6 +57,8 @@ FIGURES = {
     "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
     "response_examples": "the lowest-aligned coherent responses per cell as an image",
     "onset": "EM onset step per persona with CIs (censored conditions marked), from `onset.tsv`",
+    "control_contrast": "EM(treatment) - EM(control) at the final step per persona with CIs, from "
+                        "`control_contrasts.tsv`",
 }
 TABLE_NAMES = tuple(SUMMARY_TABLES)
 FIGURE_NAMES = tuple(FIGURES)

@@ -32,6 +32,7 @@ rule plot_figures:
         comparisons=SUMMARY_TABLES["persona_vs_baseline"],
         examples=SUMMARY_TABLES["response_examples"],
         onset=SUMMARY_TABLES["onset"],
+        controls=SUMMARY_TABLES["control_contrasts"],
     output:
         **figure_outputs(),
     params:

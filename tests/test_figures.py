@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "figures"
 JUDGE = "fixture_judge"
 SIZES = {"small": 0.5, "large": 7.0}
-CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture"}
+# a benign-control pair for the control_contrasts plumbing (medical is no benign twin of insecure: tests only)
+CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture",
+          "analysis": {"controls": [{"treatment": "insecure", "control": "medical"}]}}
 CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
          ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
 
@@ -41,7 +44,8 @@ def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
     write_tables(str(scores), str(rates), str(comparisons), "betley", {}, sizes, str(ROOT), CONFIG, t)
     f = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
     make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
-                 "betley", {}, sizes, str(ROOT), CONFIG, f, onset_path=t["onset"])
+                 "betley", {}, sizes, str(ROOT), CONFIG, f, onset_path=t["onset"],
+                 controls_path=t["control_contrasts"])
     tables_page({n: t[n] for n in TABLE_NAMES}, str(out / "figures" / "summary_tables.html"), "tables")
     sidecars = [t[f"{n}_provenance"] for n in TABLE_NAMES] + [f[f"{n}_provenance"] for n in FIGURE_NAMES]
     provenance_page(sidecars, str(out / "figures" / "provenance.html"), "provenance")
@@ -157,6 +161,19 @@ def test_tables_hold_what_the_issue_asks(built):
     final = all_rates[all_rates["step"] == 20].groupby(keys)[["n", "n_em"]].sum().reset_index()
     counts = comp.merge(final, on=keys, suffixes=("", "_rates"))
     assert counts["n"].tolist() == counts["n_rates"].tolist() and counts["n_em"].tolist() == counts["n_em_rates"].tolist()
+
+    onset = read_table(paths["table:onset"])  # per cell and per condition (seed ALL)
+    assert len(onset) == (len(CELLS) + len(CELLS) // 2) * 2 and set(onset[onset["seed"] == "ALL"]["n_seeds"]) == {2}
+    assert len(read_table(paths["table:onset_comparisons"])) == 2 * 2 * 2 * 2  # models x personas x datasets x defs
+    contrasts = read_table(paths["table:control_contrasts"])
+    assert len(contrasts) == 2 * 3 * 3 * 2 and (contrasts["n_seeds"] == 2).all()  # models x conditions x steps x defs
+    row = contrasts[(contrasts["persona"] == "caring") & (contrasts["step"] == 20)
+                    & (contrasts["em_definition"] == "betley")].iloc[0]
+    final = all_rates[(all_rates["step"] == 20)].groupby(["model", "persona", "dataset"])["em_rate"].mean()
+    assert row["contrast"] == pytest.approx(final[row["model"], "caring", "insecure"]
+                                            - final[row["model"], "caring", "medical"])
+    assert row["contrast_ci_low"] <= row["contrast"] <= row["contrast_ci_high"] and pd.notna(row["did"])
+    assert "difference in differences" in Path(paths["control_contrast_caption"]).read_text()
 
     ex = read_table(paths["table:response_examples"])
     assert ex.groupby(["model", "persona", "composition", "dataset", "seed"]).size().max() == 3

@@ -18,6 +18,8 @@ response_examples    the k lowest-aligned coherent responses of each cell at its
                      first k responses, with the judge's status)
 onset, onset_comparisons  EM onset per cell and condition, and persona - baseline onset paired by seed
                      (persona_em/analysis/onset.py)
+control_contrasts    EM(treatment) - EM(control) per benign-control pair, and its difference-in-differences against
+                     the baseline (persona_em/analysis/controls.py)
 """
 from __future__ import annotations
 
@@ -331,6 +333,7 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
     (and 'response_examples_md') to paths."""
     from persona_em.io import read_table, write_table, write_text
     from persona_em.analysis.metrics import get_definition
+    from persona_em.analysis.controls import control_contrasts, control_pairs
     from persona_em.analysis.onset import onset_comparison_table, onset_settings, onset_table
     from persona_em.provenance import collect, judge_identity, judge_text, write_sidecar
 
@@ -346,6 +349,7 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
         "response_examples": response_examples(scores, em_rates, d),
         "onset": onset_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
         "onset_comparisons": onset_comparison_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
+        "control_contrasts": control_contrasts(em_rates, control_pairs(config), boot["n_resamples"], boot["seed"]),
     }
     shared = collect(repo, config, scores, [em_rates, comparisons], em_definition=d.name)
     for name, frame in built.items():
