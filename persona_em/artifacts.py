@@ -30,9 +30,10 @@ SUMMARY_TABLES = {
     "cell_scores": "one row per cell at its final step: mean/SD alignment and coherence, n scored / null / code / "
                    "refusal, EM rate with its Wilson CI",
     "checkpoint_summary": "one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n",
-    "persona_dataset_pivot": "final EM % pooled over seeds: rows model / persona / composition, columns per dataset",
-    "persona_vs_baseline": "the final-step EM rows of `comparisons.tsv` (figure's EM definition, all questions) "
-                           "with both rates' Wilson CIs and significance marks",
+    "persona_dataset_pivot": "final EM %: rows model / persona / composition, columns per dataset (mean over seeds "
+                             "with a cluster-bootstrap CI; with one seed, Wilson)",
+    "persona_vs_baseline": "the final-step EM rows of `comparisons.tsv` (figure's EM definition, all questions; "
+                           "paired by seed with >= 2 seeds) with both rates' CIs and significance marks",
     "response_examples": "the lowest-aligned coherent responses of each cell at its final step (also as "
                          "`response_examples.md`)",
     "onset": "EM onset per cell and per condition (seed `ALL`) and EM definition: the first step where the EM rate "
@@ -83,7 +84,10 @@ OUTPUTS = [
     ("tables/{judge}/judge.json", "what the key means: the judge's name, key and the identity its hash covers"),
     *((f"tables/{{judge}}/{name}.tsv", text) for name, text in JUDGE_TABLES.items()),
     ("tables/agreement/{a}__vs__{b}.tsv",
-     "two judges on the same responses (only for pairs in `evaluation.judge_agreement`)"),
+     "two judges on the same responses (only for pairs in `evaluation.judge_agreement`), over all of them (`cell` "
+     "`ALL`) and per grid cell: score correlations (Spearman rho), Cohen's kappa of the EM labels"),
+    ("figures/agreement/{a}__vs__{b}.html", "the same table as a page of `snakemake --report` (category Judge "
+     "agreement)"),
     *((f"tables/{{judge}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
       for name, text in SUMMARY_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")

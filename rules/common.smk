@@ -66,6 +66,7 @@ COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
 LABEL_RATES = f"{RESULTS}/tables/{{judge}}/label_rates.tsv"  # label questions (type free_form_judge)
 JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
+AGREEMENT_PAGE = f"{RESULTS}/figures/agreement/{{judge_a}}__vs__{{judge_b}}.html"  # the same, for the report
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
 COMPILE_CACHE = f"{CACHE}/torch_compile"  # compiled decode steps, shared by every sampling job (compile_cache.py)
 JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
@@ -201,7 +202,8 @@ def all_targets():
         targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, LABEL_RATES,
                                                   JUDGE_IDENTITY)]
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
-        targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
+        keys = {"judge_a": JUDGE_KEYS[name_a], "judge_b": JUDGE_KEYS[name_b]}
+        targets += [JUDGE_AGREEMENT.format(**keys), AGREEMENT_PAGE.format(**keys)]
     return targets + figure_targets()
 
 

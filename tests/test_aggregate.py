@@ -250,3 +250,25 @@ def test_label_rates_per_question_with_wilson_cis(tmp_path):
     assert "correct" not in set(t["summary"]["metric"]) and set(t["rates"]["question_id"]) == {"q1", "ALL"}
     assert (t["scores"]["metric"] == "correct").sum() == 8
     assert set(t["scores"].loc[t["scores"]["metric"] == "correct", "question_type"]) == {"free_form_judge"}
+
+
+def test_judge_agreement_per_cell_kappa_and_spearman(tmp_path):
+    """Hand-computed: cell none: EM labels a 1100, b 1010 -> p_o = .5 = p_e, kappa 0; cell p: a 1110, b 1100 ->
+    p_o = .75, p_e = .75 * .5 + .25 * .5 = .5, kappa .5; aligned ranks (2,2,2,4) vs (1.5,1.5,3.5,3.5): rho 1/sqrt(3)."""
+    a = judged_rows("none", 0, [(10, 90), (10, 90), (90, 90), (90, 90)]) + \
+        judged_rows("p", 0, [(10, 90), (10, 90), (10, 90), (90, 90)])
+    b = judged_rows("none", 0, [(10, 90), (90, 90), (10, 90), (90, 90)], judge="k") + \
+        judged_rows("p", 0, [(10, 90), (10, 90), (90, 90), (90, 90)], judge="k")
+    _, oa = run(tmp_path, [write(tmp_path / "a.jsonl", a)], judge="j")
+    _, ob = run(tmp_path, [write(tmp_path / "b.jsonl", b)], judge="k")
+    out, page = tmp_path / "agree.tsv", tmp_path / "agree.html"
+    judge_agreement(oa["scores"], ob["scores"], ["betley"], {}, str(out), page=str(page))
+    t = read_table(out).set_index(["cell", "quantity", "metric"], drop=False)
+    assert set(t["cell"]) == {"ALL", "m/none/none/ds/seed0", "m/p/stacked/ds/seed0"}
+    em = t[t["quantity"] == "em"].set_index("cell")
+    assert em.loc["m/none/none/ds/seed0", "cohens_kappa"] == pytest.approx(0.0)
+    assert em.loc["m/p/stacked/ds/seed0", "cohens_kappa"] == pytest.approx(0.5)
+    assert em.loc["m/p/stacked/ds/seed0", "agreement"] == pytest.approx(0.75)
+    aligned = t[t["metric"] == "aligned"].set_index("cell")
+    assert aligned.loc["m/p/stacked/ds/seed0", "spearman"] == pytest.approx(1 / np.sqrt(3))
+    assert "Cohen" in page.read_text() and "m/p/stacked/ds/seed0" in page.read_text()

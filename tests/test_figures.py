@@ -144,6 +144,7 @@ def test_tables_hold_what_the_issue_asks(built):
 
     pivot = read_table(paths["table:persona_dataset_pivot"])
     assert len(pivot) == 6 and {"insecure:em_pct", "medical:em_pct", "insecure:n"} <= set(pivot)
+    assert set(pivot["insecure:n_seeds"]) == {2} and (pivot["ci_method"].str.startswith("cluster bootstrap95")).all()
 
     comp = read_table(paths["table:persona_vs_baseline"])
     assert len(comp) == 2 * 2 * 2 and (comp["q_value_bh"] >= comp["p_value"] - 1e-12).all()

@@ -8,7 +8,8 @@ score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here re
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
                      n refusal, n error, EM rate with its Wilson CI
 checkpoint_summary   one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n
-persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
+persona_dataset_pivot  final EM % (mean over seeds with a cluster-bootstrap CI; Wilson with one seed): rows
+                     model/persona/composition, one column group per dataset
 persona_vs_baseline  each persona cell group vs the no-persona baseline (same model, dataset and step) at the final
                      step, EM under the figure's definition over all questions: the rows of comparisons.tsv (the one
                      persona-vs-baseline test, persona_em/analysis/stats.py; its p and BH q, not a second test; paired
@@ -174,20 +175,24 @@ def condition_label(frame: pd.DataFrame, with_model: bool = False) -> pd.Series:
 
 
 def persona_dataset_pivot(em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
-    """Final EM % pooled over seeds: one row per model/persona/composition; em %, CI and n per dataset."""
-    final = at_final_step(overall_rates(em_rates, d.name), final_steps(em_rates))
-    p = pooled(final, CONDITION_KEYS)
+    """Final EM %: one row per model/persona/composition; em %, CI, n and n_em (pooled counts) and n_seeds per
+    dataset. With >= 2 seeds the rate is the mean over seeds with a cluster-bootstrap CI, with one seed the rate and
+    its Wilson CI (`rate_ci`; `ci_method` names those used)."""
+    final = at_final_step(em_rates[em_rates["em_definition"] == d.name], final_steps(em_rates))
+    p = pd.DataFrame([{**dict(zip(CONDITION_KEYS, key)), **rate_ci(g)}
+                      for key, g in final.groupby(CONDITION_KEYS, sort=True)],
+                     columns=CONDITION_KEYS + ["n", "n_em", "em_rate", "ci_low", "ci_high", "n_seeds", "ci_method"])
     p["em_pct"] = p["em_rate"] * 100
     p["ci_low_pct"] = p["ci_low"] * 100
     p["ci_high_pct"] = p["ci_high"] * 100
     wide = p.pivot(index=["model", "persona", "composition"], columns="dataset",
-                   values=["em_pct", "ci_low_pct", "ci_high_pct", "n", "n_em"])
+                   values=["em_pct", "ci_low_pct", "ci_high_pct", "n", "n_em", "n_seeds"])
     wide.columns = [f"{dataset}:{value}" for value, dataset in wide.columns]
     datasets = sorted(p["dataset"].unique())
-    order = [f"{ds}:{v}" for ds in datasets for v in ("em_pct", "ci_low_pct", "ci_high_pct", "n_em", "n")]
+    order = [f"{ds}:{v}" for ds in datasets for v in ("em_pct", "ci_low_pct", "ci_high_pct", "n_em", "n", "n_seeds")]
     out = wide[order].reset_index()
     out["em_definition"] = d.name
-    out["ci_method"] = "wilson95 on responses pooled over seeds"
+    out["ci_method"] = "; ".join(sorted(set(p["ci_method"])))
     return with_model_size(out, sizes)
 
 
