@@ -246,6 +246,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text()
     assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
+    assert "EM onset step per persona" in html and (results / "tables" / key / "onset_comparisons.tsv").stat().st_size
 
 
 def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path):

@@ -122,6 +122,7 @@ def test_missing_dataset_file_is_named(tmp_path):
         (lambda c: c["grid"].update(datasets=["ghost"]), "grid.datasets: unknown dataset 'ghost'"),
         (lambda c: c["sampling"].update(top_p=2), "2 is greater than the maximum of 1"),
         (lambda c: c["evaluation"].update(judges=["nobody"]), "evaluation.judges: unknown judge 'nobody'"),
+        (lambda c: c.update(analysis={"onset": {"threshold": 1.5}}), "config analysis.onset.threshold: 1.5 is not"),
     ],
 )
 def test_config_errors_are_reported_before_any_job(tmp_path, change, message):
