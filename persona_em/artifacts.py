@@ -19,7 +19,8 @@ JUDGE_TABLES = {
                "code / refusal / error rates with Wilson CIs",
     "label_rates": "label questions (`free_form_judge`): per (cell, step, question or `ALL`, metric, label): count, "
                    "rate among the judgments with a label, Wilson 95% CI, and the group's null and error counts",
-    "seeds": "across training seeds: mean, SD and bootstrap CI (resampling seeds) of EM rates and mean scores",
+    "seeds": "across training seeds: mean, SD and CI of EM rates (cluster bootstrap: seeds, then responses within "
+             "question) and mean scores (resampling seeds); with one seed, CIs over responses (`ci_unit`)",
     "comparisons": "persona vs baseline (same model, dataset, step; per question and overall): difference in means "
                    "with its bootstrap CI, permutation-test p, Cohen's d, Benjamini-Hochberg q (the one test: README "
                    "\"Judging and statistics\")",

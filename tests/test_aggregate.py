@@ -112,7 +112,12 @@ def test_seeds_table_and_comparisons(tmp_path):
     per_seed = t["rates"][(t["rates"]["persona"] == "p") & (t["rates"]["em_definition"] == "betley")
                           & (t["rates"]["question_id"] == "ALL")]["em_rate"]
     assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2" and row["mean"] == pytest.approx(per_seed.mean())
-    assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["ci_unit"].startswith("seed (cluster bootstrap")
+    # one seed: the CI is over that seed's responses (not a zero-width interval around one value)
+    one, _ = run(tmp_path / "one", [f for f in files if f.endswith("p0.jsonl")])
+    r1 = one["seeds"][(one["seeds"]["quantity"] == "em_rate") & (one["seeds"]["em_definition"] == "betley")
+                      & (one["seeds"]["question_id"] == "ALL")].iloc[0]
+    assert r1["n_seeds"] == 1 and r1["ci_unit"].startswith("response") and r1["ci_low"] < r1["mean"] < r1["ci_high"]
 
     everything = t["comparisons"]
     # three seeds: each comparison has a row with the response as the unit (seeds pooled) and one paired by seed

@@ -18,7 +18,8 @@ label_rates.tsv  label questions (type free_form_judge): one row per (cell, step
                  n_responses, n_null (empty answers) and n_error; a group without any label has one row with an
                  empty label, so no judged question disappears
 seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
-                 SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
+                 SD and a seeded CI (quantity: em_rate, cluster bootstrap over seeds then responses within question;
+                 mean_score of a metric, bootstrap over seeds; with one seed both over responses; `ci_unit`)
 comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step) per (question or ALL,
                  quantity): difference in means with its CI, permutation-test p, Cohen's d, Benjamini-Hochberg q over
                  the grid (one family per quantity, level and unit: per-question tests and overall tests are separate
@@ -43,8 +44,8 @@ from persona_em.io import read_jsonl, read_table, write_json, write_table
 from persona_em.judging.identity import JUDGE_COLUMNS
 from persona_em.data.questions import LABEL_TYPE, SCORE_TYPE
 from persona_em.analysis.metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
-from persona_em.analysis.stats import (DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, cohens_kappa,
-                                      compare_to_baseline, spearman, wilson_interval)
+from persona_em.analysis.stats import (DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, cluster_ci,
+                                      cohens_kappa, compare_to_baseline, spearman, wilson_interval)
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
@@ -56,6 +57,8 @@ SUMMARY_STATUSES = ("scored", "null", "code", "refusal", "error")
 POLICY_COLUMNS = ["score_used", "counted", "score_policy"]
 ALL_QUESTIONS = "ALL"
 NO_PERSONA = "none"
+SEED_CLUSTER_CI = "seed (cluster bootstrap: seeds, then responses within question)"
+RESPONSE_CLUSTER_CI = "response (one seed: responses resampled within question)"
 
 
 def load_scores(judged_paths: list[str], judge_key: str) -> pd.DataFrame:
@@ -156,6 +159,15 @@ def em_rate_table(scores: pd.DataFrame, definitions: list[str], custom: dict | N
     return pd.DataFrame(rows, columns=columns)
 
 
+def em_observations(rates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 0/1 EM indicators behind per-question em_rates rows (n_em ones and n - n_em zeros per row), as (values,
+    seeds, questions) for persona_em.analysis.stats.cluster_bootstrap."""
+    rates = rates[rates["question_id"] != ALL_QUESTIONS]
+    n, k = rates["n"].fillna(0).astype(int).to_numpy(), rates["n_em"].fillna(0).astype(int).to_numpy()
+    values = np.concatenate([np.r_[np.ones(a), np.zeros(b - a)] for a, b in zip(k, n)]) if len(n) else np.zeros(0)
+    return values, np.repeat(rates["seed"].to_numpy(), n), np.repeat(rates["question_id"].astype(str).to_numpy(), n)
+
+
 def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """Mean score (bootstrap CI) and null / code / refusal rates (Wilson CI) per (cell, step, question|ALL, metric)."""
     rows = []
@@ -211,24 +223,48 @@ def label_rate_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP,
                seed: int = 0) -> pd.DataFrame:
-    """Across training seeds: mean, SD and bootstrap CI (resampling seeds) of each cell's EM rates and mean scores."""
+    """Across training seeds: mean and SD over seeds of each cell's EM rates and mean scores, with a CI. EM rates:
+    the two-level cluster bootstrap (seeds, then responses within question; stats.cluster_bootstrap), which with one
+    seed is a bootstrap over that seed's responses within question. Mean scores: a bootstrap resampling seeds' means;
+    with one seed, that cell's response-level CI from summary.tsv. `n_seeds` and `ci_unit` say which."""
     keys = [k for k in CELL_KEYS if k != "seed"] + JUDGE_COLUMNS + ["step", "question_id"]
+    per_question = {k: g for k, g in em_rates[em_rates["question_id"] != ALL_QUESTIONS].groupby(
+        [k for k in keys if k != "question_id"] + ["em_definition"], sort=False, dropna=False)}
     parts = [(em_rates.assign(quantity="em_rate", value=em_rates["em_rate"]), keys + ["em_definition"]),
              (summary.assign(quantity="mean_score", value=summary["mean_score"], em_definition=""),
               keys + ["metric"])]
     rows = []
     for frame, by in parts:
         for key, group in frame.groupby(by, sort=True, dropna=False):
-            values = group["value"].dropna().to_numpy()
-            low, high = bootstrap_ci(values, n_bootstrap, seed)
+            quantity = group["quantity"].iloc[0]
+            group = group.dropna(subset=["value"])
+            values = group["value"].to_numpy()
             rec = dict(zip(by, key))
-            rows.append({**rec, "quantity": group["quantity"].iloc[0], "n_seeds": len(values),
-                         "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
+            low = high = math.nan
+            if quantity == "em_rate":
+                cells = group if rec["question_id"] != ALL_QUESTIONS else per_question.get(
+                    tuple(rec[k] for k in keys if k != "question_id") + (rec["em_definition"],), group.iloc[:0])
+                cells = cells[cells["seed"].isin(group["seed"])]
+                obs = em_observations(cells)
+                if len(obs[0]):
+                    _, low, high = cluster_ci([obs], n_resamples=n_bootstrap, seed=seed)
+                unit = SEED_CLUSTER_CI if len(values) > 1 else RESPONSE_CLUSTER_CI
+                method = f"cluster_bootstrap95_{n_bootstrap}_seed{seed}"
+            elif len(values) > 1:
+                low, high = bootstrap_ci(values, n_bootstrap, seed)
+                unit, method = "seed (seeds' means resampled)", f"bootstrap95_over_seeds_{n_bootstrap}_seed{seed}"
+            elif len(values) == 1:
+                low, high = float(group["mean_ci_low"].iloc[0]), float(group["mean_ci_high"].iloc[0])
+                unit, method = "response (one seed)", group["mean_ci_method"].iloc[0]
+            else:
+                unit = method = ""
+            rows.append({**rec, "quantity": quantity,
+                         "n_seeds": len(values), "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
                          "mean": float(values.mean()) if len(values) else math.nan,
                          "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-                         "ci_low": low, "ci_high": high, "ci_method": f"bootstrap95_over_seeds_{n_bootstrap}_seed{seed}"})
+                         "ci_low": low, "ci_high": high, "ci_method": method, "ci_unit": unit})
     columns = keys + ["quantity", "em_definition", "metric", "n_seeds", "seeds", "mean", "sd", "ci_low", "ci_high",
-                      "ci_method"]
+                      "ci_method", "ci_unit"]
     frame = pd.DataFrame(rows)
     for c in columns:
         if c not in frame:

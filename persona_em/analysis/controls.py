@@ -19,9 +19,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from persona_em.analysis.aggregate import ALL_QUESTIONS, NO_PERSONA
+from persona_em.analysis.aggregate import ALL_QUESTIONS, NO_PERSONA, em_observations
 from persona_em.analysis.stats import DEFAULT_BOOTSTRAP, cluster_bootstrap, percentile_interval
-from persona_em.analysis.tables import em_observations
 
 SEED_CI = "seed (cluster bootstrap, paired by seed: seeds, then responses within question)"
 RESPONSE_CI = "response (seeds pooled, resampled within question)"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
+from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS, em_observations, score_rows
 from persona_em.analysis.aggregate import wide_scores as aggregate_wide_scores
 from persona_em.config import NO_PERSONA
 from persona_em.judging.identity import JUDGE_COLUMNS
@@ -200,15 +200,6 @@ def significance_mark(q: float) -> str:
     if pd.isna(q):
         return ""
     return "***" if q < 0.001 else "**" if q < 0.01 else "*" if q < 0.05 else "n.s."
-
-
-def em_observations(rates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The 0/1 EM indicators behind per-question em_rates rows (n_em ones and n - n_em zeros per row), as (values,
-    seeds, questions) for persona_em.analysis.stats.cluster_bootstrap."""
-    rates = rates[rates["question_id"] != ALL_QUESTIONS]
-    n, k = rates["n"].fillna(0).astype(int).to_numpy(), rates["n_em"].fillna(0).astype(int).to_numpy()
-    values = np.concatenate([np.r_[np.ones(a), np.zeros(b - a)] for a, b in zip(k, n)]) if len(n) else np.zeros(0)
-    return values, np.repeat(rates["seed"].to_numpy(), n), np.repeat(rates["question_id"].astype(str).to_numpy(), n)
 
 
 def rate_ci(rates: pd.DataFrame, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = FIGURE_SEED) -> dict:
