@@ -19,7 +19,8 @@ JUDGE_TABLES = {
                "code / refusal / error rates with Wilson CIs",
     "label_rates": "label questions (`free_form_judge`): per (cell, step, question or `ALL`, metric, label): count, "
                    "rate among the judgments with a label, Wilson 95% CI, and the group's null and error counts",
-    "seeds": "across training seeds: mean, SD and bootstrap CI (resampling seeds) of EM rates and mean scores",
+    "seeds": "across training seeds: mean, SD and CI of EM rates (cluster bootstrap: seeds, then responses within "
+             "question) and mean scores (resampling seeds); with one seed, CIs over responses (`ci_unit`)",
     "comparisons": "persona vs baseline (same model, dataset, step; per question and overall): difference in means "
                    "with its bootstrap CI, permutation-test p, Cohen's d, Benjamini-Hochberg q (the one test: README "
                    "\"Judging and statistics\")",
@@ -30,11 +31,20 @@ SUMMARY_TABLES = {
     "cell_scores": "one row per cell at its final step: mean/SD alignment and coherence, n scored / null / code / "
                    "refusal, EM rate with its Wilson CI",
     "checkpoint_summary": "one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n",
-    "persona_dataset_pivot": "final EM % pooled over seeds: rows model / persona / composition, columns per dataset",
-    "persona_vs_baseline": "the final-step EM rows of `comparisons.tsv` (figure's EM definition, all questions) "
-                           "with both rates' Wilson CIs and significance marks",
+    "persona_dataset_pivot": "final EM %: rows model / persona / composition, columns per dataset (mean over seeds "
+                             "with a cluster-bootstrap CI; with one seed, Wilson)",
+    "persona_vs_baseline": "the final-step EM rows of `comparisons.tsv` (figure's EM definition, all questions; "
+                           "paired by seed with >= 2 seeds) with both rates' CIs and significance marks",
     "response_examples": "the lowest-aligned coherent responses of each cell at its final step (also as "
                          "`response_examples.md`)",
+    "onset": "EM onset per cell and per condition (seed `ALL`) and EM definition: the first step where the EM rate "
+             "reaches `analysis.onset.threshold`, interpolated between checkpoints; censored rows kept; CI over seeds "
+             "(over responses with one seed, `ci_unit`)",
+    "onset_comparisons": "persona - baseline onset, paired by seed: difference with its CI, sign-flip permutation p, "
+                         "Benjamini-Hochberg q",
+    "control_contrasts": "per benign-control pair of `analysis.controls`, model, persona, composition, step: "
+                         "EM(treatment) - EM(control) and the difference-in-differences against the no-persona "
+                         "baseline, with CIs (cluster bootstrap over seeds; over responses with one seed, `ci_unit`)",
 }
 # Figures (rule plot_figures): results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
 FIGURES = {
@@ -48,6 +58,9 @@ FIGURES = {
     "alignment_cdf": "cumulative distribution of alignment scores, step 0 and final step",
     "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
     "response_examples": "the lowest-aligned coherent responses per cell as an image",
+    "onset": "EM onset step per persona with CIs (censored conditions marked), from `onset.tsv`",
+    "control_contrast": "EM(treatment) - EM(control) at the final step per persona with CIs, from "
+                        "`control_contrasts.tsv`",
 }
 # Inside the model (rules/activations.smk, only with `analysis.activations`): results/tables/{judge}/<name>.tsv and
 # results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
@@ -92,7 +105,10 @@ OUTPUTS = [
     ("tables/{judge}/judge.json", "what the key means: the judge's name, key and the identity its hash covers"),
     *((f"tables/{{judge}}/{name}.tsv", text) for name, text in JUDGE_TABLES.items()),
     ("tables/agreement/{a}__vs__{b}.tsv",
-     "two judges on the same responses (only for pairs in `evaluation.judge_agreement`)"),
+     "two judges on the same responses (only for pairs in `evaluation.judge_agreement`), over all of them (`cell` "
+     "`ALL`) and per grid cell: score correlations (Spearman rho), Cohen's kappa of the EM labels"),
+    ("figures/agreement/{a}__vs__{b}.html", "the same table as a page of `snakemake --report` (category Judge "
+     "agreement)"),
     *((f"tables/{{judge}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
       for name, text in SUMMARY_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")

@@ -16,6 +16,7 @@ from persona_em.config import (
 )
 from persona_em.cluster import enter_compute_job
 from persona_em.errors import UserError
+from persona_em.analysis.onset import onset_settings
 from persona_em.judging.identity import judge_key, judge_key_identity, questions_sha256
 from persona_em.persona.settings import check_persona_config, generator_settings
 from persona_em.data.questions import load_questions
@@ -70,6 +71,7 @@ COMPARISONS = f"{RESULTS}/tables/{{judge}}/comparisons.tsv"
 LABEL_RATES = f"{RESULTS}/tables/{{judge}}/label_rates.tsv"  # label questions (type free_form_judge)
 JUDGE_IDENTITY = f"{RESULTS}/tables/{{judge}}/judge.json"  # what the key hashes: name, key and identity
 JUDGE_AGREEMENT = f"{RESULTS}/tables/agreement/{{judge_a}}__vs__{{judge_b}}.tsv"
+AGREEMENT_PAGE = f"{RESULTS}/figures/agreement/{{judge_a}}__vs__{{judge_b}}.html"  # the same, for the report
 DOWNLOADED_QUESTIONS = f"{CACHE}/questions/{{questions_sha}}.yaml"
 COMPILE_CACHE = f"{CACHE}/torch_compile"  # compiled decode steps, shared by every sampling job (compile_cache.py)
 JUDGE_CACHE = f"{CACHE}/judge_cache.sqlite"  # persistent answers of every judge: reruns never pay twice
@@ -129,6 +131,8 @@ for _pair in config["evaluation"]["judge_agreement"]:
     if len(_pair) != 2 or _pair[0] == _pair[1] or not set(_pair) <= set(config["evaluation"]["judges"]):
         raise UserError(f"config evaluation.judge_agreement: {_pair!r} must name two different judges listed in "
                         f"evaluation.judges")
+
+onset_settings(config)  # analysis.onset.threshold in [0, 1]: one clear error at parse time
 
 # A local question file is read and fully checked now, so that `snakemake -n` names a bad file and item before any
 # job runs (persona_em/data/questions.py load_questions); a {url, sha256} file is checked when fetch_questions downloads it.
@@ -216,7 +220,8 @@ def all_targets():
         targets += [p.format(judge=key) for p in (SCORES, EM_RATES, SUMMARY, SEED_SUMMARY, COMPARISONS, LABEL_RATES,
                                                   JUDGE_IDENTITY)]
     for name_a, name_b in config["evaluation"]["judge_agreement"]:
-        targets.append(JUDGE_AGREEMENT.format(judge_a=JUDGE_KEYS[name_a], judge_b=JUDGE_KEYS[name_b]))
+        keys = {"judge_a": JUDGE_KEYS[name_a], "judge_b": JUDGE_KEYS[name_b]}
+        targets += [JUDGE_AGREEMENT.format(**keys), AGREEMENT_PAGE.format(**keys)]
     targets += [CONTROL_OVERLAP.format(treatment=t, control=c) for t, c in CONTROL_PAIRS]
     return targets + figure_targets()
 

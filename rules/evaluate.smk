@@ -87,7 +87,8 @@ rule judge_agreement:
         scores_a=SCORES.replace("{judge}", "{judge_a}"),
         scores_b=SCORES.replace("{judge}", "{judge_b}"),
     output:
-        JUDGE_AGREEMENT,
+        table=JUDGE_AGREEMENT,
+        page=report(AGREEMENT_PAGE, caption="../report/judge_agreement.rst", category="Judge agreement"),
     params:
         definitions=config["evaluation"]["em_definitions"],
         custom=config["evaluation"]["custom_em_definitions"],

@@ -31,6 +31,8 @@ rule plot_figures:
         train_logs=train_logs,
         comparisons=SUMMARY_TABLES["persona_vs_baseline"],
         examples=SUMMARY_TABLES["response_examples"],
+        onset=SUMMARY_TABLES["onset"],
+        controls=SUMMARY_TABLES["control_contrasts"],
     output:
         **figure_outputs(),
     params:

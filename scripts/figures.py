@@ -5,7 +5,8 @@ from persona_em.runner import run
 def main(sm):
     make_figures(sm.input.scores, sm.input.em_rates, list(sm.input.train_logs), sm.input.comparisons,
                  sm.input.examples, sm.params.definition, sm.params.custom, sm.params.sizes, sm.params.repo,
-                 sm.config, dict(sm.output.items()))
+                 sm.config, dict(sm.output.items()),
+                 onset_path=sm.input.onset, controls_path=sm.input.controls)
 
 
 run(snakemake, main)  # noqa: F821

@@ -10,7 +10,7 @@ from persona_em.analysis.aggregate import aggregate, judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
 from persona_em.analysis.stats import wilson_interval
-from persona_em.analysis.stats import benjamini_hochberg
+from persona_em.analysis.stats import SEED_UNIT, benjamini_hochberg
 
 OLD_SCORE_COLUMNS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
                      "sample_index", "response_id", "judge", "judge_key", "judge_model", "judge_mode",
@@ -112,10 +112,18 @@ def test_seeds_table_and_comparisons(tmp_path):
     per_seed = t["rates"][(t["rates"]["persona"] == "p") & (t["rates"]["em_definition"] == "betley")
                           & (t["rates"]["question_id"] == "ALL")]["em_rate"]
     assert row["n_seeds"] == 3 and row["seeds"] == "0,1,2" and row["mean"] == pytest.approx(per_seed.mean())
-    assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["ci_unit"].startswith("seed (cluster bootstrap")
+    # one seed: the CI is over that seed's responses (not a zero-width interval around one value)
+    one, _ = run(tmp_path / "one", [f for f in files if f.endswith("p0.jsonl")])
+    r1 = one["seeds"][(one["seeds"]["quantity"] == "em_rate") & (one["seeds"]["em_definition"] == "betley")
+                      & (one["seeds"]["question_id"] == "ALL")].iloc[0]
+    assert r1["n_seeds"] == 1 and r1["ci_unit"].startswith("response") and r1["ci_low"] < r1["mean"] < r1["ci_high"]
 
-    c = t["comparisons"]
-    assert set(c["persona"]) == {"p"}
+    everything = t["comparisons"]
+    # three seeds: each comparison has a row with the response as the unit (seeds pooled) and one paired by seed
+    assert set(everything["unit"]) == {"response (seeds pooled)", SEED_UNIT}
+    c = everything[everything["unit"] == "response (seeds pooled)"]
+    assert set(c["persona"]) == {"p"} and set(c["n_seeds"]) == {3}
     al = c[(c["quantity"] == "score") & (c["metric"] == "aligned") & (c["question_id"] == "ALL")].iloc[0]
     s = t["scores"]
     a = s[(s["persona"] == "p") & (s["metric"] == "aligned")]["score"].to_numpy()
@@ -138,7 +146,15 @@ def test_seeds_table_and_comparisons(tmp_path):
     assert e["test"] == "permutation_exact" and (e["n_persona"], e["n_baseline"]) == (n["p"], n["none"])
     assert e["p_value"] == pytest.approx(min(1, 2 * min(null.cdf(k["p"]), null.sf(k["p"] - 1))))
     assert e["difference"] == pytest.approx(k["p"] / n["p"] - k["none"] / n["none"])
-    for _, fam in c.groupby("bh_family"):
+    by_seed = everything[everything["unit"] == SEED_UNIT]
+    assert len(by_seed) == len(c) and set(by_seed["test"]) == {"sign_flip_exact"} and set(by_seed["n_seeds"]) == {3}
+    sal = by_seed[(by_seed["quantity"] == "score") & (by_seed["metric"] == "aligned")
+                  & (by_seed["question_id"] == "ALL")].iloc[0]
+    per_seed = s[s["metric"] == "aligned"].groupby(["persona", "seed"])["score"].mean()
+    assert sal["difference"] == pytest.approx((per_seed["p"] - per_seed["none"]).mean())
+    assert sal["p_value"] == pytest.approx(2 / 8) and sal["bh_family"].endswith(":seed")
+    assert sal["difference_ci_low"] < sal["difference"] < sal["difference_ci_high"]
+    for _, fam in everything.groupby("bh_family"):
         assert fam["q_value_bh"].to_numpy() == pytest.approx(benjamini_hochberg(fam["p_value"].to_numpy()),
                                                              nan_ok=True)
 
@@ -239,3 +255,25 @@ def test_label_rates_per_question_with_wilson_cis(tmp_path):
     assert "correct" not in set(t["summary"]["metric"]) and set(t["rates"]["question_id"]) == {"q1", "ALL"}
     assert (t["scores"]["metric"] == "correct").sum() == 8
     assert set(t["scores"].loc[t["scores"]["metric"] == "correct", "question_type"]) == {"free_form_judge"}
+
+
+def test_judge_agreement_per_cell_kappa_and_spearman(tmp_path):
+    """Hand-computed: cell none: EM labels a 1100, b 1010 -> p_o = .5 = p_e, kappa 0; cell p: a 1110, b 1100 ->
+    p_o = .75, p_e = .75 * .5 + .25 * .5 = .5, kappa .5; aligned ranks (2,2,2,4) vs (1.5,1.5,3.5,3.5): rho 1/sqrt(3)."""
+    a = judged_rows("none", 0, [(10, 90), (10, 90), (90, 90), (90, 90)]) + \
+        judged_rows("p", 0, [(10, 90), (10, 90), (10, 90), (90, 90)])
+    b = judged_rows("none", 0, [(10, 90), (90, 90), (10, 90), (90, 90)], judge="k") + \
+        judged_rows("p", 0, [(10, 90), (10, 90), (90, 90), (90, 90)], judge="k")
+    _, oa = run(tmp_path, [write(tmp_path / "a.jsonl", a)], judge="j")
+    _, ob = run(tmp_path, [write(tmp_path / "b.jsonl", b)], judge="k")
+    out, page = tmp_path / "agree.tsv", tmp_path / "agree.html"
+    judge_agreement(oa["scores"], ob["scores"], ["betley"], {}, str(out), page=str(page))
+    t = read_table(out).set_index(["cell", "quantity", "metric"], drop=False)
+    assert set(t["cell"]) == {"ALL", "m/none/none/ds/seed0", "m/p/stacked/ds/seed0"}
+    em = t[t["quantity"] == "em"].set_index("cell")
+    assert em.loc["m/none/none/ds/seed0", "cohens_kappa"] == pytest.approx(0.0)
+    assert em.loc["m/p/stacked/ds/seed0", "cohens_kappa"] == pytest.approx(0.5)
+    assert em.loc["m/p/stacked/ds/seed0", "agreement"] == pytest.approx(0.75)
+    aligned = t[t["metric"] == "aligned"].set_index("cell")
+    assert aligned.loc["m/p/stacked/ds/seed0", "spearman"] == pytest.approx(1 / np.sqrt(3))
+    assert "Cohen" in page.read_text() and "m/p/stacked/ds/seed0" in page.read_text()

@@ -160,7 +160,8 @@ for judge in ("j", "k"):
     aggregate(sorted(str(p) for p in (out / judge).glob("*.jsonl")), judge + "-0123abcd", defs, {{}},
               t[judge]["scores"], t[judge]["em_rates"], t[judge]["summary"], t[judge]["seeds"],
               t[judge]["comparisons"], n_bootstrap=200)
-judge_agreement(t["j"]["scores"], t["k"]["scores"], defs, {{}}, str(out / "agreement.tsv"))
+judge_agreement(t["j"]["scores"], t["k"]["scores"], defs, {{}}, str(out / "agreement.tsv"),
+                page=str(out / "agreement.html"))
 fetch_questions({questions.as_uri()!r}, {sha!r}, str(out / "questions.yaml"))
 tables = {{n: str(out / "tables" / f"{{n}}.tsv") for n in TABLE_NAMES}}
 tables.update({{f"{{n}}_provenance": str(out / "tables" / f"{{n}}.provenance.json") for n in TABLE_NAMES}})
@@ -169,7 +170,8 @@ j = t["j"]
 write_tables(j["scores"], j["em_rates"], j["comparisons"], "betley", {{}}, {{}}, {str(REPO)!r}, {{}}, tables)
 figures = {{f"{{n}}_{{k}}": str(out / "figures" / f"{{n}}.{{s}}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}}
 make_figures(j["scores"], j["em_rates"], [], tables["persona_vs_baseline"], tables["response_examples"], "betley", {{}},
-             {{}}, {str(REPO)!r}, {{}}, figures)
+             {{}}, {str(REPO)!r}, {{}}, figures, onset_path=tables["onset"],
+             controls_path=tables["control_contrasts"])
 tables_page({{n: tables[n] for n in TABLE_NAMES}}, str(out / "tables.html"), "tables")
 provenance_page([tables[f"{{n}}_provenance"] for n in TABLE_NAMES], str(out / "provenance.html"), "provenance")
 print("analysis rules ran")

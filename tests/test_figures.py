@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,13 +19,16 @@ from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # n
 from persona_em.reporting.figures import make_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
+from persona_em.analysis.stats import SEED_UNIT  # noqa: E402
 from persona_em.analysis.tables import tables_page, write_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "figures"
 JUDGE = "fixture_judge"
 SIZES = {"small": 0.5, "large": 7.0}
-CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture"}
+# a benign-control pair for the control_contrasts plumbing (medical is no benign twin of insecure: tests only)
+CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture",
+          "analysis": {"controls": [{"treatment": "insecure", "control": "medical"}]}}
 CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
          ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
 
@@ -40,7 +44,8 @@ def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
     write_tables(str(scores), str(rates), str(comparisons), "betley", {}, sizes, str(ROOT), CONFIG, t)
     f = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
     make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
-                 "betley", {}, sizes, str(ROOT), CONFIG, f)
+                 "betley", {}, sizes, str(ROOT), CONFIG, f, onset_path=t["onset"],
+                 controls_path=t["control_contrasts"])
     tables_page({n: t[n] for n in TABLE_NAMES}, str(out / "figures" / "summary_tables.html"), "tables")
     sidecars = [t[f"{n}_provenance"] for n in TABLE_NAMES] + [f[f"{n}_provenance"] for n in FIGURE_NAMES]
     provenance_page(sidecars, str(out / "figures" / "provenance.html"), "provenance")
@@ -139,6 +144,7 @@ def test_tables_hold_what_the_issue_asks(built):
 
     pivot = read_table(paths["table:persona_dataset_pivot"])
     assert len(pivot) == 6 and {"insecure:em_pct", "medical:em_pct", "insecure:n"} <= set(pivot)
+    assert set(pivot["insecure:n_seeds"]) == {2} and (pivot["ci_method"].str.startswith("cluster bootstrap95")).all()
 
     comp = read_table(paths["table:persona_vs_baseline"])
     assert len(comp) == 2 * 2 * 2 and (comp["q_value_bh"] >= comp["p_value"] - 1e-12).all()
@@ -146,15 +152,29 @@ def test_tables_hold_what_the_issue_asks(built):
     # one test: its p and q are comparisons.tsv's (EM, betley, all questions, final step), and the pooled counts agree
     stats = read_table(FIXTURE / "tables" / JUDGE / "comparisons.tsv")
     stats = stats[(stats["quantity"] == "em") & (stats["em_definition"] == "betley") & (stats["question_id"] == "ALL")
-                  & (stats["step"] == 20)]
+                  & (stats["step"] == 20) & (stats["unit"] == SEED_UNIT)]  # two seeds: the rows paired by seed
     keys = ["model", "persona", "composition", "dataset"]
     joined = comp.merge(stats, on=keys, suffixes=("", "_stats"), validate="one_to_one")
-    assert len(joined) == len(comp) and (joined["test"] == "permutation_exact").all()
+    assert len(joined) == len(comp) and (joined["test"] == "sign_flip_exact").all() and (joined["n_seeds"] == 2).all()
+    assert comp["ci_method"].str.startswith("cluster bootstrap95 over 2 seeds").all()
     for column in ("p_value", "q_value_bh", "difference", "difference_ci_low", "difference_ci_high"):
         assert joined[column].tolist() == joined[f"{column}_stats"].tolist(), column
     final = all_rates[all_rates["step"] == 20].groupby(keys)[["n", "n_em"]].sum().reset_index()
     counts = comp.merge(final, on=keys, suffixes=("", "_rates"))
     assert counts["n"].tolist() == counts["n_rates"].tolist() and counts["n_em"].tolist() == counts["n_em_rates"].tolist()
+
+    onset = read_table(paths["table:onset"])  # per cell and per condition (seed ALL)
+    assert len(onset) == (len(CELLS) + len(CELLS) // 2) * 2 and set(onset[onset["seed"] == "ALL"]["n_seeds"]) == {2}
+    assert len(read_table(paths["table:onset_comparisons"])) == 2 * 2 * 2 * 2  # models x personas x datasets x defs
+    contrasts = read_table(paths["table:control_contrasts"])
+    assert len(contrasts) == 2 * 3 * 3 * 2 and (contrasts["n_seeds"] == 2).all()  # models x conditions x steps x defs
+    row = contrasts[(contrasts["persona"] == "caring") & (contrasts["step"] == 20)
+                    & (contrasts["em_definition"] == "betley")].iloc[0]
+    final = all_rates[(all_rates["step"] == 20)].groupby(["model", "persona", "dataset"])["em_rate"].mean()
+    assert row["contrast"] == pytest.approx(final[row["model"], "caring", "insecure"]
+                                            - final[row["model"], "caring", "medical"])
+    assert row["contrast_ci_low"] <= row["contrast"] <= row["contrast_ci_high"] and pd.notna(row["did"])
+    assert "difference in differences" in Path(paths["control_contrast_caption"]).read_text()
 
     ex = read_table(paths["table:response_examples"])
     assert ex.groupby(["model", "persona", "composition", "dataset", "seed"]).size().max() == 3
@@ -226,6 +246,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text()
     assert "EM rate vs EM training step" in html and "Provenance" in html and "fixture-model" in html
+    assert "EM onset step per persona" in html and (results / "tables" / key / "onset_comparisons.tsv").stat().st_size
 
 
 def test_cells_without_a_coherent_scored_response_still_show_their_text(tmp_path):

@@ -113,3 +113,75 @@ def test_benjamini_hochberg_hand_computed():
     assert math.isnan(q[1]) and q[0] == pytest.approx(0.9) and q[2] == pytest.approx(0.9)
     assert benjamini_hochberg([0.9, 0.95]).max() <= 1.0
     assert math.isnan(benjamini_hochberg([float("nan")])[0])
+
+
+# --- seeds as the unit of replication ----------------------------------------------------------------------------
+from persona_em.analysis.stats import (SEED_UNIT, cluster_bootstrap, cluster_ci, cohens_kappa, sign_flip_p,  # noqa: E402
+                                       spearman)
+
+
+def seeded_responses(seed_rates, n_per_question=50, questions=4, rng=None):
+    """0/1 responses: per seed, per question, exactly round(rate * n) ones (values, seeds, questions)."""
+    values, seeds, qs = [], [], []
+    for s, rate in enumerate(seed_rates):
+        for q in range(questions):
+            k = round(rate * n_per_question)
+            values += [1.0] * k + [0.0] * (n_per_question - k)
+            seeds += [s] * n_per_question
+            qs += [f"q{q}"] * n_per_question
+    return np.array(values), np.array(seeds), np.array(qs)
+
+
+def test_cluster_bootstrap_is_wider_than_the_response_bootstrap_when_seeds_differ():
+    v, s, q = seeded_responses([0.1, 0.5, 0.2, 0.6, 0.3])  # strong seed effects
+    est, low, high = cluster_ci([(v, s, q)], n_resamples=2000, seed=0)
+    r_low, r_high = bootstrap_ci(v, 2000, seed=0)
+    assert est == pytest.approx(0.34) and low < est < high
+    assert (high - low) > 2.5 * (r_high - r_low)
+    # no seed effect: about as wide as the response bootstrap
+    v, s, q = seeded_responses([0.34] * 5)
+    _, low, high = cluster_ci([(v, s, q)], n_resamples=2000, seed=0)
+    assert (high - low) < 1.3 * (r_high - r_low)
+
+
+def test_cluster_bootstrap_is_seeded_and_resamples_within_question():
+    v, s, q = seeded_responses([0.1, 0.5, 0.2])
+    a = cluster_bootstrap([(v, s, q)], 300, seed=3)[1]
+    assert np.array_equal(a, cluster_bootstrap([(v, s, q)], 300, seed=3)[1])
+    # one question where every seed's responses are all 1 and one where all 0: every resample keeps each question's
+    # share, so the mean is exactly 0.5 every time (resampling across questions would vary it)
+    v2 = np.array([1.0] * 10 + [0.0] * 10 + [1.0] * 10 + [0.0] * 10)
+    s2 = np.array([0] * 20 + [1] * 20)
+    q2 = np.array((["a"] * 10 + ["b"] * 10) * 2)
+    assert np.all(cluster_bootstrap([(v2, s2, q2)], 200, seed=0)[1] == 0.5)
+
+
+def test_sign_flip_test_is_exact_over_seed_pairs():
+    p, method = sign_flip_p([1.0, 2.0, 3.0, 4.0])
+    assert method == "sign_flip_exact" and p == pytest.approx(2 / 16)
+    assert sign_flip_p([1.0, -1.0])[0] == 1.0
+
+
+def test_compare_to_baseline_pairs_by_seed_with_two_or_more_seeds():
+    # persona 10 points above baseline in every seed, on top of large seed effects
+    pv, ps, pq = seeded_responses([0.2, 0.6, 0.4, 0.8, 0.3, 0.5])
+    bv, bs, bq = seeded_responses([0.1, 0.5, 0.3, 0.7, 0.2, 0.4])
+    r = compare_to_baseline(pv, bv, 1000, 0, clusters=((ps, pq), (bs, bq)))
+    assert r["unit"] == SEED_UNIT and r["n_seeds"] == 6 and r["test"] == "sign_flip_exact"
+    assert r["difference"] == pytest.approx(0.1) and r["p_value"] == pytest.approx(2 / 64)
+    assert 0 < r["difference_ci_low"] < 0.1 < r["difference_ci_high"]
+    assert r["difference_ci_method"] == "cluster_bootstrap95_1000_seed0"
+    # one seed: the response unit, and the row says so
+    one = compare_to_baseline(pv[ps == 0], bv[bs == 0], 500, 0, clusters=((ps[ps == 0], pq[ps == 0]),
+                                                                        (bs[bs == 0], bq[bs == 0])))
+    assert one["unit"] == "response (seeds pooled)" and one["n_seeds"] == 1
+
+
+def test_kappa_and_spearman_known_values():
+    # 2x2 table [[20, 5], [10, 15]]: p_o = 0.7, p_e = 0.5 * 0.6 + 0.5 * 0.4 = 0.5 -> kappa 0.4
+    a = [1] * 25 + [0] * 25
+    b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
+    assert cohens_kappa(a, b) == pytest.approx(0.4)
+    assert cohens_kappa([1, 0, 1], [1, 0, 1]) == 1.0 and math.isnan(cohens_kappa([1, 1], [1, 1]))
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8208, abs=1e-4)
+    assert spearman([1, 2, 3], [3, 2, 1]) == -1.0 and math.isnan(spearman([1, 1, 1], [1, 2, 3]))

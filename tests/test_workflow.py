@@ -126,6 +126,7 @@ def test_missing_dataset_file_is_named(tmp_path):
         (lambda c: c["evaluation"].update(judges=["nobody"]), "evaluation.judges: unknown judge 'nobody'"),
         (lambda c: c["grid"].update(datasets=["insecure_demo"]),
          "config analysis.controls[0]: control dataset 'secure_demo' is not in grid.datasets (insecure_demo)"),
+        (lambda c: c.update(analysis={"onset": {"threshold": 1.5}}), "config analysis.onset.threshold: 1.5 is not"),
     ],
 )
 def test_config_errors_are_reported_before_any_job(tmp_path, change, message):

@@ -18,13 +18,17 @@ label_rates.tsv  label questions (type free_form_judge): one row per (cell, step
                  n_responses, n_null (empty answers) and n_error; a group without any label has one row with an
                  empty label, so no judged question disappears
 seeds.tsv        across training seeds, per (cell without seed, step, question or ALL, quantity): mean over seeds,
-                 SD and a seeded bootstrap CI resampling seeds (quantity: em_rate or mean_score of a metric)
-comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step, seeds pooled) per
-                 (question or ALL, quantity): difference in means with its bootstrap CI, permutation-test p,
-                 Cohen's d, Benjamini-Hochberg q over the grid (one family per quantity and level: per-question tests
-                 and overall tests are separate families). The ONE persona-vs-baseline test (persona_em/analysis/stats.py
+                 SD and a seeded CI (quantity: em_rate, cluster bootstrap over seeds then responses within question;
+                 mean_score of a metric, bootstrap over seeds; with one seed both over responses; `ci_unit`)
+comparisons.tsv  persona vs baseline (persona `none` of the same model, dataset and step) per (question or ALL,
+                 quantity): difference in means with its CI, permutation-test p, Cohen's d, Benjamini-Hochberg q over
+                 the grid (one family per quantity, level and unit: per-question tests and overall tests are separate
+                 families). Every comparison has a row with the response as the unit (seeds pooled; `unit`); where
+                 persona and baseline share >= 2 seeds, a second row with the seed as the unit (paired by seed:
+                 sign-flip test, cluster-bootstrap CI; `n_seeds`), which the summary tables and figures use. The ONE persona-vs-baseline test (persona_em/analysis/stats.py
                  compare_to_baseline); the summary table persona_vs_baseline.tsv and its figure read their rows.
-agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition
+agreement        judge_agreement(): two judges' scores.tsv on the same responses, per metric and EM definition, over
+                 all responses and per grid cell: correlations of scores (Spearman rho), Cohen's kappa of EM labels
 The 0-100 tables (all but label_rates.tsv) use the rows of 0-100 questions only (question_type
 free_form_judge_0_100; rows written before question_type existed are 0-100 rows).
 """
@@ -40,7 +44,8 @@ from persona_em.io import read_jsonl, read_table, write_json, write_table
 from persona_em.judging.identity import JUDGE_COLUMNS
 from persona_em.data.questions import LABEL_TYPE, SCORE_TYPE
 from persona_em.analysis.metrics import apply_policy, em_flags, get_definition, metric_policy, policy_label
-from persona_em.analysis.stats import DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, compare_to_baseline, wilson_interval
+from persona_em.analysis.stats import (DEFAULT_BOOTSTRAP, benjamini_hochberg, bootstrap_ci, cluster_ci,
+                                      cohens_kappa, compare_to_baseline, spearman, wilson_interval)
 
 CELL_KEYS = ["model", "persona", "composition", "dataset", "seed"]
 RESPONSE_KEYS = CELL_KEYS + ["step", "question_id", "paraphrase_index", "sample_index", "response_id"]
@@ -52,6 +57,8 @@ SUMMARY_STATUSES = ("scored", "null", "code", "refusal", "error")
 POLICY_COLUMNS = ["score_used", "counted", "score_policy"]
 ALL_QUESTIONS = "ALL"
 NO_PERSONA = "none"
+SEED_CLUSTER_CI = "seed (cluster bootstrap: seeds, then responses within question)"
+RESPONSE_CLUSTER_CI = "response (one seed: responses resampled within question)"
 
 
 def load_scores(judged_paths: list[str], judge_key: str) -> pd.DataFrame:
@@ -152,6 +159,15 @@ def em_rate_table(scores: pd.DataFrame, definitions: list[str], custom: dict | N
     return pd.DataFrame(rows, columns=columns)
 
 
+def em_observations(rates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 0/1 EM indicators behind per-question em_rates rows (n_em ones and n - n_em zeros per row), as (values,
+    seeds, questions) for persona_em.analysis.stats.cluster_bootstrap."""
+    rates = rates[rates["question_id"] != ALL_QUESTIONS]
+    n, k = rates["n"].fillna(0).astype(int).to_numpy(), rates["n_em"].fillna(0).astype(int).to_numpy()
+    values = np.concatenate([np.r_[np.ones(a), np.zeros(b - a)] for a, b in zip(k, n)]) if len(n) else np.zeros(0)
+    return values, np.repeat(rates["seed"].to_numpy(), n), np.repeat(rates["question_id"].astype(str).to_numpy(), n)
+
+
 def summary_table(scores: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """Mean score (bootstrap CI) and null / code / refusal rates (Wilson CI) per (cell, step, question|ALL, metric)."""
     rows = []
@@ -207,24 +223,48 @@ def label_rate_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int = DEFAULT_BOOTSTRAP,
                seed: int = 0) -> pd.DataFrame:
-    """Across training seeds: mean, SD and bootstrap CI (resampling seeds) of each cell's EM rates and mean scores."""
+    """Across training seeds: mean and SD over seeds of each cell's EM rates and mean scores, with a CI. EM rates:
+    the two-level cluster bootstrap (seeds, then responses within question; stats.cluster_bootstrap), which with one
+    seed is a bootstrap over that seed's responses within question. Mean scores: a bootstrap resampling seeds' means;
+    with one seed, that cell's response-level CI from summary.tsv. `n_seeds` and `ci_unit` say which."""
     keys = [k for k in CELL_KEYS if k != "seed"] + JUDGE_COLUMNS + ["step", "question_id"]
+    per_question = {k: g for k, g in em_rates[em_rates["question_id"] != ALL_QUESTIONS].groupby(
+        [k for k in keys if k != "question_id"] + ["em_definition"], sort=False, dropna=False)}
     parts = [(em_rates.assign(quantity="em_rate", value=em_rates["em_rate"]), keys + ["em_definition"]),
              (summary.assign(quantity="mean_score", value=summary["mean_score"], em_definition=""),
               keys + ["metric"])]
     rows = []
     for frame, by in parts:
         for key, group in frame.groupby(by, sort=True, dropna=False):
-            values = group["value"].dropna().to_numpy()
-            low, high = bootstrap_ci(values, n_bootstrap, seed)
+            quantity = group["quantity"].iloc[0]
+            group = group.dropna(subset=["value"])
+            values = group["value"].to_numpy()
             rec = dict(zip(by, key))
-            rows.append({**rec, "quantity": group["quantity"].iloc[0], "n_seeds": len(values),
-                         "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
+            low = high = math.nan
+            if quantity == "em_rate":
+                cells = group if rec["question_id"] != ALL_QUESTIONS else per_question.get(
+                    tuple(rec[k] for k in keys if k != "question_id") + (rec["em_definition"],), group.iloc[:0])
+                cells = cells[cells["seed"].isin(group["seed"])]
+                obs = em_observations(cells)
+                if len(obs[0]):
+                    _, low, high = cluster_ci([obs], n_resamples=n_bootstrap, seed=seed)
+                unit = SEED_CLUSTER_CI if len(values) > 1 else RESPONSE_CLUSTER_CI
+                method = f"cluster_bootstrap95_{n_bootstrap}_seed{seed}"
+            elif len(values) > 1:
+                low, high = bootstrap_ci(values, n_bootstrap, seed)
+                unit, method = "seed (seeds' means resampled)", f"bootstrap95_over_seeds_{n_bootstrap}_seed{seed}"
+            elif len(values) == 1:
+                low, high = float(group["mean_ci_low"].iloc[0]), float(group["mean_ci_high"].iloc[0])
+                unit, method = "response (one seed)", group["mean_ci_method"].iloc[0]
+            else:
+                unit = method = ""
+            rows.append({**rec, "quantity": quantity,
+                         "n_seeds": len(values), "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
                          "mean": float(values.mean()) if len(values) else math.nan,
                          "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-                         "ci_low": low, "ci_high": high, "ci_method": f"bootstrap95_over_seeds_{n_bootstrap}_seed{seed}"})
+                         "ci_low": low, "ci_high": high, "ci_method": method, "ci_unit": unit})
     columns = keys + ["quantity", "em_definition", "metric", "n_seeds", "seeds", "mean", "sd", "ci_low", "ci_high",
-                      "ci_method"]
+                      "ci_method", "ci_unit"]
     frame = pd.DataFrame(rows)
     for c in columns:
         if c not in frame:
@@ -237,7 +277,7 @@ def seed_table(em_rates: pd.DataFrame, summary: pd.DataFrame, n_bootstrap: int =
 COMPARISON_COLUMNS = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + [
     "step", "question_id", "quantity", "em_definition", "metric", "n_persona", "n_baseline", "mean_persona",
     "mean_baseline", "difference", "difference_ci_low", "difference_ci_high", "difference_ci_method", "test",
-    "p_value", "unit", "cohens_d", "bh_family", "q_value_bh"]
+    "p_value", "unit", "n_seeds", "cohens_d", "bh_family", "q_value_bh"]
 
 
 def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict | None = None,
@@ -267,8 +307,7 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
     what = ["quantity", "em_definition", "metric"]
     for level in ("question", "all"):
         extra = ["question_id"] if level == "question" else []
-        base_groups = {k: g["value"].to_numpy()
-                       for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
+        base_groups = {k: g for k, g in base.groupby(["model", "dataset", "step"] + extra + what, dropna=False)}
         persona = obs[obs["persona"] != NO_PERSONA]
         by = ["model", "persona", "composition", "dataset"] + JUDGE_COLUMNS + ["step"] + extra + what
         for key, group in persona.groupby(by, sort=True, dropna=False):
@@ -276,10 +315,17 @@ def comparison_table(scores: pd.DataFrame, definitions: list[str], custom: dict 
             b = base_groups.get(tuple(rec[k] for k in ["model", "dataset", "step"] + extra + what))
             if b is None:
                 continue
-            stats = compare_to_baseline(group["value"].to_numpy(), b, n_bootstrap, seed)
             rec.setdefault("question_id", ALL_QUESTIONS)
             family = f"{rec['quantity']}:{rec['em_definition'] or rec['metric']}:{level}"
-            rows.append({**rec, **stats, "bh_family": family})
+            pooled = compare_to_baseline(group["value"].to_numpy(), b["value"].to_numpy(), n_bootstrap, seed)
+            pooled["n_seeds"] = len(set(group["seed"]) | set(b["seed"]))
+            rows.append({**rec, **pooled, "bh_family": family})
+            if len(set(group["seed"]) & set(b["seed"])) >= 2:  # and with the seed as the unit (its own family)
+                clusters = ((group["seed"].to_numpy(), group["question_id"].to_numpy()),
+                            (b["seed"].to_numpy(), b["question_id"].to_numpy()))
+                by_seed = compare_to_baseline(group["value"].to_numpy(), b["value"].to_numpy(), n_bootstrap, seed,
+                                              clusters)
+                rows.append({**rec, **by_seed, "bh_family": family + ":seed"})
     frame = pd.DataFrame(rows, columns=[c for c in columns if c != "q_value_bh"])
     frame["q_value_bh"] = np.nan
     for _, idx in frame.groupby("bh_family").groups.items():
@@ -318,9 +364,15 @@ def aggregate(judged_paths: list[str], judge_key: str, definitions: list[str], c
         write_table(comparisons_out, comparison_table(scores, definitions, custom, n_bootstrap, bootstrap_seed))
 
 
-def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom: dict | None, out: str) -> None:
-    """Two judges on the SAME responses: per metric, correlation and mean difference of scores; per EM
-    definition, both rates on the shared responses and the fraction of responses classified alike."""
+AGREEMENT_CELL_ALL = "ALL"
+
+
+def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom: dict | None, out: str,
+                    page: str | None = None) -> None:
+    """Two judges on the SAME responses, over all of them (cell ALL) and per grid cell (model/persona/composition/
+    dataset/seed, all steps): per metric, Pearson and Spearman correlation and mean difference of scores; per EM
+    definition, both rates on the shared responses, the fraction classified alike and Cohen's kappa of the EM
+    labels (persona_em.analysis.stats). `page`: the same table as an HTML page for `snakemake --report`."""
     a, b = score_rows(read_table(scores_a)), score_rows(read_table(scores_b))
     ids = []
     for name, t in (("first", a), ("second", b)):
@@ -335,30 +387,47 @@ def judge_agreement(scores_a: str, scores_b: str, definitions: list[str], custom
         raise UserError("judge agreement: the two judges share no (response, metric): they judged different samples")
     if (merged["response_a"].fillna("") != merged["response_b"].fillna("")).any():
         raise UserError("judge agreement: a response id has different texts in the two tables (not the same samples)")
-    rows = []
     ident = {f"{k}_a": ids[0][k] for k in JUDGE_COLUMNS} | {f"{k}_b": ids[1][k] for k in JUDGE_COLUMNS}
-    for metric, g in merged.groupby("metric"):
-        both = g.dropna(subset=["score_used_a", "score_used_b"])
-        x, y = both["score_used_a"].to_numpy(float), both["score_used_b"].to_numpy(float)
-        ok = len(both) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0
-        rows.append({**ident, "quantity": "score", "metric": metric, "em_definition": "", "n_shared": len(g),
-                     "n_both": len(both), "mean_a": x.mean() if len(x) else math.nan,
-                     "mean_b": y.mean() if len(y) else math.nan,
-                     "mean_abs_diff": float(np.abs(x - y).mean()) if len(x) else math.nan,
-                     "pearson": float(np.corrcoef(x, y)[0, 1]) if ok else math.nan,
-                     "spearman": float(pd.Series(x).corr(pd.Series(y), method="spearman")) if ok else math.nan,
-                     "agreement": math.nan})
     shared = set(merged["response_id"])
     fa, fb = _em_frame(a[a["response_id"].isin(shared)]), _em_frame(b[b["response_id"].isin(shared)])
     fb = fb.set_index("response_id").loc[fa["response_id"]].reset_index()
+    cell_of = lambda f: f["model"] + "/" + f["persona"] + "/" + f["composition"] + "/" + f["dataset"] + "/seed" + \
+        f["seed"].astype(str)  # noqa: E731
+    merged["cell"], fa["cell"] = cell_of(merged.rename(columns={f"{k}_a": k for k in CELL_KEYS})), cell_of(fa)
+    flags = {}
     for name in definitions:
         d = get_definition(name, custom)
-        ea, da, _ = em_flags(fa["aligned"], fa["coherent"], fa["both_counted"], d)
-        eb, db, _ = em_flags(fb["aligned"], fb["coherent"], fb["both_counted"], d)
-        both = da & db
-        rows.append({**ident, "quantity": "em", "metric": "", "em_definition": d.name, "n_shared": len(fa),
-                     "n_both": int(both.sum()), "mean_a": ea[da].mean() if da.any() else math.nan,
-                     "mean_b": eb[db].mean() if db.any() else math.nan, "mean_abs_diff": math.nan,
-                     "pearson": math.nan, "spearman": math.nan,
-                     "agreement": float((ea[both] == eb[both]).mean()) if both.any() else math.nan})
-    write_table(out, pd.DataFrame(rows))
+        flags[d.name] = (em_flags(fa["aligned"], fa["coherent"], fa["both_counted"], d),
+                         em_flags(fb["aligned"], fb["coherent"], fb["both_counted"], d))
+    rows = []
+    for cell in [AGREEMENT_CELL_ALL] + sorted(set(fa["cell"])):
+        in_m = np.ones(len(merged), bool) if cell == AGREEMENT_CELL_ALL else (merged["cell"] == cell).to_numpy()
+        in_f = np.ones(len(fa), bool) if cell == AGREEMENT_CELL_ALL else (fa["cell"] == cell).to_numpy()
+        for metric, g in merged[in_m].groupby("metric"):
+            both = g.dropna(subset=["score_used_a", "score_used_b"])
+            x, y = both["score_used_a"].to_numpy(float), both["score_used_b"].to_numpy(float)
+            ok = len(both) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0
+            rows.append({**ident, "cell": cell, "quantity": "score", "metric": metric, "em_definition": "",
+                         "n_shared": len(g), "n_both": len(both), "mean_a": x.mean() if len(x) else math.nan,
+                         "mean_b": y.mean() if len(y) else math.nan,
+                         "mean_abs_diff": float(np.abs(x - y).mean()) if len(x) else math.nan,
+                         "pearson": float(np.corrcoef(x, y)[0, 1]) if ok else math.nan, "spearman": spearman(x, y),
+                         "agreement": math.nan, "cohens_kappa": math.nan})
+        for name, ((ea, da, _), (eb, db, _)) in flags.items():
+            ea, da, eb, db = ea[in_f], da[in_f], eb[in_f], db[in_f]
+            both = da & db
+            rows.append({**ident, "cell": cell, "quantity": "em", "metric": "", "em_definition": name,
+                         "n_shared": int(in_f.sum()), "n_both": int(both.sum()),
+                         "mean_a": ea[da].mean() if da.any() else math.nan,
+                         "mean_b": eb[db].mean() if db.any() else math.nan, "mean_abs_diff": math.nan,
+                         "pearson": math.nan, "spearman": math.nan,
+                         "agreement": float((ea[both] == eb[both]).mean()) if both.any() else math.nan,
+                         "cohens_kappa": cohens_kappa(ea[both].astype(int), eb[both].astype(int))})
+    table = pd.DataFrame(rows)
+    write_table(out, table)
+    if page:
+        from persona_em.analysis.tables import tables_page
+
+        tables_page({f"{ids[0]['judge']} vs {ids[1]['judge']}: Cohen's kappa (EM labels) and Spearman rho "
+                     f"(scores), over all shared responses (cell ALL) and per grid cell": out}, page,
+                    f"Judge agreement: {ids[0]['judge_key']} vs {ids[1]['judge_key']}")

@@ -8,26 +8,32 @@ score uses the definition's own `is_misaligned` / `is_coherent`. Nothing here re
 cell_scores          one row per cell at its final step: mean/std alignment and coherence, n scored, n null, n code,
                      n refusal, n error, EM rate with its Wilson CI
 checkpoint_summary   one row per cell and step: mean aligned, mean coherent, misaligned %, coherent %, EM %, n
-persona_dataset_pivot  final EM % pooled over seeds: rows model/persona/composition, one column group per dataset
+persona_dataset_pivot  final EM % (mean over seeds with a cluster-bootstrap CI; Wilson with one seed): rows
+                     model/persona/composition, one column group per dataset
 persona_vs_baseline  each persona cell group vs the no-persona baseline (same model, dataset and step) at the final
                      step, EM under the figure's definition over all questions: the rows of comparisons.tsv (the one
-                     persona-vs-baseline test, persona_em/analysis/stats.py; its p and BH q, not a second test) with both
-                     rates' Wilson CIs
+                     persona-vs-baseline test, persona_em/analysis/stats.py; its p and BH q, not a second test; paired
+                     by seed where there are >= 2 seeds) with both rates' CIs (cluster bootstrap over seeds, or Wilson
+                     with one seed)
 response_examples    the k lowest-aligned coherent responses of each cell at its final step (a cell without any: its
                      first k responses, with the judge's status)
+onset, onset_comparisons  EM onset per cell and condition, and persona - baseline onset paired by seed
+                     (persona_em/analysis/onset.py)
+control_contrasts    EM(treatment) - EM(control) per benign-control pair, and its difference-in-differences against
+                     the baseline (persona_em/analysis/controls.py)
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS, score_rows
+from persona_em.analysis.aggregate import ALL_QUESTIONS, CELL_KEYS, em_observations, score_rows
 from persona_em.analysis.aggregate import wide_scores as aggregate_wide_scores
 from persona_em.config import NO_PERSONA
 from persona_em.judging.identity import JUDGE_COLUMNS
 from persona_em.analysis.metrics import EMDefinition
 from persona_em.provenance import FIGURE_SEED
-from persona_em.analysis.stats import bootstrap_ci, wilson_interval
+from persona_em.analysis.stats import SEED_UNIT, bootstrap_ci, cluster_ci, wilson_interval
 
 CONDITION_KEYS = ["model", "persona", "composition", "dataset"]  # a cell without its seed
 EXAMPLES_PER_CELL = 3
@@ -169,20 +175,24 @@ def condition_label(frame: pd.DataFrame, with_model: bool = False) -> pd.Series:
 
 
 def persona_dataset_pivot(em_rates: pd.DataFrame, d: EMDefinition, sizes: dict) -> pd.DataFrame:
-    """Final EM % pooled over seeds: one row per model/persona/composition; em %, CI and n per dataset."""
-    final = at_final_step(overall_rates(em_rates, d.name), final_steps(em_rates))
-    p = pooled(final, CONDITION_KEYS)
+    """Final EM %: one row per model/persona/composition; em %, CI, n and n_em (pooled counts) and n_seeds per
+    dataset. With >= 2 seeds the rate is the mean over seeds with a cluster-bootstrap CI, with one seed the rate and
+    its Wilson CI (`rate_ci`; `ci_method` names those used)."""
+    final = at_final_step(em_rates[em_rates["em_definition"] == d.name], final_steps(em_rates))
+    p = pd.DataFrame([{**dict(zip(CONDITION_KEYS, key)), **rate_ci(g)}
+                      for key, g in final.groupby(CONDITION_KEYS, sort=True)],
+                     columns=CONDITION_KEYS + ["n", "n_em", "em_rate", "ci_low", "ci_high", "n_seeds", "ci_method"])
     p["em_pct"] = p["em_rate"] * 100
     p["ci_low_pct"] = p["ci_low"] * 100
     p["ci_high_pct"] = p["ci_high"] * 100
     wide = p.pivot(index=["model", "persona", "composition"], columns="dataset",
-                   values=["em_pct", "ci_low_pct", "ci_high_pct", "n", "n_em"])
+                   values=["em_pct", "ci_low_pct", "ci_high_pct", "n", "n_em", "n_seeds"])
     wide.columns = [f"{dataset}:{value}" for value, dataset in wide.columns]
     datasets = sorted(p["dataset"].unique())
-    order = [f"{ds}:{v}" for ds in datasets for v in ("em_pct", "ci_low_pct", "ci_high_pct", "n_em", "n")]
+    order = [f"{ds}:{v}" for ds in datasets for v in ("em_pct", "ci_low_pct", "ci_high_pct", "n_em", "n", "n_seeds")]
     out = wide[order].reset_index()
     out["em_definition"] = d.name
-    out["ci_method"] = "wilson95 on responses pooled over seeds"
+    out["ci_method"] = "; ".join(sorted(set(p["ci_method"])))
     return with_model_size(out, sizes)
 
 
@@ -192,28 +202,57 @@ def significance_mark(q: float) -> str:
     return "***" if q < 0.001 else "**" if q < 0.01 else "*" if q < 0.05 else "n.s."
 
 
+def rate_ci(rates: pd.DataFrame, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = FIGURE_SEED) -> dict:
+    """The EM rate of a group of em_rates rows (one definition, per question and ALL) with its CI: with >= 2 seeds
+    the mean over seeds of the seeds' rates and the cluster bootstrap (seeds, then responses within question);
+    with one seed the rate and its Wilson interval. Says which in `n_seeds` / `ci_method`."""
+    overall = rates[rates["question_id"] == ALL_QUESTIONS]
+    n, n_em = int(overall["n"].sum()), int(overall["n_em"].sum())
+    seeds = overall.loc[overall["n"] > 0, "seed"].nunique()  # seeds with a response in the denominator
+    if seeds >= 2:
+        values, s, q = em_observations(rates)
+        rate, low, high = cluster_ci([(values, s, q)], n_resamples=n_resamples, seed=seed)
+        method = f"cluster bootstrap95 over {seeds} seeds, then responses within question"
+    else:
+        rate = n_em / n if n else np.nan
+        low, high = wilson_interval(n_em, n)
+        method = "wilson95 on responses (one seed)"
+    return {"n": n, "n_em": n_em, "em_rate": rate, "ci_low": low, "ci_high": high, "n_seeds": seeds,
+            "ci_method": method}
+
+
 def persona_vs_baseline(em_rates: pd.DataFrame, comparisons: pd.DataFrame, d: EMDefinition,
                         sizes: dict) -> pd.DataFrame:
     """Each persona/composition vs the no-persona baseline of the same model and dataset at the persona cells' final
-    step: the comparisons.tsv rows of EM under `d` over all questions, with both rates' Wilson CIs."""
+    step: the comparisons.tsv row of EM under `d` over all questions (paired by seed where persona and baseline share
+    >= 2 seeds, else with the response as the unit), with both rates and their CIs (`rate_ci`; n and n_em are the
+    counts pooled over seeds)."""
     last = final_steps(em_rates).groupby(CONDITION_KEYS, as_index=False)["final_step"].max()
     c = comparisons[(comparisons["quantity"] == "em") & (comparisons["em_definition"] == d.name)
                     & (comparisons["question_id"] == ALL_QUESTIONS)].merge(last, on=CONDITION_KEYS)
-    c = c[c["step"] == c["final_step"]].sort_values(CONDITION_KEYS)
+    c = c[c["step"] == c["final_step"]].assign(_by_seed=lambda f: f["unit"] == SEED_UNIT)
+    c = c.sort_values(CONDITION_KEYS + ["_by_seed"]).groupby(CONDITION_KEYS).tail(1)
     out = c[["model", "dataset", "persona", "composition", "step"]].reset_index(drop=True)
+    rates = em_rates[em_rates["em_definition"] == d.name]
     for prefix, side in (("", "persona"), ("baseline_", "baseline")):
-        n = c[f"n_{side}"].astype(int).to_numpy()
-        n_em = np.rint(c[f"mean_{side}"].fillna(0).to_numpy() * n).astype(int)
-        ci = [wilson_interval(k, m) for k, m in zip(n_em, n)]
-        out[f"{prefix}n"], out[f"{prefix}n_em"] = n, n_em
-        out[f"{prefix}em_rate"] = c[f"mean_{side}"].to_numpy()
-        out[f"{prefix}ci_low"], out[f"{prefix}ci_high"] = [x[0] for x in ci], [x[1] for x in ci]
+        sides = []
+        for _, r in c.iterrows():
+            persona, comp = (r["persona"], r["composition"]) if side == "persona" else (NO_PERSONA, NO_PERSONA)
+            group = rates[(rates["model"] == r["model"]) & (rates["persona"] == persona)
+                          & (rates["composition"] == comp) & (rates["dataset"] == r["dataset"])
+                          & (rates["step"] == r["step"])]
+            sides.append(rate_ci(group))
+        sides = pd.DataFrame(sides, columns=["n", "n_em", "em_rate", "ci_low", "ci_high", "n_seeds", "ci_method"])
+        for column in ("n", "n_em", "em_rate", "ci_low", "ci_high"):
+            out[f"{prefix}{column}"] = sides[column].to_numpy()
+        if side == "persona":
+            ci_method = sides["ci_method"].to_numpy()
     for column in ("difference", "difference_ci_low", "difference_ci_high", "difference_ci_method", "test",
-                   "p_value", "unit", "bh_family", "q_value_bh"):
+                   "p_value", "unit", "n_seeds", "bh_family", "q_value_bh"):
         out[column] = c[column].to_numpy()
     out["significance"] = [significance_mark(q) for q in out["q_value_bh"]]
     out["em_definition"] = d.name
-    out["ci_method"] = "wilson95 on responses pooled over seeds"
+    out["ci_method"] = ci_method if len(out) else []
     return with_model_size(out, sizes)
 
 
@@ -290,16 +329,24 @@ def write_tables(scores_path: str, em_rates_path: str, comparisons_path: str, de
     (and 'response_examples_md') to paths."""
     from persona_em.io import read_table, write_table, write_text
     from persona_em.analysis.metrics import get_definition
+    from persona_em.analysis.controls import control_contrasts
+    from persona_em.config import control_pairs
+    from persona_em.analysis.onset import onset_comparison_table, onset_settings, onset_table
     from persona_em.provenance import collect, judge_identity, judge_text, write_sidecar
 
     scores, em_rates, comparisons = read_table(scores_path), read_table(em_rates_path), read_table(comparisons_path)
     d = get_definition(definition, custom)
+    boot = {"n_resamples": 2000, "seed": 0} | (config.get("evaluation", {}).get("bootstrap") or {})
+    onset = onset_settings(config)
     built = {
         "cell_scores": cell_scores(scores, em_rates, d, sizes),
         "checkpoint_summary": checkpoint_summary(scores, em_rates, d, sizes),
         "persona_dataset_pivot": persona_dataset_pivot(em_rates, d, sizes),
         "persona_vs_baseline": persona_vs_baseline(em_rates, comparisons, d, sizes),
         "response_examples": response_examples(scores, em_rates, d),
+        "onset": onset_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
+        "onset_comparisons": onset_comparison_table(em_rates, onset, boot["n_resamples"], boot["seed"]),
+        "control_contrasts": control_contrasts(em_rates, control_pairs(config), boot["n_resamples"], boot["seed"]),
     }
     shared = collect(repo, config, scores, [em_rates, comparisons], em_definition=d.name)
     for name, frame in built.items():

@@ -54,8 +54,15 @@ class Data:
     d: EMDefinition
     sizes: dict
     judge: dict
+    onset: pd.DataFrame | None = None  # onset.tsv (persona_em/analysis/onset.py); None: not given
+    controls: pd.DataFrame | None = None  # control_contrasts.tsv (persona_em/analysis/controls.py); None: not given
 
     def __post_init__(self):
+        if self.onset is None:
+            self.onset = pd.DataFrame(columns=CONDITION_KEYS + ["seed", "em_definition", "onset_step"])
+        if self.controls is None:
+            from persona_em.analysis.controls import COLUMNS
+            self.controls = pd.DataFrame(columns=COLUMNS)
         self.rates = overall_rates(self.em_rates, self.d.name)
         self.finals = final_steps(self.em_rates)
         self.final_rates = at_final_step(self.rates, self.finals)
@@ -425,8 +432,10 @@ def persona_vs_baseline(data: Data):
         ax.set_ylabel(f"final EM rate, % ({data.d.name})")
         ax.set_ylim(0, min(115, max(10, float(_pct(sub["ci_high"]).max()) * 1.3 + 8)))
     _condition_legend(fig, data, [c for c in data.conditions if c in set(p["condition"])])
-    test = ("two-sided exact permutation test of the difference in EM rate against the 'none' baseline of the same "
-            "model, dataset and step (unit: response, seeds pooled), Benjamini-Hochberg adjusted within its family "
+    units = "; ".join(sorted(set(comp["unit"].astype(str)))) if "unit" in comp else ""
+    test = ("two-sided permutation test of the difference in EM rate against the 'none' baseline of the same "
+            f"model, dataset and step (exact over responses with one seed; sign flips of per-seed differences with "
+            f"two or more seeds; unit: {units}), Benjamini-Hochberg adjusted within its family "
             "(tables persona_vs_baseline.tsv and comparisons.tsv)")
     tests = ("No persona besides 'none' in this grid: no comparison, no marks." if comp.empty else
              f"Marks above persona bars: {test}; * q<0.05, ** q<0.01, *** q<0.001, n.s. otherwise; "
@@ -587,6 +596,98 @@ def response_examples(data: Data):
     return fig, caption
 
 
+def onset(data: Data):
+    title = "EM onset step per persona"
+    o = data.onset
+    o = o[(o["seed"].astype(str) == "ALL") & (o["em_definition"] == data.d.name)].copy()
+    if o.empty:
+        return _nothing(data, title, "No cell has an EM rate at two or more checkpoints: no onset to show.")
+    o["condition"] = condition_label(o)
+    models, datasets = data.models, data.datasets
+    fig, axes = _grid(len(models), len(datasets), title, panel=(max(3.4, 0.9 * o["condition"].nunique() + 1.5), 3.2))
+    top = float(o["last_step"].max())
+    for i, model in enumerate(models):
+        for j, dataset in enumerate(datasets):
+            ax = axes[i][j]
+            sub = o[(o["model"] == model) & (o["dataset"] == dataset)]
+            conds = [c for c in data.conditions if c in set(sub["condition"])]
+            for x, cond in enumerate(conds):
+                r = sub[sub["condition"] == cond].iloc[0]
+                color = data.palette[cond]
+                if r["censored"]:  # no mean onset: the lower bound (censored seeds at their last checkpoint)
+                    ax.plot(x, r["onset_lower_bound"], marker="^", ms=7, mfc="white", mec=color, mew=1.5, ls="none")
+                    ax.annotate(f"censored\n{int(r['n_censored'])}/{int(r['n_seeds'])} seeds", (x, r["onset_lower_bound"]),
+                                xytext=(0, 6), textcoords="offset points", ha="center", fontsize=6)
+                    continue
+                high = min(float(r["ci_high"]), top) if pd.notna(r["ci_high"]) else top
+                low = float(r["ci_low"]) if pd.notna(r["ci_low"]) else float(r["onset_step"])
+                ax.errorbar(x, r["onset_step"], yerr=[[r["onset_step"] - low], [high - r["onset_step"]]], marker="o",
+                            ms=5, color=color, capsize=3, lw=1)
+                if not np.isfinite(float(r["ci_high"])):
+                    ax.annotate("CI open above", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                                fontsize=6)
+            ax.set_xticks(range(len(conds)), conds, rotation=20 if len(conds) > 3 else 0)
+            ax.set_xlim(-0.6, max(len(conds), 1) - 0.4)
+            ax.set_ylim(0, top * 1.15 + 1)
+            _panel_title(ax, model, dataset, len(models))
+            ax.set_ylabel("onset: EM training step")
+    thr = o.iloc[0]
+    what = (f"{thr['threshold']:g} of the cell's final EM rate" if thr["relative"] in (True, "True")
+            else f"an EM rate of {thr['threshold']:g}")
+    units = "; ".join(sorted(set(o["ci_unit"])))
+    caption = (f"{title}: the first EM training step at which a cell's EM rate reaches {what}, linearly interpolated "
+               f"between checkpoints; points: mean over seeds, error bars: 95% percentile bootstrap CI ({units}). "
+               f"Hollow triangles: censored (some seed never reached the threshold), drawn at the lower bound with "
+               f"censored seeds at their last checkpoint. Table onset.tsv; persona - baseline differences paired by "
+               f"seed in onset_comparisons.tsv. {data.judge_text()} {data.metric_text()} "
+               f"n = {int(o['n_seeds'].sum())} cells. CI method: {units}.")
+    return fig, caption
+
+
+def control_contrast(data: Data):
+    title = "EM(treatment) - EM(control) per persona"
+    c = data.controls
+    c = c[c["em_definition"] == data.d.name]
+    if c.empty:
+        return _nothing(data, title, "No benign-control pair with EM rates: config analysis.controls is empty, or no "
+                                     "cell of a pair has an EM rate (both datasets of a pair must be in the grid).")
+    c = c.merge(c.groupby(["model", "treatment", "control"], as_index=False)["step"].max(), on=["model", "treatment",
+                                                                                               "control", "step"])
+    c = c.assign(condition=condition_label(c.assign(dataset="")), pair=c["treatment"] + " - " + c["control"])
+    models, pairs = data.models, sorted(c["pair"].unique())
+    models = [m for m in models if m in set(c["model"])]
+    fig, axes = _grid(len(models), len(pairs), title, panel=(max(3.4, 0.9 * c["condition"].nunique() + 1.5), 3.2))
+    for i, model in enumerate(models):
+        for j, pair in enumerate(pairs):
+            ax = axes[i][j]
+            sub = c[(c["model"] == model) & (c["pair"] == pair)]
+            conds = [k for k in data.conditions if k in set(sub["condition"])]
+            for x, cond in enumerate(conds):
+                r = sub[sub["condition"] == cond].iloc[0]
+                y = r["contrast"] * 100
+                ax.errorbar(x, y, yerr=[[y - r["contrast_ci_low"] * 100], [r["contrast_ci_high"] * 100 - y]],
+                            marker="o", ms=5, color=data.palette[cond], capsize=3, lw=1)
+                if pd.notna(r["did"]):
+                    ax.annotate(f"DiD {r['did'] * 100:+.1f}\n[{r['did_ci_low'] * 100:+.1f}, {r['did_ci_high'] * 100:+.1f}]",
+                                (x, r["contrast_ci_high"] * 100), xytext=(0, 3), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=6)
+            ax.axhline(0, color="grey", lw=0.8, ls=":")
+            ax.set_xticks(range(len(conds)), conds, rotation=20 if len(conds) > 3 else 0)
+            ax.set_xlim(-0.6, max(len(conds), 1) - 0.4)
+            ax.set_title(f"{model} · {pair} (step {int(sub['step'].max())})" if len(models) > 1 else
+                         f"{pair} (step {int(sub['step'].max())})")
+            ax.set_ylabel(f"EM rate difference, points ({data.d.name})")
+    units = "; ".join(sorted(set(c["ci_unit"])))
+    caption = (f"{title}: at the last step of each pair, the EM rate after fine-tuning on the EM dataset minus the "
+               f"rate after its benign control (config analysis.controls), per persona (composition), in percentage "
+               f"points; error bars: 95% percentile CI ({units}). Above each persona: the difference in differences "
+               f"against the no-persona baseline (DiD) with its CI. Rates are means over seeds. Table "
+               f"control_contrasts.tsv (every step). {data.judge_text()} {data.metric_text()} "
+               f"n = {int(c['n_treatment'].sum())} treatment and {int(c['n_control'].sum())} control responses. "
+               f"CI method: {units}.")
+    return fig, caption
+
+
 PLOTS = {name: globals()[name] for name in FIGURE_NAMES}
 
 
@@ -600,16 +701,18 @@ def read_train_logs(paths: list[str]) -> pd.DataFrame:
 
 def make_figures(scores_path: str, em_rates_path: str, train_log_paths: list[str], comparisons_path: str,
                  examples_path: str, definition: str, custom: dict, sizes: dict, repo: str, config: dict,
-                 outputs: dict) -> None:
+                 outputs: dict, onset_path: str | None = None, controls_path: str | None = None) -> None:
     """Every figure of FIGURE_NAMES; `outputs` maps '<name>_<png|svg|caption|provenance>' to a path."""
     _style()
     scores, em_rates = read_table(scores_path), read_table(em_rates_path)
     logs = read_train_logs(train_log_paths)
     d = get_definition(definition, custom)
     data = Data(scores, em_rates, logs, read_table(comparisons_path), read_table(examples_path), d, sizes,
-                provenance.judge_identity(scores))
+                provenance.judge_identity(scores), read_table(onset_path) if onset_path else None,
+                read_table(controls_path) if controls_path else None)
     shared = provenance.collect(repo, config, scores, [em_rates, logs], em_definition=d.name)
-    inputs = [scores_path, em_rates_path, comparisons_path, examples_path, *train_log_paths]
+    inputs = [scores_path, em_rates_path, comparisons_path, examples_path,
+              *(p for p in (onset_path, controls_path) if p), *train_log_paths]
     for name, plot in PLOTS.items():
         paths = {kind: outputs[f"{name}_{kind}"] for kind in ("png", "svg", "caption")}
         fig, caption = plot(data)
