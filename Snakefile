@@ -22,6 +22,7 @@ include: "rules/prepare.smk"
 include: "rules/persona.smk"
 include: "rules/em.smk"
 include: "rules/evaluate.smk"
+include: "rules/weights.smk"
 include: "rules/report.smk"
 include: "rules/cluster.smk"
 

@@ -49,7 +49,23 @@ FIGURES = {
     "training_loss": "EM training loss per cell (from each cell's `train_log.tsv`)",
     "response_examples": "the lowest-aligned coherent responses per cell as an image",
 }
+# Weight trajectories of one cell (rule weight_norms; no judge): results/tables/weights/{cell}/<name>.tsv, each with a
+# <name>.provenance.json sidecar (persona_em/analysis/weights.py)
+WEIGHT_TABLES = {
+    "weight_norms": "per snapshot step, layer and module: Frobenius norm of the EM update s·B·A, the persona's, "
+                    "their inner product and cosine, the model's total update (persona + EM with the cross term)",
+    "weight_rotation": "per snapshot step, layer and module: inner products and angle to the previous snapshot's "
+                       "EM update and cosine to the final one; B-vector angle and cosine for rank-1 adapters",
+}
+# Figures of the weight tables (rule plot_figures, with the judge's EM rate): results/figures/{judge}/<name>.{png,svg}
+WEIGHT_FIGURES = {
+    "weight_norms_vs_step": "EM update norm per layer group vs step, one line per persona (dashed: persona + EM)",
+    "weight_rotation_vs_step": "angle between consecutive EM updates (and rank-1 B vectors) vs step, EM rate on a "
+                               "second axis",
+}
 TABLE_NAMES = tuple(SUMMARY_TABLES)
+WEIGHT_TABLE_NAMES = tuple(WEIGHT_TABLES)
+WEIGHT_FIGURE_NAMES = tuple(WEIGHT_FIGURES)
 FIGURE_NAMES = tuple(FIGURES)
 # The files of each figure: kind -> file suffix (caption: RST that `snakemake --report` includes; provenance: JSON sidecar)
 FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
@@ -64,6 +80,8 @@ OUTPUTS = [
     ("em/{cell}/checkpoints/step-NNNNNN/", "the EM adapter at each scheduled step; `checkpoints.json` records the "
      "schedule, the training settings and the adapters active in training"),
     ("em/{cell}/train_log.tsv", "per optimizer step: loss, learning rate, grad norm, tokens"),
+    *((f"tables/weights/{{cell}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
+      for name, text in WEIGHT_TABLES.items()),
     ("samples/{cell}.jsonl", "one row per response: cell keys, step, question id, paraphrase, sample index, text, "
      "generation settings, active adapters, the host and GPU that generated it"),
     ("judged/{judge}/{cell}.jsonl", "one row per (response, metric): score 0–100 or null (or a label, for label "
@@ -76,7 +94,7 @@ OUTPUTS = [
     *((f"tables/{{judge}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
       for name, text in SUMMARY_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
-      for name, text in FIGURES.items()),
+      for name, text in {**FIGURES, **WEIGHT_FIGURES}.items()),
     ("figures/{judge}/summary_tables.html`, `provenance.html", "the summary tables and every artifact's provenance "
      "as pages of `snakemake --report`"),
     ("logs/{rule}/...log", "one log per job: what was resumed, what was skipped, progress bars"),

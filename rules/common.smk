@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
+from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES, WEIGHT_FIGURE_NAMES, WEIGHT_TABLE_NAMES
 from persona_em.config import (
     NO_PERSONA,
     Cell,
@@ -75,6 +75,16 @@ RESPONSE_EXAMPLES_MD = f"{RESULTS}/tables/{{judge}}/response_examples.md"
 FIGURE_FILES = {
     f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
     for name in FIGURE_NAMES
+    for kind, suffix in FIGURE_SUFFIXES.items()
+}
+# Weight trajectories of one cell (rules/weights.smk): no judge, so not under a judge's key.
+WEIGHT_TABLE_FILES = {name: f"{RESULTS}/tables/weights/{CELL}/{name}.tsv" for name in WEIGHT_TABLE_NAMES}
+WEIGHT_TABLE_SIDECARS = {
+    f"{name}_provenance": f"{RESULTS}/tables/weights/{CELL}/{name}.provenance.json" for name in WEIGHT_TABLE_NAMES
+}
+WEIGHT_FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in WEIGHT_FIGURE_NAMES
     for kind, suffix in FIGURE_SUFFIXES.items()
 }
 GPU_SMOKE = f"{RESULTS}/gpu_smoke/gpus{{gpus}}.json"
@@ -188,7 +198,8 @@ def cell_paths(pattern, **extra):
 
 def figure_targets():
     """Every figure, summary table and report page of every judge: the `figures` target."""
-    patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), TABLES_PAGE, PROVENANCE_PAGE]
+    patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), *WEIGHT_FIGURE_FILES.values(),
+                TABLES_PAGE, PROVENANCE_PAGE]
     return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
 
 
@@ -272,10 +283,20 @@ def train_logs(wildcards):
     return cell_paths(TRAIN_LOG)
 
 
+def weight_tables(name):
+    """Input function: table `name` (weight_norms | weight_rotation) of every cell of the grid."""
+
+    def paths(wildcards):
+        return cell_paths(WEIGHT_TABLE_FILES[name])
+
+    return paths
+
+
 def figure_outputs():
-    """FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is report/<figure>.rst."""
+    """FIGURE_FILES and WEIGHT_FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is
+    report/<figure>.rst."""
     flagged = {}
-    for key, path in FIGURE_FILES.items():
+    for key, path in {**FIGURE_FILES, **WEIGHT_FIGURE_FILES}.items():
         name = key.rsplit("_", 1)[0]
         caption = f"../report/{name}.rst"
         flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path
