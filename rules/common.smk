@@ -6,6 +6,7 @@ from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES, WEI
 from persona_em.config import (
     NO_PERSONA,
     Cell,
+    check_cell,
     checkpoint_spec,
     expand_grid,
     model_source,
@@ -111,6 +112,8 @@ HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the h
 
 # --- the grid ----------------------------------------------------------------------------------------------------
 CELLS = expand_grid(config)
+for _cell in CELLS:  # layers_to_transform in range, trace size guard: now, where the model's shape is known
+    check_cell(config, _cell, RESULTS)
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:

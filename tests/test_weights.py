@@ -146,3 +146,56 @@ def test_b_vector_turning_90_degrees_at_step_30_peaks_there(tmp_path):
     assert set(norms["source"]) == {"checkpoint", "trace"} and norms["em_norm"].iloc[0] == 0.0
     # the whole adapter's cosine from the kept inner products equals the single module's here
     assert W.group_cosine(rot[rot["step"] == 30], "inner_prev", "norm_prev", "norm") == pytest.approx(0.0, abs=1e-9)
+
+
+def test_trace_every_writes_snapshots_that_weight_norms_reads(tmp_path):
+    model, data = tiny_model(tmp_path), chat_data(tmp_path / "train.jsonl")
+    cell = Cell("tiny", "none", "none", "d", 0)
+    spec = {"steps": [0, "final"], "trace_every": 1}
+    train_em(cell, str(model), None, str(data), train_settings(), spec, str(tmp_path / "work"),
+             str(tmp_path / "checkpoints"), str(tmp_path / "log.tsv"))
+    traced = sorted(p.name for p in (tmp_path / "checkpoints" / W.TRACE_DIR).iterdir())
+    assert traced == [f"{step_dir_name(s)}.safetensors" for s in (1, 2, 3, 4)]
+    norms, rotation = W.weight_tables(tmp_path / "checkpoints", cell.keys(), None)
+    assert sorted(norms["step"].unique()) == [0, 1, 2, 3, 4]
+    assert set(norms.loc[norms["step"].isin([1, 2, 3]), "source"]) == {"trace"}
+    assert set(norms.loc[norms["step"] == 4, "source"]) == {"checkpoint"}  # a scheduled step wins
+    final_trace = W.read_lora(tmp_path / "checkpoints" / W.TRACE_DIR / "step-000004.safetensors",
+                              W.read_adapter_config(tmp_path / "checkpoints" / "step-000004"))
+    final_ckpt = W.read_adapter(tmp_path / "checkpoints" / "step-000004")
+    assert all(torch.equal(final_trace[m].B, final_ckpt[m].B) for m in final_ckpt)  # the same tensors
+    assert rotation[rotation["step"] == 2]["local_cosine"].notna().all()
+
+
+@pytest.mark.parametrize("settings, spec, message", [
+    ({}, {"steps": [0, "final"], "trace_every": 1, "trace_max_gb": 1e-5},
+     r"^checkpoints of cell tiny/none/none/d/seed0\.trace_every: 1 would write 4 adapter snapshots of [\d,]+ "
+     r"parameters = 0\.0 GB, over checkpoints\.trace_max_gb 1e-05 GB"),
+    ({"layers_to_transform": [1, 2]}, {"steps": [0, "final"]},
+     r"^training settings of cell tiny/none/none/d/seed0: layers_to_transform \[2\] out of range: the model has 2 "
+     r"decoder layers"),
+])
+def test_bad_trace_or_layer_fails_before_training_with_no_output(tmp_path, settings, spec, message):
+    """train_em itself (for a model whose shape the parse could not know): one line, nothing written."""
+    from persona_em.errors import UserError
+
+    model, data = tiny_model(tmp_path), chat_data(tmp_path / "train.jsonl")
+    with pytest.raises(UserError, match=message) as err:
+        train_em(Cell("tiny", "none", "none", "d", 0), str(model), None, str(data), train_settings(**settings), spec,
+                 str(tmp_path / "work"), str(tmp_path / "checkpoints"), str(tmp_path / "log.tsv"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.tsv").exists()
+    assert not (tmp_path / "work" / "trainer").exists()  # no training step ran
+
+
+def test_layers_to_transform_adapts_only_those_layers(tmp_path):
+    model, data = tiny_model(tmp_path), chat_data(tmp_path / "train.jsonl")
+    cell = Cell("tiny", "none", "none", "d", 0)
+    train_em(cell, str(model), None, str(data), train_settings(layers_to_transform=[1], target_modules=["down_proj"],
+                                                               lora_r=1), {"steps": [0, "final"]},
+             str(tmp_path / "work"), str(tmp_path / "checkpoints"), str(tmp_path / "log.tsv"))
+    norms, rotation = W.weight_tables(tmp_path / "checkpoints", cell.keys(), None)
+    assert set(zip(norms["layer"], norms["module"])) == {(1, "down_proj")}
+    last = rotation[rotation["step"] == rotation["step"].max()]
+    assert last["b_final_cosine"].tolist() == [pytest.approx(1.0)]  # rank 1: the B-vector columns are filled
+    assert rotation[rotation["step"] == 0]["b_final_cosine"].isna().all()  # B = 0 at step 0: no direction

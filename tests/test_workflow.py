@@ -122,6 +122,10 @@ def test_missing_dataset_file_is_named(tmp_path):
         (lambda c: c["grid"].update(datasets=["ghost"]), "grid.datasets: unknown dataset 'ghost'"),
         (lambda c: c["sampling"].update(top_p=2), "2 is greater than the maximum of 1"),
         (lambda c: c["evaluation"].update(judges=["nobody"]), "evaluation.judges: unknown judge 'nobody'"),
+        (lambda c: c["training"].update(layers_to_transform=[0, 5]),
+         "(model 'tiny'): layers_to_transform [5] out of range: the model has 2 decoder layers (indices 0-1)"),
+        (lambda c: c.update(checkpoints={"steps": [0, "final"], "trace_every": 1, "trace_max_gb": 1e-6}),
+         ".trace_every: 1 would write 6 adapter snapshots of"),
     ],
 )
 def test_config_errors_are_reported_before_any_job(tmp_path, change, message):

@@ -37,10 +37,10 @@ import pandas as pd
 import torch
 
 from persona_em.errors import UserError
+from persona_em.training.trace import TRACE_DIR  # trace/step-NNNNNN.safetensors: EM adapter tensors only
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-TRACE_DIR = "trace"  # inside a cell's checkpoints folder: step-NNNNNN.safetensors, EM adapter tensors only
 KEYS = ["model", "persona", "composition", "dataset", "seed", "step", "layer", "module"]
 NORM_COLUMNS = KEYS + ["em_norm", "persona_norm", "em_persona_inner", "em_persona_cosine", "total_norm", "em_rank",
                        "em_scale", "persona_rank", "persona_scale", "source"]
