@@ -12,7 +12,8 @@ reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a 
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
 Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft) have no benchmark of their
-whole job here: their job counts are printed, their hours are not.
+whole job here: their job counts are printed, their hours are not. CPU rules (weight_norms: one job per cell, about
+a minute for a 7B r32 cell, bench/weights.py; tables, figures) are counted with 0 GPU-hours.
 
 A100 factor: Leonardo's booster GPUs are A100 64 GB. The factor A100_FACTOR = 3.0 is the H200's datasheet bf16
 dense rate over the A100's (989 / 312 TFLOP/s = 3.2, for the compute-bound training and judging) and about its
