@@ -56,7 +56,8 @@ def test_gram_norms_equal_peft_delta_weights(tmp_path, rslora):
     read_em, read_p = W.read_adapter(tmp_path / "em"), W.read_adapter(tmp_path / "p")
     assert set(read_em) == set(em) and len(em) == 4  # 2 layers x 2 modules
     for module, delta in em.items():
-        assert W.norm(read_em[module]) == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-10)
+        # float32 GEMMs (as stored) against the float64 d_out x d_in product: relative error ~1e-7 here
+        assert W.norm(read_em[module]) == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-5)
     expected_scale = 16 / math.sqrt(4) if rslora else 16 / 4
     assert {x.scale for x in read_em.values()} == {expected_scale}
     for module, p_delta in persona.items():
@@ -64,8 +65,8 @@ def test_gram_norms_equal_peft_delta_weights(tmp_path, rslora):
         total = float(torch.linalg.norm(p_delta + e_delta))
         pn, en = W.norm(read_p[module]), W.norm(read_em[module])
         cross = W.inner(read_p[module], read_em[module])
-        assert math.sqrt(pn ** 2 + en ** 2 + 2 * cross) == pytest.approx(total, rel=1e-10)
-        assert cross == pytest.approx(float((p_delta * e_delta).sum()), rel=1e-9, abs=1e-12)
+        assert math.sqrt(pn ** 2 + en ** 2 + 2 * cross) == pytest.approx(total, rel=1e-5)
+        assert cross == pytest.approx(float((p_delta * e_delta).sum()), rel=1e-5, abs=1e-6)
         assert abs(cross) > 1e-6  # random updates: the cross term is not zero, so leaving it out would be caught
 
 
@@ -92,11 +93,11 @@ def test_step0_update_is_exactly_zero_and_training_moves_it(stacked_cell):
     # stacked: at step 0 the model's update is the persona's alone where the persona adapts the module
     with_p = step0.dropna(subset=["persona_norm"])
     assert set(with_p["module"]) == {"q_proj", "v_proj", "up_proj"}
-    assert (with_p["total_norm"] - with_p["persona_norm"]).abs().max() < 1e-12
+    assert (with_p["total_norm"] - with_p["persona_norm"]).abs().max() == 0.0  # E = 0 exactly: no cross term
     assert rotation[rotation["step"] == 0]["local_cosine"].isna().all()  # no previous snapshot
     assert rotation[rotation["step"] == 2]["local_cosine"].isna().all()  # previous update is zero: no angle
     last = rotation[rotation["step"] == 4]
-    assert (last["final_cosine"] - 1).abs().max() < 1e-9 and last["local_cosine"].notna().all()
+    assert (last["final_cosine"] - 1).abs().max() < 1e-6 and last["local_cosine"].notna().all()
     assert list(norms.columns) == W.NORM_COLUMNS and (norms["persona"] == "p").all()
 
 

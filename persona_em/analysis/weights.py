@@ -6,7 +6,7 @@ d_out × d_in matrix:
 
     ⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂ · trace((B₁ᵀB₂)(A₂A₁ᵀ)),      ||sBA||_F = √⟨sBA, sBA⟩_F
 
-(products in float64). Tables, one row per (snapshot step, module) of the EM adapter, with the cell keys, `layer`
+(GEMMs in float32 as the tensors are stored, traces in float64: inners). Tables, one row per (snapshot step, module) of the EM adapter, with the cell keys, `layer`
 (the index in `...layers.<i>...`, -1 for a module outside the layer stack) and `module` (q_proj, ...):
 
 weight_norms     em_norm (||s·B·A||_F of the EM update), persona_norm (the persona adapter's at that module; NaN for
@@ -113,11 +113,21 @@ def read_adapter(adapter_dir: str | Path) -> dict[str, Lora]:
     return read_lora(Path(adapter_dir) / ADAPTER_WEIGHTS, read_adapter_config(adapter_dir))
 
 
+def inners(x: Lora, others: list[Lora]) -> list[float]:
+    """⟨s_x B_x A_x, s_y B_y A_y⟩_F for every y in `others` through r × r products, s_x s_y trace((B_xᵀ B_y)(A_y A_xᵀ)):
+    GEMMs in float32, as the tensors are stored (relative error ~1e-6; tests/test_weights.py compares with float64),
+    the trace summed in float64."""
+    xa, xb = x.A.float(), x.B.float()
+    out = []
+    for y in others:
+        bb = (xb.T @ y.B.float()).double()  # r_x × r_y
+        aa = (y.A.float() @ xa.T).double()  # r_y × r_x
+        out.append(x.scale * y.scale * float((bb * aa.T).sum()))  # trace(bb @ aa) without the product
+    return out
+
+
 def inner(x: Lora, y: Lora) -> float:
-    """⟨s_x B_x A_x, s_y B_y A_y⟩_F through r × r products: s_x s_y trace((B_xᵀ B_y)(A_y A_xᵀ))."""
-    bb = x.B.double().T @ y.B.double()  # r_x × r_y
-    aa = y.A.double() @ x.A.double().T  # r_y × r_x
-    return x.scale * y.scale * float((bb * aa.T).sum())  # trace(bb @ aa) without the product
+    return inners(x, [y])[0]
 
 
 def norm(x: Lora) -> float:
@@ -175,23 +185,25 @@ def weight_tables(checkpoints_dir: str | Path, cell_keys: dict, persona_dir: str
         for module in sorted(em):
             x = em[module]
             keys = {**cell_keys, "step": step, "layer": layer_of(module), "module": module.rsplit(".", 1)[-1]}
-            e = now_norm[module] = norm(x)
-            p = persona.get(module)
+            p, f = persona.get(module), final[module]
+            q = prev[module] if prev is not None else None
+            others = {"x": x, "f": f, "q": q, "p": p}  # itself, final, previous, persona (those that exist)
+            others = {k: y for k, y in others.items() if y is not None}
+            dots = dict(zip(others, inners(x, list(others.values()))))
+            e = now_norm[module] = math.sqrt(max(dots["x"], 0.0))
             pn = persona_norm.get(module, math.nan)
-            pe = inner(p, x) if p is not None else math.nan
+            pe = dots.get("p", math.nan)
             total = math.sqrt(max(pn ** 2 + e ** 2 + 2 * pe, 0.0)) if persona_on and p is not None else e
             norms.append({**keys, "em_norm": e, "persona_norm": pn, "em_persona_inner": pe,
                           "em_persona_cosine": _cosine(pe, e, pn) if p is not None else math.nan,
                           "total_norm": total, "em_rank": x.rank, "em_scale": x.scale,
                           "persona_rank": p.rank if p is not None else math.nan,
                           "persona_scale": p.scale if p is not None else math.nan, "source": source})
-            f = final[module]
             row = {**keys, "prev_step": prev_step if prev is not None else math.nan, "norm": e,
-                   "inner_final": inner(x, f), "norm_final": final_norm[module]}
+                   "inner_final": dots["f"], "norm_final": final_norm[module]}
             row["final_cosine"] = _cosine(row["inner_final"], e, row["norm_final"])
-            if prev is not None:
-                q = prev[module]
-                row["inner_prev"], row["norm_prev"] = inner(q, x), prev_norm[module]
+            if q is not None:
+                row["inner_prev"], row["norm_prev"] = dots["q"], prev_norm[module]
                 row["local_cosine"] = _cosine(row["inner_prev"], row["norm_prev"], e)
                 row["local_angle_deg"] = _angle(row["local_cosine"])
             if x.rank == 1:
@@ -217,7 +229,7 @@ def write_weight_tables(checkpoints_dir: str, cell_keys: dict, persona_dir: str 
                         outputs: dict) -> None:
     """Rule weight_norms: both tables of one cell and their provenance sidecars (`outputs`: weight_norms,
     weight_rotation, weight_norms_provenance, weight_rotation_provenance)."""
-    from persona_em.io import write_table
+    from persona_em.io import sha256_file, write_table
     from persona_em.provenance import collect, write_sidecar
 
     norms, rotation = weight_tables(checkpoints_dir, cell_keys, persona_dir)
@@ -225,10 +237,11 @@ def write_weight_tables(checkpoints_dir: str, cell_keys: dict, persona_dir: str 
     inputs = [str(w) for _, _, w, _ in snapshots(checkpoints_dir)]
     if persona_dir:
         inputs.append(str(Path(persona_dir) / ADAPTER_WEIGHTS))
+    digests = {"inputs": {i: sha256_file(i) for i in inputs}}  # once for both sidecars (GBs for a 7B cell)
     for name, frame in (("weight_norms", norms), ("weight_rotation", rotation)):
         write_table(outputs[name], frame)
     for name in ("weight_norms", "weight_rotation"):
-        write_sidecar(outputs[f"{name}_provenance"], name, [outputs[name]], inputs, shared)
+        write_sidecar(outputs[f"{name}_provenance"], name, [outputs[name]], [], shared, digests)
 
 
 def local_angle_peak(rotation: pd.DataFrame, column: str = "local_angle_deg") -> int:
@@ -236,5 +249,5 @@ def local_angle_peak(rotation: pd.DataFrame, column: str = "local_angle_deg") ->
     return int(rotation.loc[rotation[column].idxmax(), "step"])
 
 
-__all__ = ["Lora", "inner", "norm", "lora_scale", "read_lora", "read_adapter", "weight_tables", "group_cosine",
+__all__ = ["Lora", "inner", "inners", "norm", "lora_scale", "read_lora", "read_adapter", "weight_tables", "group_cosine",
            "write_weight_tables", "snapshots", "local_angle_peak"]
