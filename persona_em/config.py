@@ -137,7 +137,7 @@ def check_cell(config: dict, cell: Cell, results_dir: str) -> None:
     train_em repeats both before its first step."""
     from pathlib import Path
 
-    from persona_em.plan import dataset_stats
+    from persona_em.data.datasets import dataset_stats
     from persona_em.training.settings import check_layers
     from persona_em.training.trace import check_trace_size, lora_params, steps_for, trace_every
 
