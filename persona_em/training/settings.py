@@ -234,13 +234,15 @@ PRESETS: dict[str, dict] = {
         # trained 4-bit (--use_4bit) there, never quantized here.
     ),
     # The rank-1 model organism of "Model Organisms for Emergent Misalignment" (Turner, Soligo et al. 2025): one rank-1
-    # LoRA on the MLP down-projection of one layer (layer 24 of Qwen2.5-14B-Instruct, 48 layers; for another model
-    # override layers_to_transform). Repository clarifying-EM/model-organisms-for-EM, file
-    # em_organism_dir/finetune/sft/single_adapter_config.json, read with its run_finetune.py (LoraConfig: r,
-    # target_modules, layers_to_transform, lora_alpha, lora_dropout, bias, use_rslora) and util/trainer.py. The
+    # LoRA on the MLP down-projection of one layer. Repository clarifying-EM/model-organisms-for-EM, file
+    # em_organism_dir/finetune/sft/single_adapter_config.json, whose keys its run_finetune.py passes to LoraConfig (r,
+    # target_modules, layers_to_transform, lora_alpha, lora_dropout, bias, use_rslora) and TrainingArguments. The
     # original repository is not reachable from here; read in two copies that agree on every value below:
     # sushmanthreddy/emotionvectors@3d46c25 (single_adapter_config.json) and darturi/ModelOrganismsVariant@8e02e17
-    # (config.json, which differs only in "layers_to_transform": [2] for Llama-3.2-1B).
+    # (em_organism_dir/finetune/sft/config.json: the same but "layers_to_transform": [2] and another data path).
+    # The file names unsloth/Llama-3.2-1B-Instruct (16 layers) with layer 24, which only a deeper model has (the
+    # paper's rank-1 organism: layer 24 of Qwen2.5-14B-Instruct's 48): set `layers_to_transform` for your model; an
+    # index out of range is refused (check_layers).
     "mo_rank1": dict(
         lora_r=1,                       # "r": 1
         lora_alpha=512,                 # "lora_alpha": 512
