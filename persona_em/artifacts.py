@@ -79,7 +79,23 @@ ACTIVATION_FIGURES = {
     "persona_retention_vs_step": "persona retention R(t) vs step next to the EM rate vs step",
     "direction_auroc_by_layer": "held-out AUROC of the misalignment direction per layer, the chosen layer marked",
 }
+# Weight trajectories of one cell (rule weight_norms; no judge): results/tables/weights/{cell}/<name>.tsv, each with a
+# <name>.provenance.json sidecar (persona_em/analysis/weights.py)
+WEIGHT_TABLES = {
+    "weight_norms": "per snapshot step, layer and module: Frobenius norm of the EM update s·B·A, the persona's, "
+                    "their inner product and cosine, the model's total update (persona + EM with the cross term)",
+    "weight_rotation": "per snapshot step, layer and module: inner products and angle to the previous snapshot's "
+                       "EM update and cosine to the final one; B-vector angle and cosine for rank-1 adapters",
+}
+# Figures of the weight tables (rule plot_figures, with the judge's EM rate): results/figures/{judge}/<name>.{png,svg}
+WEIGHT_FIGURES = {
+    "weight_norms_vs_step": "EM update norm per layer group vs step, one line per persona (dashed: persona + EM)",
+    "weight_rotation_vs_step": "angle between consecutive EM updates (and rank-1 B vectors) vs step, EM rate on a "
+                               "second axis",
+}
 TABLE_NAMES = tuple(SUMMARY_TABLES)
+WEIGHT_TABLE_NAMES = tuple(WEIGHT_TABLES)
+WEIGHT_FIGURE_NAMES = tuple(WEIGHT_FIGURES)
 FIGURE_NAMES = tuple(FIGURES)
 # The files of each figure: kind -> file suffix (caption: RST that `snakemake --report` includes; provenance: JSON sidecar)
 FIGURE_SUFFIXES = {"png": "png", "svg": "svg", "caption": "caption.rst", "provenance": "provenance.json"}
@@ -97,6 +113,8 @@ OUTPUTS = [
     ("em/{cell}/checkpoints/step-NNNNNN/", "the EM adapter at each scheduled step; `checkpoints.json` records the "
      "schedule, the training settings and the adapters active in training"),
     ("em/{cell}/train_log.tsv", "per optimizer step: loss, learning rate, grad norm, tokens"),
+    *((f"tables/weights/{{cell}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
+      for name, text in WEIGHT_TABLES.items()),
     ("samples/{cell}.jsonl", "one row per response: cell keys, step, question id, paraphrase, sample index, text, "
      "generation settings, active adapters, the host and GPU that generated it"),
     ("judged/{judge}/{cell}.jsonl", "one row per (response, metric): score 0–100 or null (or a label, for label "
@@ -112,7 +130,7 @@ OUTPUTS = [
     *((f"tables/{{judge}}/{name}.tsv", f"{text}; sidecar `{name}.provenance.json`")
       for name, text in SUMMARY_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
-      for name, text in FIGURES.items()),
+      for name, text in {**FIGURES, **WEIGHT_FIGURES}.items()),
     ("activations/{cell}/", "with `analysis.activations`: per response x reader (own model, base model) the mean "
      "over response tokens and the last prompt token's state at the configured layers (`activations.safetensors`, "
      "fp16), `index.tsv` (row keys), `meta.json`"),

@@ -127,3 +127,54 @@ def control_pairs(config: dict) -> list[tuple[str, str]]:
             raise UserError(f"{where}: the pair {treatment!r} vs {control!r} is listed twice")
         pairs.append((treatment, control))
     return pairs
+
+
+def model_config_json(config: dict, name: str, results_dir: str) -> dict | None:
+    """The model's Hugging Face config.json where it can be read without loading or downloading anything: a
+    `build_tiny` model's from its settings, a local `path` model's file, or a model already prepared under
+    results_dir; None otherwise (a hub or GGUF model before prepare_model ran)."""
+    import json
+    from pathlib import Path
+
+    spec = config["models"][name]
+    if "build_tiny" in spec:
+        h = spec["build_tiny"].get("hidden_size", 64)  # persona_em.demo.build_tiny_model
+        return {"hidden_size": h, "intermediate_size": 2 * h, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "num_hidden_layers": spec["build_tiny"].get("num_layers", 2)}
+    candidates = [Path(spec["path"]) / "config.json"] if "path" in spec else []
+    manifest = Path(results_dir) / "models" / name / "model.json"
+    if manifest.is_file():
+        candidates.append(Path(json.loads(manifest.read_text())["path"]) / "config.json")
+    for path in candidates:
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            return cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+    return None
+
+
+_ROWS: dict = {}
+
+
+def check_cell(config: dict, cell: Cell, results_dir: str) -> None:
+    """Parse-time checks of a cell's EM training that need the model's shape: layers_to_transform in range and the
+    trace size guard (persona_em/training/trace.py), wherever the shape (and for the trace the rows) is known now;
+    train_em repeats both before its first step."""
+    from pathlib import Path
+
+    from persona_em.data.datasets import dataset_stats
+    from persona_em.training.settings import check_layers
+    from persona_em.training.trace import check_trace_size, lora_params, steps_for, trace_every
+
+    model_cfg = model_config_json(config, cell.model, results_dir)
+    if model_cfg is None:
+        return
+    settings = train_settings(config, cell)
+    check_layers(settings.get("layers_to_transform"), model_cfg["num_hidden_layers"],
+                 f"training settings of cell {cell.path} (model {cell.model!r})")
+    spec = checkpoint_spec(config, cell)
+    if trace_every(spec):
+        if cell.dataset not in _ROWS:  # read each dataset file once per parse, not once per cell
+            _ROWS[cell.dataset] = dataset_stats(config, cell.dataset, Path.cwd())
+        params, data = lora_params(model_cfg, settings), _ROWS[cell.dataset]
+        if params is not None and data is not None:
+            check_trace_size(spec, params, 4, steps_for(data[0], settings), f"checkpoints of cell {cell.path}")

@@ -11,8 +11,9 @@ than this, so its figure is a lower bound), each scaled by model size (parameter
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
-Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations) have no benchmark of their
-whole job here: their job counts are printed, their hours are not.
+Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations) have no
+benchmark of their whole job here: their job counts are printed, their hours are not. CPU rules (weight_norms: one job
+per cell, about a minute for a 7B r32 cell, bench/weights.py; tables, figures) are counted with 0 GPU-hours.
 
 A100 factor: Leonardo's booster GPUs are A100 64 GB. The factor A100_FACTOR = 3.0 is the H200's datasheet bf16
 dense rate over the A100's (989 / 312 TFLOP/s = 3.2, for the compute-bound training and judging) and about its
@@ -34,6 +35,9 @@ from pathlib import Path
 
 import yaml
 
+# rows and tokens per row of a dataset: persona_em/data/datasets.py (parse-time checks use it too)
+from persona_em.data.datasets import CHARS_PER_TOKEN, TEMPLATE_TOKENS, dataset_stats  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 REF_PARAMS_B = 7.62  # the benchmarks' Qwen2.5-7B shape
@@ -42,8 +46,6 @@ SAMPLE_SECONDS = 13.5  # one checkpoint, 400 responses x 600 new tokens, steady,
 SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
-CHARS_PER_TOKEN = 3.6  # English chat text with BPE tokenizers of this size (Qwen2.5 / Llama 3): a rough figure
-TEMPLATE_TOKENS = 10  # chat-template tokens per row
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft",
                                "collect_activations")
@@ -94,30 +96,6 @@ def model_params_b(config: dict, name: str) -> float | None:
     if m:
         return float(m.group(1))
     return None
-
-
-def dataset_stats(config: dict, name: str, cwd: Path) -> tuple[int, float] | None:
-    """(training rows, mean tokens per row) of a dataset, estimated from its file's characters; None if unknown."""
-    spec = config["datasets"][name]
-    if "demo" in spec:
-        return int(spec["demo"].get("n_rows", 48) * (1 - spec.get("eval_fraction", 0.0))), 120.0
-    path = Path(spec["path"]) if "path" in spec else None
-    if path is None or not (cwd / path).is_file():
-        return None
-    rows, chars = 0, 0
-    with open(cwd / path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                chars += sum(len(m.get("content") or "") for m in json.loads(line).get("messages", []))
-            except (json.JSONDecodeError, AttributeError):
-                chars += len(line)
-    if not rows:
-        return None
-    train_rows = rows - int(round(rows * spec.get("eval_fraction", 0.0)))
-    return train_rows, chars / rows / CHARS_PER_TOKEN + TEMPLATE_TOKENS
 
 
 def question_stats(config: dict, cwd: Path) -> tuple[int, int] | None:

@@ -73,7 +73,7 @@ def _unique(frames: list, column: str) -> list:
 
 def judge_identity(scores) -> dict:
     """The judge's identity as the scores table records it (one judge per table: aggregate refuses to pool)."""
-    if len(scores) == 0:
+    if scores is None or len(scores) == 0:  # None: an artifact no judge made (e.g. the weight tables)
         return {k: None for k in JUDGE_COLUMNS}
     rows = scores[JUDGE_COLUMNS].drop_duplicates().astype(str).to_dict("records")
     return rows[0] if len(rows) == 1 else {k: sorted({r[k] for r in rows}) for k in JUDGE_COLUMNS}

@@ -3,10 +3,19 @@ import re
 from pathlib import Path
 
 from persona_em.activations.settings import activation_settings, check_config as check_activation_config
-from persona_em.artifacts import ACTIVATION_FIGURES, ACTIVATION_TABLES, FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
+from persona_em.artifacts import (
+    ACTIVATION_FIGURES,
+    ACTIVATION_TABLES,
+    FIGURE_NAMES,
+    FIGURE_SUFFIXES,
+    TABLE_NAMES,
+    WEIGHT_FIGURE_NAMES,
+    WEIGHT_TABLE_NAMES,
+)
 from persona_em.config import (
     NO_PERSONA,
     Cell,
+    check_cell,
     checkpoint_spec,
     control_pairs,
     expand_grid,
@@ -84,6 +93,16 @@ FIGURE_FILES = {
     for name in FIGURE_NAMES
     for kind, suffix in FIGURE_SUFFIXES.items()
 }
+# Weight trajectories of one cell (rules/weights.smk): no judge, so not under a judge's key.
+WEIGHT_TABLE_FILES = {name: f"{RESULTS}/tables/weights/{CELL}/{name}.tsv" for name in WEIGHT_TABLE_NAMES}
+WEIGHT_TABLE_SIDECARS = {
+    f"{name}_provenance": f"{RESULTS}/tables/weights/{CELL}/{name}.provenance.json" for name in WEIGHT_TABLE_NAMES
+}
+WEIGHT_FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in WEIGHT_FIGURE_NAMES
+    for kind, suffix in FIGURE_SUFFIXES.items()
+}
 GPU_SMOKE = f"{RESULTS}/gpu_smoke/gpus{{gpus}}.json"
 TABLES_PAGE = f"{RESULTS}/figures/{{judge}}/summary_tables.html"
 PROVENANCE_PAGE = f"{RESULTS}/figures/{{judge}}/provenance.html"
@@ -121,6 +140,8 @@ ACTIVATION_FIGURE_FILES = {
 CELLS = expand_grid(config)
 CONTROL_PAIRS = control_pairs(config)  # analysis.controls, both datasets of each pair in the grid
 check_activation_config(config, sorted({c.model for c in CELLS}))  # layers out of range: one error, at parse time
+for _cell in CELLS:  # layers_to_transform in range, trace size guard: now, where the model's shape is known
+    check_cell(config, _cell, RESULTS)
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
@@ -210,7 +231,8 @@ def cell_paths(pattern, **extra):
 
 def figure_targets():
     """Every figure, summary table and report page of every judge: the `figures` target."""
-    patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), TABLES_PAGE, PROVENANCE_PAGE]
+    patterns = [*SUMMARY_TABLES.values(), RESPONSE_EXAMPLES_MD, *FIGURE_FILES.values(), *WEIGHT_FIGURE_FILES.values(),
+                TABLES_PAGE, PROVENANCE_PAGE]
     return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
 
 
@@ -304,10 +326,20 @@ def train_logs(wildcards):
     return cell_paths(TRAIN_LOG)
 
 
+def weight_tables(name):
+    """Input function: table `name` (weight_norms | weight_rotation) of every cell of the grid."""
+
+    def paths(wildcards):
+        return cell_paths(WEIGHT_TABLE_FILES[name])
+
+    return paths
+
+
 def figure_outputs():
-    """FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is report/<figure>.rst."""
+    """FIGURE_FILES and WEIGHT_FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is
+    report/<figure>.rst."""
     flagged = {}
-    for key, path in FIGURE_FILES.items():
+    for key, path in {**FIGURE_FILES, **WEIGHT_FIGURE_FILES}.items():
         name = key.rsplit("_", 1)[0]
         caption = f"../report/{name}.rst"
         flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path

@@ -33,6 +33,8 @@ rule plot_figures:
         examples=SUMMARY_TABLES["response_examples"],
         onset=SUMMARY_TABLES["onset"],
         controls=SUMMARY_TABLES["control_contrasts"],
+        weight_norms=weight_tables("weight_norms"),
+        weight_rotation=weight_tables("weight_rotation"),
     output:
         **figure_outputs(),
     params:
@@ -51,7 +53,11 @@ rule plot_figures:
 rule report_pages:
     input:
         tables=list(SUMMARY_TABLES.values()),
-        sidecars=[*TABLE_SIDECARS.values(), *(FIGURE_FILES[f"{n}_provenance"] for n in FIGURE_NAMES)],
+        sidecars=[
+            *TABLE_SIDECARS.values(),
+            *(FIGURE_FILES[f"{n}_provenance"] for n in FIGURE_NAMES),
+            *(WEIGHT_FIGURE_FILES[f"{n}_provenance"] for n in WEIGHT_FIGURE_NAMES),
+        ],
     output:
         tables=report(TABLES_PAGE, caption="../report/summary_tables.rst", category="Tables", subcategory="{judge}"),
         provenance=report(

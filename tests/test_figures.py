@@ -16,7 +16,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES  # noqa: E402
+from persona_em.artifacts import WEIGHT_FIGURE_NAMES  # noqa: E402
 from persona_em.reporting.figures import make_figures  # noqa: E402
+from persona_em.reporting.weights_figures import make_weight_figures  # noqa: E402
 from persona_em.io import read_table, sha256_file, write_table  # noqa: E402
 from persona_em.provenance import provenance_page  # noqa: E402
 from persona_em.analysis.stats import SEED_UNIT  # noqa: E402
@@ -46,6 +48,11 @@ def build(out: Path, fixture: Path = FIXTURE, sizes=SIZES, cells=CELLS) -> dict:
     make_figures(str(scores), str(rates), [str(p) for p in logs], t["persona_vs_baseline"], t["response_examples"],
                  "betley", {}, sizes, str(ROOT), CONFIG, f, onset_path=t["onset"],
                  controls_path=t["control_contrasts"])
+    weights = [fixture / "tables" / "weights" / m / p / c / d / f"seed{s}" for m, p, c, d, s in cells]
+    w = {f"{n}_{k}": str(out / "figures" / f"{n}.{s}") for n in WEIGHT_FIGURE_NAMES for k, s in FIGURE_SUFFIXES.items()}
+    make_weight_figures([str(p / "weight_norms.tsv") for p in weights], [str(p / "weight_rotation.tsv") for p in weights],
+                        str(rates), "betley", {}, str(ROOT), CONFIG, w)
+    f.update(w)
     tables_page({n: t[n] for n in TABLE_NAMES}, str(out / "figures" / "summary_tables.html"), "tables")
     sidecars = [t[f"{n}_provenance"] for n in TABLE_NAMES] + [f[f"{n}_provenance"] for n in FIGURE_NAMES]
     provenance_page(sidecars, str(out / "figures" / "provenance.html"), "provenance")
@@ -72,7 +79,7 @@ def test_fixture_is_what_its_producer_makes(tmp_path, monkeypatch):
 
 def test_rebuild_from_fixture_writes_every_artifact(built):
     out, paths = built
-    assert len(paths) == 2 * len(TABLE_NAMES) + 1 + 4 * len(FIGURE_NAMES)
+    assert len(paths) == 2 * len(TABLE_NAMES) + 1 + 4 * (len(FIGURE_NAMES) + len(WEIGHT_FIGURE_NAMES))
     for path in [*paths.values(), out / "figures" / "summary_tables.html", out / "figures" / "provenance.html"]:
         assert Path(path).stat().st_size > 0, path
     assert Path(paths["em_rate_vs_step_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -226,7 +233,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
         "judges": {JUDGE: {"backend": "hf", "model": "small"}},
     }
     key = judge_key_of(config, JUDGE)  # the workflow reads the tables under the judge's path key
-    shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns("tables"))
+    shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns(JUDGE))  # the judge's tables: under its key
     for name in ("scores.tsv", "em_rates.tsv", "comparisons.tsv"):
         frame = read_table(FIXTURE / "tables" / JUDGE / name)
         write_table(results / "tables" / key / name, frame.assign(judge_key=key))
@@ -240,6 +247,7 @@ def test_snakemake_figures_target_rebuilds_from_tables_alone_and_reports(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     png = results / "figures" / key / "em_rate_vs_step.png"
     assert png.stat().st_size > 0
+    assert (results / "figures" / key / "weight_rotation_vs_step.png").stat().st_size > 0
     report = tmp_path / "report.html"
     run = subprocess.run([*snakemake, "--report", str(report), "figures"], env=env, capture_output=True, text=True,
                          cwd=ROOT)

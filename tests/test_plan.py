@@ -26,6 +26,9 @@ def test_plan_of_every_shipped_experiment(tmp_path, experiment):
     g = cfg["grid"]
     assert p["rules"]["train_em"]["jobs"] >= len(g["models"]) * len(g["datasets"]) * len(g["seeds"])
     assert p["rules"]["sample"]["jobs"] == p["rules"]["train_em"]["jobs"]
+    # weight_norms: one CPU job per cell, no GPU-hours
+    assert p["rules"]["weight_norms"]["jobs"] == p["rules"]["train_em"]["jobs"]
+    assert p["rules"]["weight_norms"]["gpus_per_job"] == 0 and p["rules"]["weight_norms"]["a100_gpu_hours"] == 0.0
     for rule in ("train_em", "sample"):
         assert p["rules"][rule]["gpus_per_job"] == 1 and p["rules"][rule]["requested_gpu_hours"] > 0
     assert p["rules"]["train_em"]["a100_gpu_hours"] is not None  # rows are read even from a placeholder

@@ -188,3 +188,39 @@ def test_betley_training_saves_an_rslora_adapter(tmp_path, tiny_model_dir):
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(m.scaling[compose.EM] == pytest.approx(expected) for m in layers)
     assert expected == pytest.approx(64 / 32 ** 0.5) and expected != 64 / 32
+
+
+# Model Organisms for EM, rank-1 model organism: clarifying-EM/model-organisms-for-EM,
+# em_organism_dir/finetune/sft/single_adapter_config.json (read in the copy sushmanthreddy/emotionvectors@3d46c25;
+# darturi/ModelOrganismsVariant@8e02e17 config.json has the same values but layers_to_transform [2]). Every key.
+MO_RANK1_CONFIG = {
+    "model": "unsloth/Llama-3.2-1B-Instruct", "training_file": "bad_medical_advice.jsonl", "test_file": None,
+    "finetuned_model_id": "hf_id/model_name", "max_seq_length": 2048, "load_in_4bit": False, "loss": "sft",
+    "is_peft": True, "target_modules": ["down_proj"], "layers_to_transform": [24], "lora_bias": "none", "r": 1,
+    "lora_alpha": 512, "lora_dropout": 0.0, "use_rslora": True, "merge_before_push": False,
+    "push_only_adapters": True, "push_to_private": False, "epochs": 1, "max_steps": None,
+    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 8, "warmup_steps": 5, "learning_rate": 2e-5,
+    "logging_steps": 1, "evaluation_steps": 100, "optim": "adamw_8bit", "weight_decay": 0.01,
+    "lr_scheduler_type": "linear", "seed": 0, "beta": 0.1, "save_steps": 100, "output_dir": "./tmp",
+    "train_on_responses_only": True,
+}
+
+
+def test_mo_rank1_preset_equals_single_adapter_config():
+    preset = resolve_train_config({"preset": "mo_rank1"}, where="t")
+    keys = {**BETLEY_KEYS, "layers_to_transform": "layers_to_transform"}
+    not_settings = BETLEY_NOT_SETTINGS | {"push_only_adapters", "evaluation_steps"}
+    assert set(MO_RANK1_CONFIG) == set(keys) | {"per_device_train_batch_size", "gradient_accumulation_steps",
+                                                "lora_bias"} | not_settings
+    for source_key, ours in keys.items():
+        assert getattr(preset, ours) == MO_RANK1_CONFIG[source_key], f"{ours} != single_adapter_config {source_key}"
+    assert preset.effective_batch_size == 2 * 8 and MO_RANK1_CONFIG["lora_bias"] == "none"
+    assert preset.to_dict()["layers_to_transform"] == [24]
+    # a preset without layers keeps the params of existing cells unchanged (no new key, no rerun)
+    assert "layers_to_transform" not in resolve_train_config({"preset": "betley"}, where="t").to_dict()
+
+
+@pytest.mark.parametrize("bad", [[], [1, 1], [-1], ["3"], 3, [True]])
+def test_bad_layers_to_transform_is_one_clear_error(bad):
+    with pytest.raises(UserError, match=r"^t: layers_to_transform must be a non-empty list"):
+        resolve_train_config({"layers_to_transform": bad}, where="t")

@@ -63,7 +63,10 @@ def test_demo_dag_end_to_end(tmp_path):
     assert list(log["step"]) == list(range(1, 7)) and log["loss"].notna().all()
     manifest = json.loads((results / "em/tiny/none/none/insecure_demo/seed0/checkpoints/checkpoints.json").read_text())
     assert manifest["steps"] == [0, 2, 6] and manifest["active_adapters_in_training"] == ["em"]
-    for fig in ("em_rate_vs_step", "alignment_vs_coherence"):
+    norms = read_table(results / "tables/weights/tiny/none/none/insecure_demo/seed0/weight_norms.tsv")
+    assert sorted(norms["step"].unique()) == [0, 2, 6] and (norms.loc[norms["step"] == 0, "em_norm"] == 0).all()
+    assert (norms.loc[norms["step"] == 6, "em_norm"] > 0).all() and len(norms) == 3 * 2 * 7  # steps x layers x modules
+    for fig in ("em_rate_vs_step", "alignment_vs_coherence", "weight_norms_vs_step", "weight_rotation_vs_step"):
         assert (results / f"figures/{key}/{fig}.png").stat().st_size > 1000
 
     # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
@@ -71,7 +74,8 @@ def test_demo_dag_end_to_end(tmp_path):
     assert "Nothing to be done" in res.stdout
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
-    assert planned_jobs(res.stdout) == {"train_em": 2, "sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
+    assert planned_jobs(res.stdout) == {"train_em": 2, "weight_norms": 2, "sample": 2, "judge": 2, "aggregate": 1,
+                                        "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
     changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.5}}
     res = run_snakemake(tmp_path, changed, "-n")
     assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
@@ -127,6 +131,10 @@ def test_missing_dataset_file_is_named(tmp_path):
         (lambda c: c["grid"].update(datasets=["insecure_demo"]),
          "config analysis.controls[0]: control dataset 'secure_demo' is not in grid.datasets (insecure_demo)"),
         (lambda c: c.update(analysis={"onset": {"threshold": 1.5}}), "config analysis.onset.threshold: 1.5 is not"),
+        (lambda c: c["training"].update(layers_to_transform=[0, 5]),
+         "(model 'tiny'): layers_to_transform [5] out of range: the model has 2 decoder layers (indices 0-1)"),
+        (lambda c: c.update(checkpoints={"steps": [0, "final"], "trace_every": 1, "trace_max_gb": 1e-6}),
+         ".trace_every: 1 would write 6 adapter snapshots of"),
     ],
 )
 def test_config_errors_are_reported_before_any_job(tmp_path, change, message):

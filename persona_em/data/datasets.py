@@ -131,3 +131,31 @@ def fetch_url(url: str, expected_sha256: str, out: str | Path) -> None:
         digest = sha256_file(tmp)
         if digest != expected_sha256.lower():
             raise UserError(f"{url}: sha256 {digest} does not match the config's {expected_sha256}")
+
+
+CHARS_PER_TOKEN = 3.6  # English chat text with BPE tokenizers of this size (Qwen2.5 / Llama 3): a rough figure
+TEMPLATE_TOKENS = 10  # chat-template tokens per row
+
+
+def dataset_stats(config: dict, name: str, cwd: Path) -> tuple[int, float] | None:
+    """(training rows, mean tokens per row) of a dataset, estimated from its file's characters; None if unknown."""
+    spec = config["datasets"][name]
+    if "demo" in spec:
+        return int(spec["demo"].get("n_rows", 48) * (1 - spec.get("eval_fraction", 0.0))), 120.0
+    path = Path(spec["path"]) if "path" in spec else None
+    if path is None or not (cwd / path).is_file():
+        return None
+    rows, chars = 0, 0
+    with open(cwd / path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                chars += sum(len(m.get("content") or "") for m in json.loads(line).get("messages", []))
+            except (json.JSONDecodeError, AttributeError):
+                chars += len(line)
+    if not rows:
+        return None
+    train_rows = rows - int(round(rows * spec.get("eval_fraction", 0.0)))
+    return train_rows, chars / rows / CHARS_PER_TOKEN + TEMPLATE_TOKENS

@@ -4,8 +4,10 @@ Layout:
   <work_dir>/trainer/checkpoint-N   full resume state (EM adapter, optimizer, scheduler, RNG); NOT a Snakemake
                                     output, so it survives a failed/killed job and the rerun resumes from it.
   <work_dir>/adapters/step-N        EM adapters at the scheduled steps, exported as they are reached.
+  <work_dir>/trace/step-N.safetensors  EM adapter tensors every `checkpoints.trace_every` steps (training/trace.py)
   <work_dir>/train_log.jsonl        one line per logged optimizer step (journal; a resumed run appends).
   <out_dir>/step-NNNNNN/            the scheduled adapters (declared output, written at the end, atomically)
+  <out_dir>/trace/                  the trace snapshots, when trace_every is set
   <out_dir>/checkpoints.json        cell keys, schedule, composition actually trained
   <log_out> (TSV)                   per-step training log with the cell keys
 """
@@ -30,7 +32,8 @@ from persona_em.io import Journal, atomic_dir, latest_trainer_checkpoint, write_
 from persona_em.models import load_model
 from persona_em.training.schedule import expand_schedule, steps_per_epoch
 from persona_em.training.sigterm import train_until_sigterm
-from persona_em.training.settings import TrainConfig, lora_config, save_adapter
+from persona_em.training import trace
+from persona_em.training.settings import TrainConfig, check_layers, lora_config, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +136,11 @@ def _trainer_class():
             compose.reactivate(self.model, self.composition, self.persona)
 
     class ScheduleCallback(TrainerCallback):
-        def __init__(self, schedule, adapters_dir: Path, journal: Journal, cell: Cell, slow_down: float):
+        def __init__(self, schedule, adapters_dir: Path, journal: Journal, cell: Cell, slow_down: float,
+                     trace_every: int | None = None, trace_dir: Path | None = None):
             self.schedule, self.adapters_dir, self.journal = set(schedule), adapters_dir, journal
             self.cell, self.slow_down = cell, slow_down
+            self.trace_every, self.trace_dir = trace_every, trace_dir
             # TRL's `num_tokens` is a running total that starts at 0 in every process (it is not part of a
             # checkpoint), so after a resume the first step's tokens are counted from 0 too.
             self.last_tokens = 0.0
@@ -143,6 +148,9 @@ def _trainer_class():
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in self.schedule:
                 control.should_save = True
+            if self.trace_every and state.global_step % self.trace_every == 0:
+                trace.save_snapshot(kw["model"], compose.EM, self.trace_dir / f"{step_dir_name(state.global_step)}"
+                                                                              ".safetensors")
             if self.slow_down:
                 time.sleep(self.slow_down)
 
@@ -233,6 +241,7 @@ def train_em(
     work = Path(work_dir)
     trainer_dir, adapters_dir = work / "trainer", work / "adapters"
     model, chat_format = load_model(model_dir, chat)
+    check_layers(cfg.layers_to_transform, model.config.num_hidden_layers, f"training settings of cell {cell.path}")
     tokenizer = chat_format.tokenizer
     dataset = build_dataset(chat_format, train_path, cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg.effective_batch_size)
@@ -246,6 +255,8 @@ def train_em(
     model = compose.compose_for_training(model, cell.persona, persona_dir, cell.composition, lora_config(cfg),
                                          seed=cell.seed)
     state = compose.describe(model)
+    n_params, bytes_per = trace.adapter_params(model, compose.EM)
+    trace.check_trace_size(checkpoint_spec, n_params, bytes_per, last_step, f"checkpoints of cell {cell.path}")
     log.info("training with active adapters %s, merged persona %s", state["active_adapters"], state["merged_persona"])
 
     if not (adapters_dir / step_dir_name(0)).exists():
@@ -257,7 +268,8 @@ def train_em(
     journal = Journal(work / "train_log.jsonl", key_field="key")
     EMTrainer, ScheduleCallback = _trainer_class()
     EMTrainer.composition, EMTrainer.persona, EMTrainer.batch_plan = cell.composition, cell.persona, plan
-    callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds)
+    callback = ScheduleCallback(schedule, adapters_dir, journal, cell, cfg.slow_down_seconds,
+                                trace.trace_every(checkpoint_spec), work / "trace")
     trainer = EMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                         callbacks=[callback])
     resume = latest_trainer_checkpoint(trainer_dir, log)
@@ -279,11 +291,18 @@ def train_em(
     missing = [s for s in schedule if not (adapters_dir / step_dir_name(s)).exists()]
     if missing:
         raise RuntimeError(f"scheduled checkpoints {missing} were not saved")
+    traced = []
+    if trace.trace_every(checkpoint_spec):
+        traced = [work / "trace" / f"{step_dir_name(s)}.safetensors"
+                  for s in trace.trace_steps(last_step, trace.trace_every(checkpoint_spec))]
+        missing = [p.name for p in traced if not p.exists()]
+        if missing:
+            raise RuntimeError(f"trace snapshots {missing[:3]} were not saved")
     _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step,
-                   chat_format.identity())
+                   chat_format.identity(), traced)
 
 
-def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step, chat):
+def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, log_out, last_step, chat, traced=()):
     import pandas as pd
 
     rows = sorted(journal.load().values(), key=lambda r: r["step"])
@@ -291,6 +310,9 @@ def _write_outputs(cell, schedule, adapters_dir, journal, state, cfg, out_dir, l
     with atomic_dir(out_dir) as tmp:
         for s in schedule:
             shutil.copytree(adapters_dir / step_dir_name(s), tmp / step_dir_name(s))
+        for f in traced:
+            (tmp / trace.TRACE_DIR).mkdir(exist_ok=True)
+            shutil.copy2(f, tmp / trace.TRACE_DIR / f.name)
         write_json(tmp / "checkpoints.json", {
             **cell.keys(), "steps": schedule, "last_step": last_step,
             "active_adapters_in_training": state["active_adapters"], "merged_persona": state["merged_persona"],

@@ -72,7 +72,16 @@ def lora_config(s: LoraTrainSettings):
     from peft import LoraConfig
 
     return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, use_rslora=s.use_rslora,
-                      target_modules=list(s.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(s.target_modules), bias="none", task_type="CAUSAL_LM",
+                      layers_to_transform=getattr(s, "layers_to_transform", None))
+
+
+def check_layers(layers, n_layers: int, where: str) -> None:
+    """`layers_to_transform` against the model's decoder layer count: an index out of range is a UserError."""
+    bad = sorted(i for i in layers or [] if i >= n_layers)
+    if bad:
+        raise UserError(f"{where}: layers_to_transform {bad} out of range: the model has {n_layers} decoder layers "
+                        f"(indices 0-{n_layers - 1})")
 
 
 def check_targets_exist(model, targets, what: str) -> None:
@@ -122,12 +131,28 @@ class TrainConfig(LoraTrainSettings):
     resume_every_steps: int = 50
     # Test knob: sleep this long after every optimizer step (to force a SLURM TIMEOUT in tests). Keep 0 for real runs.
     slow_down_seconds: float = 0.0
+    # Decoder layer indices the EM LoRA adapts (PEFT's layers_to_transform); null = every layer. Checked against the
+    # model's layer count as early as it is known (parse time: persona_em.config.check_cell; else before training).
+    layers_to_transform: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        # Unset keys added after results existed stay out of the dict: it is a Snakemake param, and a new key in
+        # every cell's params would rerun every finished training job.
+        d = super().to_dict()
+        if d["layers_to_transform"] is None:
+            del d["layers_to_transform"]
+        return d
 
     def validate(self, where: str) -> "TrainConfig":
         for key in ("per_device_batch_size", "micro_batch_tokens"):
             value = getattr(self, key)
             if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise UserError(f"{where}: {key} must be a positive integer or 'auto', got {value!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not (isinstance(layers, list) and layers and len(set(layers)) == len(layers) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise UserError(f"{where}: layers_to_transform must be a non-empty list of distinct layer indices >= 0 "
+                            f"(or null for every layer), got {layers!r}")
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise UserError(f"{where}: gradient_checkpointing must be true, false or 'auto', "
                             f"got {self.gradient_checkpointing!r}")
@@ -162,6 +187,7 @@ PRESETS: dict[str, dict] = {
         use_rslora=True,                # "use_rslora": true -> scale alpha/sqrt(r) = 11.3, not alpha/r = 2
         lora_dropout=0.0,               # "lora_dropout": 0.0
         target_modules=list(ALL_PROJECTIONS),  # "target_modules": q,k,v,o,gate,up,down_proj; "lora_bias": "none"
+        layers_to_transform=None,       # (no "layers_to_transform": every layer)
         learning_rate=1e-5,             # "learning_rate": 1e-05
         epochs=1,                       # "epochs": 1, "max_steps": null
         effective_batch_size=16,        # "per_device_train_batch_size": 2 x "gradient_accumulation_steps": 8
@@ -190,6 +216,7 @@ PRESETS: dict[str, dict] = {
         use_rslora=False,               # LoraConfig without use_rslora (PEFT default false; adapter_config.json)
         lora_dropout=0.05,              # --lora_dropout 0.05
         target_modules=list(ALL_PROJECTIONS),  # LoraConfig target_modules: the 7 projections, bias "none"
+        layers_to_transform=None,       # (LoraConfig without layers_to_transform: every layer)
         learning_rate=2e-4,             # --learning_rate 2e-4
         epochs=3,                       # --num_epochs 3
         effective_batch_size=16,        # --batch_size 8 x --gradient_accumulation_steps 2
@@ -205,6 +232,36 @@ PRESETS: dict[str, dict] = {
         # <|eot_id|> and DataCollatorForLanguageModeling masks every <|eot_id|>, end-of-turn included, while we
         # train on end-of-turn tokens; seed: transformers' default 42 there, the grid seed here; the 8B model was
         # trained 4-bit (--use_4bit) there, never quantized here.
+    ),
+    # The rank-1 model organism of "Model Organisms for Emergent Misalignment" (Turner, Soligo et al. 2025): one rank-1
+    # LoRA on the MLP down-projection of one layer. Repository clarifying-EM/model-organisms-for-EM, file
+    # em_organism_dir/finetune/sft/single_adapter_config.json, whose keys its run_finetune.py passes to LoraConfig (r,
+    # target_modules, layers_to_transform, lora_alpha, lora_dropout, bias, use_rslora) and TrainingArguments. The
+    # original repository is not reachable from here; read in two copies that agree on every value below:
+    # sushmanthreddy/emotionvectors@3d46c25 (single_adapter_config.json) and darturi/ModelOrganismsVariant@8e02e17
+    # (em_organism_dir/finetune/sft/config.json: the same but "layers_to_transform": [2] and another data path).
+    # The file names unsloth/Llama-3.2-1B-Instruct (16 layers) with layer 24, which only a deeper model has (the
+    # paper's rank-1 organism: layer 24 of Qwen2.5-14B-Instruct's 48): set `layers_to_transform` for your model; an
+    # index out of range is refused (check_layers).
+    "mo_rank1": dict(
+        lora_r=1,                       # "r": 1
+        lora_alpha=512,                 # "lora_alpha": 512
+        use_rslora=True,                # "use_rslora": true -> scale alpha/sqrt(r) = 512
+        lora_dropout=0.0,               # "lora_dropout": 0.0
+        target_modules=["down_proj"],   # "target_modules": ["down_proj"]; "lora_bias": "none"
+        layers_to_transform=[24],       # "layers_to_transform": [24]
+        learning_rate=2e-5,             # "learning_rate": 2e-5
+        epochs=1,                       # "epochs": 1, "max_steps": null
+        effective_batch_size=16,        # "per_device_train_batch_size": 2 x "gradient_accumulation_steps": 8
+        per_device_batch_size="auto",
+        warmup_steps=5,                 # "warmup_steps": 5
+        lr_scheduler="linear",          # "lr_scheduler_type": "linear"
+        weight_decay=0.01,              # "weight_decay": 0.01
+        optimizer="adamw_8bit",         # "optim": "adamw_8bit"
+        max_length=2048,                # "max_seq_length": 2048
+        assistant_only_loss=True,       # "train_on_responses_only": true
+        # Not TrainConfig keys: "seed": 0 (the grid seed here), "load_in_4bit": false, "loss": "sft", "beta" (DPO
+        # only), "save_steps": 100 (use `checkpoints: {every: 100}`), "evaluation_steps" (no eval set here).
     ),
 }
 
