@@ -112,9 +112,10 @@ def control_pairs(config: dict) -> list[tuple[str, str]]:
     grid.datasets is run under all of them; a pair naming a dataset outside the grid is a UserError (adding it to
     the grid silently would change what the experiment trains).
     """
-    grid = set(config["grid"]["datasets"])
+    entries = (config.get("analysis") or {}).get("controls") or []
+    grid = set(config["grid"]["datasets"]) if entries else set()
     pairs = []
-    for i, entry in enumerate((config.get("analysis") or {}).get("controls") or []):
+    for i, entry in enumerate(entries):
         where = f"config analysis.controls[{i}]"
         treatment, control = entry["treatment"], entry["control"]
         for role, name in (("treatment", treatment), ("control", control)):

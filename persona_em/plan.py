@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 # rows and tokens per row of a dataset: persona_em/data/datasets.py (parse-time checks use it too)
-from persona_em.data.datasets import CHARS_PER_TOKEN, TEMPLATE_TOKENS, dataset_stats  # noqa: F401
+from persona_em.data.datasets import dataset_stats
 
 REPO = Path(__file__).resolve().parents[1]
 

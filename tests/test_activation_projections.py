@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from persona_em.activations import collect
+from persona_em.activations import collect, store
 from persona_em.activations import direction as D
 from persona_em.activations.projections import activation_projections, random_directions
 from persona_em.config import Cell
@@ -70,7 +70,7 @@ def test_projection_values_and_cross_fitting(tmp_path):
     assert set(proj["direction"]) == {"misalignment", "random0", "random1"}
     checked = 0
     for d in dirs:
-        tensors, index, meta = collect.load_activations(d)
+        tensors, index, meta = store.load_activations(d)
         x = tensors["response_mean"].astype(np.float32)
         rows = proj[proj["response_id"].isin(index["response_id"])]
         assert set(rows["fold"].astype(str)) == {str(meta["seed"])}  # its own seed's fold: built without it

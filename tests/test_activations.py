@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from persona_em.activations import collect
+from persona_em.activations import collect, store
 from persona_em.activations.settings import check_layers
 from persona_em.config import Cell
 from persona_em.data.questions import load_questions
@@ -78,7 +78,7 @@ def _collect(world, composition, tag=None, settings=SETTINGS):
         s = samples(root / (tag or composition) / "samples.jsonl", cell)
         collect.collect_cell(cell, str(model), None if composition == "none" else str(persona), str(ckpts), str(s),
                              str(QUESTIONS), settings, str(root / (tag or composition) / "work"), str(out))
-    tensors, index, meta = collect.load_activations(out)
+    tensors, index, meta = store.load_activations(out)
     return {k: torch.from_numpy(v) for k, v in tensors.items()}, index, meta
 
 
@@ -188,7 +188,7 @@ def test_resume_after_a_kill_gives_the_same_output(world, tmp_path, monkeypatch)
     monkeypatch.setattr(collect, "measure", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     collect.collect_cell(*args)
     assert len(calls) == 2  # the two units not in the journal
-    got = {k: torch.from_numpy(v) for k, v in collect.load_activations(tmp_path / "out")[0].items()}
+    got = {k: torch.from_numpy(v) for k, v in store.load_activations(tmp_path / "out")[0].items()}
     want, _, _ = _collect(world, "stacked")
     for k in collect.KINDS:
         assert torch.equal(got[k], want[k])

@@ -30,7 +30,8 @@ JUDGE = "fixture_judge"
 SIZES = {"small": 0.5, "large": 7.0}
 # a benign-control pair for the control_contrasts plumbing (medical is no benign twin of insecure: tests only)
 CONFIG = {"sampling": {"seed": 0}, "results_dir": "fixture",
-          "analysis": {"controls": [{"treatment": "insecure", "control": "medical"}]}}
+          "analysis": {"controls": [{"treatment": "insecure", "control": "medical"}]},
+          "grid": {"datasets": ["insecure", "medical"]}}
 CELLS = [(m, p, c, d, s) for m in ("small", "large") for p, c in (("none", "none"), ("caring", "stacked"),
          ("cynic", "stacked")) for d in ("insecure", "medical") for s in (0, 1)]
 

@@ -45,7 +45,7 @@ from persona_em.training.em import read_checkpoints
 
 log = logging.getLogger(__name__)
 
-from persona_em.activations.store import BASE, INDEX, KINDS, META, OWN, READERS, TENSORS, load_activations  # noqa: F401
+from persona_em.activations.store import BASE, INDEX, KINDS, META, OWN, READERS, TENSORS
 INDEX_KEYS = ["model", "persona", "composition", "dataset", "seed", "step", "question_id", "paraphrase_index",
               "sample_index", "response_id"]
 
