@@ -11,7 +11,8 @@ than this, so its figure is a lower bound), each scaled by model size (parameter
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
-Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations) have no benchmark of their
+Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations,
+persona_vectors) have no benchmark of their
 whole job here: their job counts are printed, their hours are not.
 
 A100 factor: Leonardo's booster GPUs are A100 64 GB. The factor A100_FACTOR = 3.0 is the H200's datasheet bf16
@@ -46,7 +47,7 @@ CHARS_PER_TOKEN = 3.6  # English chat text with BPE tokenizers of this size (Qwe
 TEMPLATE_TOKENS = 10  # chat-template tokens per row
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft",
-                               "collect_activations")
+                               "collect_activations", "persona_vectors")
 
 _JOB = re.compile(r"^(?:local)?rule (\w+):$")
 _WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
