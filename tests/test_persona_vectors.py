@@ -126,3 +126,21 @@ def test_persona_vectors_on_the_tiny_model(tmp_path):
     assert all(r["system"].startswith("You are a small assistant.") for r in rollouts if r["condition"] == PV.PERSONA)
     assert set(info["split"]["extract"]) | set(info["split"]["evaluate"]) == {"q0", "q1", "q2", "q3"}
     assert not (tmp_path / "work" / "rollouts.journal.jsonl").exists()
+
+
+def test_dry_run_names_a_grid_persona_without_a_vector_source(tmp_path):
+    """At parse time (snakemake -n), before any job: one line naming the key, non-zero exit."""
+    import yaml
+
+    from conftest import run_snakemake
+    from test_project import write_user_files
+
+    write_user_files(tmp_path, "arena_phase1.yaml")
+    cfg = yaml.safe_load((REPO / "config/experiments/arena_phase1.yaml").read_text())
+    cfg["analysis"] = {"activations": {"layers": [0, 14]}}
+    cfg["personas"]["goodness"]["trait_file"] = str(TRAIT)  # sycophancy has neither source
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode != 0
+    lines = [line for line in res.stdout.splitlines() if "config personas." in line]
+    assert len(lines) == 1 and "config personas.sycophancy: persona vectors" in lines[0], res.stdout[-2000:]
+    assert not (tmp_path / "results").exists()

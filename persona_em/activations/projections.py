@@ -21,7 +21,8 @@ persona_retention.tsv  (tables/activations/, no judge) per persona vector P of a
     P's cells of that model, dataset and seed whose step-0 model runs the persona (stacked, merged, posthoc) at step
     0. Rows for P's cells (every composition) and for the no-persona cell (R(0) = 0 there by definition); with one
     persona-on composition R(0) = 1 for it. 1 = the persona's shift intact, 0 = back to the no-persona baseline.
-    `chosen_layer`: P's layer of highest held-out separation. Judge labels are not used.
+    `chosen_layer`: P's layer of highest held-out separation. NaN where p_P,0 = p_none,0 (no persona shift at that
+    layer, e.g. the embeddings when both cells wrote the same texts). Judge labels are not used.
 """
 from __future__ import annotations
 
@@ -123,9 +124,11 @@ def persona_retention(cells: dict, vectors: dict, n_bootstrap: int, seed: int) -
             p_none0 = means[none][0]
             p_pers0 = np.mean([means[c][0] for c in refs], 0)
             for c in [none, *own]:
+                span = p_pers0 - p_none0
+                span = np.where(span == 0, np.nan, span)  # no persona shift at a layer: R undefined there
                 for t, p_t in means[c].items():
                     per_seed.setdefault((c[1], c[2], dataset, t), []).append(
-                        ((p_t - p_none0) / (p_pers0 - p_none0), p_t, p_pers0, p_none0))
+                        ((p_t - p_none0) / span, p_t, p_pers0, p_none0))
         for (persona, composition, dataset, t), values in sorted(per_seed.items()):
             for j, layer in enumerate(layers):
                 r = np.array([v[0][j] for v in values])
