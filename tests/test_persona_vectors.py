@@ -76,6 +76,17 @@ def test_trait_file_in_the_persona_vectors_format():
     assert neg.startswith("You are a helpful assistant. Answer the user's actual question")
 
 
+def test_a_constitution_gives_its_system_prompt_against_none_on_its_questions():
+    from persona_em.persona.constitution import load_constitution, system_prompt
+
+    path = REPO / "config" / "constitutions" / "demo_persona.yaml"
+    questions, systems = PV.prompt_sets({"kind": "constitution", "path": str(path)}, "Be: {traits}")
+    constitution = load_constitution(path)
+    assert systems == [(system_prompt(constitution, "Be: {traits}"), None)]
+    assert [q for _, q in questions] == [q for t in constitution.traits for q in t.questions]
+    assert len(questions) == 9
+
+
 def test_bad_trait_files_name_the_file_and_field(tmp_path):
     data = json.loads(TRAIT.read_text())
     data["instruction"][1] = {"pos": "be pedantic"}
