@@ -34,7 +34,7 @@ test: $(BIN)/.installed $(BIN)/.triton
 # Every figure and summary table, rebuilt from the tidy tables alone (no model, no GPU): `make figures CONFIG=...`.
 CONFIG ?= config/demo.yaml
 REPORT ?= results/demo/report.html
-FIGURE_RULES := summary_tables plot_figures report_pages figures
+FIGURE_RULES := summary_tables plot_figures report_pages activation_figures persona_retention_figure figures
 
 figures: $(BIN)/.installed
 	$(BIN)/snakemake figures --profile profiles/local --configfile $(CONFIG) --allowed-rules $(FIGURE_RULES) \

@@ -62,21 +62,20 @@ FIGURES = {
     "control_contrast": "EM(treatment) - EM(control) at the final step per persona with CIs, from "
                         "`control_contrasts.tsv`",
 }
-# Inside the model (rules/activations.smk, only with `analysis.activations`): results/tables/{judge}/<name>.tsv and
-# results/figures/{judge}/<name>.{png,svg} + .caption.rst + .provenance.json
+# Inside the model (rules/activations.smk, only with `analysis.activations`). Judge-keyed (they use the judge's labels
+# or its EM rates): results/tables/{judge}/<name>.tsv and results/figures/{judge}/<name>.{png,svg} + .caption.rst +
+# .provenance.json. ACTIVATION_* need the misalignment direction (analysis.activations.misalignment_direction);
+# RETENTION_FIGURES do not.
 ACTIVATION_TABLES = {
     "activation_projections": "one row per (response, reader, direction, layer): the projection of the response's "
-                              "activation on the unit misalignment direction (cross-fitted) or a random control "
-                              "direction, with the judge's labels",
+                              "activation on the unit misalignment direction (cross-fitted), on each persona vector "
+                              "(`persona:<name>`) or on a random control direction, with the judge's labels",
     "activation_summary": "per (cell, step, reader, direction, layer): mean projection with a bootstrap CI over "
                           "seeds, and the AUROC of the projection against the judge's misaligned / aligned labels",
-    "persona_retention": "per (cell, step): persona retention R(t) = (p_t - p_none,0) / (p_persona,0 - p_none,0) on "
-                         "the persona's direction, next to the EM rate",
 }
 ACTIVATION_FIGURES = {
     "misalignment_projection_vs_step": "mean projection on the misalignment direction vs EM training step, one line "
                                        "per persona (band over seeds)",
-    "persona_retention_vs_step": "persona retention R(t) vs step next to the EM rate vs step",
     "direction_auroc_by_layer": "held-out AUROC of the misalignment direction per layer, the chosen layer marked",
 }
 # Weight trajectories of one cell (rule weight_norms; no judge): results/tables/weights/{cell}/<name>.tsv, each with a
@@ -92,6 +91,16 @@ WEIGHT_FIGURES = {
     "weight_norms_vs_step": "EM update norm per layer group vs step, one line per persona (dashed: persona + EM)",
     "weight_rotation_vs_step": "angle between consecutive EM updates (and rank-1 B vectors) vs step, EM rate on a "
                                "second axis",
+}
+RETENTION_FIGURES = {
+    "persona_retention_vs_step": "persona retention R(t) on each persona vector vs step, next to the judge's EM rate "
+                                 "vs step (the headline)",
+}
+# Judge-free (no judge label is used): results/tables/activations/<name>.tsv
+RETENTION_TABLES = {
+    "persona_retention": "per (persona vector, cell, step, layer): persona retention R(t) = (p_t - p_none,0) / "
+                         "(p_persona,0 - p_none,0) of the cell's own activations on the persona vector, mean over "
+                         "seeds with a bootstrap CI; no judge involved",
 }
 TABLE_NAMES = tuple(SUMMARY_TABLES)
 WEIGHT_TABLE_NAMES = tuple(WEIGHT_TABLES)
@@ -136,9 +145,14 @@ OUTPUTS = [
      "fp16), `index.tsv` (row keys), `meta.json`"),
     ("directions/{judge}/{model}/", "the misalignment direction per layer and cross-fitting fold "
      "(`direction.safetensors`), held-out AUROC per layer (`layers.tsv`), the chosen layer (`direction.json`)"),
+    ("persona_vectors/{model}/{persona}/", "with `analysis.activations`: the persona vector per layer "
+     "(`vector.safetensors`), held-out Cohen's d and AUROC per layer and the chosen layer (`layers.tsv`), the base "
+     "model's rollouts with and without the persona's system prompt and their extract / evaluate split "
+     "(`rollouts.jsonl`), its source and settings (`vector.json`)"),
+    *((f"tables/activations/{name}.tsv", text) for name, text in RETENTION_TABLES.items()),
     *((f"tables/{{judge}}/{name}.tsv", text) for name, text in ACTIVATION_TABLES.items()),
     *((f"figures/{{judge}}/{name}.png`, `.svg", f"{text}; `.caption.rst`, `.provenance.json`")
-      for name, text in ACTIVATION_FIGURES.items()),
+      for name, text in {**ACTIVATION_FIGURES, **RETENTION_FIGURES}.items()),
     ("figures/{judge}/summary_tables.html`, `provenance.html", "the summary tables and every artifact's provenance "
      "as pages of `snakemake --report`"),
     ("logs/{rule}/...log", "one log per job: what was resumed, what was skipped, progress bars"),

@@ -11,9 +11,10 @@ than this, so its figure is a lower bound), each scaled by model size (parameter
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
-Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations) have no
-benchmark of their whole job here: their job counts are printed, their hours are not. CPU rules (weight_norms: one job
-per cell, about a minute for a 7B r32 cell, bench/weights.py; tables, figures) are counted with 0 GPU-hours.
+Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations,
+persona_vectors) have no benchmark of their whole job here: their job counts are printed, their hours are not. CPU
+rules (weight_norms: one job per cell, about a minute for a 7B r32 cell, bench/weights.py; tables, figures) are
+counted with 0 GPU-hours.
 
 A100 factor: Leonardo's booster GPUs are A100 64 GB. The factor A100_FACTOR = 3.0 is the H200's datasheet bf16
 dense rate over the A100's (989 / 312 TFLOP/s = 3.2, for the compute-bound training and judging) and about its
@@ -48,7 +49,7 @@ JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft",
-                               "collect_activations")
+                               "collect_activations", "persona_vectors")
 
 _JOB = re.compile(r"^(?:local)?rule (\w+):$")
 _WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")

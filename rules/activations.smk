@@ -1,7 +1,9 @@
-# Inside the model (issue 14): activations of every sampled response at every checkpoint, a misalignment direction
-# per judge and model, projections. Requested by `rule all` only when analysis.activations is configured
-# (activation_targets); `snakemake activations` builds just these. A failing analysis job (e.g. too few misaligned
-# responses for a direction) fails alone: the tables and figures of rules/report.smk do not depend on it.
+# Inside the model (issue 14): activations of every sampled response at every checkpoint, persona vectors per model
+# and persona, persona retention (judge-free), a misalignment direction per judge and model, projections. Requested
+# by `rule all` only when analysis.activations is configured (activation_targets); `snakemake activations` builds
+# just these; analysis.activations.misalignment_direction: false leaves out the direction and what needs it. A
+# failing analysis job (e.g. too few misaligned responses for a direction) fails alone: the tables and figures of
+# rules/report.smk and persona retention do not depend on it.
 
 
 rule collect_activations:
@@ -41,18 +43,70 @@ rule misalignment_direction:
         "../scripts/misalignment_direction.py"
 
 
+rule persona_vectors:
+    input:
+        model=MODEL,
+        source=lambda wc: persona_vector_source(wc)["path"],
+    output:
+        directory(PERSONA_VECTOR),
+    params:
+        source=persona_vector_source,
+        settings=activation_settings(config),
+        template=lambda wc: config["persona_training"]["teacher"]["system_prompt_template"],  # {traits}: not a wildcard
+        work=PERSONA_VECTOR_WORK,
+    log:
+        f"{LOGS}/persona_vectors/{{model}}/{{persona}}.log",
+    threads: 8
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/persona_vectors.py"
+
+
+rule persona_retention:
+    input:
+        activations=cell_paths(ACTIVATIONS),
+        vectors=persona_vector_dirs,
+    output:
+        **RETENTION_TABLE_FILES,
+    params:
+        settings=activation_settings(config),
+        n_bootstrap=config["evaluation"]["bootstrap"]["n_resamples"],
+    log:
+        f"{LOGS}/persona_retention/persona_retention.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/persona_retention.py"
+
+
+rule persona_retention_figure:
+    input:
+        retention=RETENTION_TABLE_FILES["persona_retention"],
+        em_rates=EM_RATES,
+    output:
+        **figure_outputs(RETENTION_FIGURE_FILES),
+    params:
+        definition=config["evaluation"]["figure_em_definition"],
+    log:
+        f"{LOGS}/persona_retention_figure/{{judge}}.log",
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/persona_retention_figure.py"
+
+
 rule activation_projections:
     input:
         activations=cell_paths(ACTIVATIONS),
         directions=lambda wc: list(model_directions(wc).values()),
+        vectors=persona_vector_dirs,
         scores=SCORES,
-        em_rates=EM_RATES,
     output:
         **ACTIVATION_TABLE_FILES,
     params:
         settings=activation_settings(config),
         directions=model_directions,
-        definition=config["evaluation"]["figure_em_definition"],
         n_bootstrap=config["evaluation"]["bootstrap"]["n_resamples"],
     log:
         f"{LOGS}/activation_projections/{{judge}}.log",
@@ -65,10 +119,9 @@ rule activation_projections:
 rule activation_figures:
     input:
         summary=ACTIVATION_TABLE_FILES["activation_summary"],
-        retention=ACTIVATION_TABLE_FILES["persona_retention"],
         directions=lambda wc: list(model_directions(wc).values()),
     output:
-        **ACTIVATION_FIGURE_FILES,
+        **figure_outputs(ACTIVATION_FIGURE_FILES),
     log:
         f"{LOGS}/activation_figures/{{judge}}.log",
     conda:

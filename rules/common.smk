@@ -2,12 +2,15 @@
 import re
 from pathlib import Path
 
+from persona_em.activations.persona_vectors import check_config as check_persona_vector_config
 from persona_em.activations.settings import activation_settings, check_config as check_activation_config
 from persona_em.artifacts import (
     ACTIVATION_FIGURES,
     ACTIVATION_TABLES,
     FIGURE_NAMES,
     FIGURE_SUFFIXES,
+    RETENTION_FIGURES,
+    RETENTION_TABLES,
     TABLE_NAMES,
     WEIGHT_FIGURE_NAMES,
     WEIGHT_TABLE_NAMES,
@@ -129,10 +132,19 @@ HUB_PERSONA = f"{RESULTS}/hub_personas/{{persona}}"  # downloaded adapter (the h
 ACTIVATIONS = f"{RESULTS}/activations/{CELL}"  # activations.safetensors, index.tsv, meta.json
 ACTIVATION_WORK = f"{WORK}/activations/{CELL}"  # resume state: per (reader, step) tensors and a journal
 MISALIGNMENT_DIRECTION = f"{RESULTS}/directions/{{judge}}/{{model}}"  # direction.safetensors, layers.tsv, direction.json
+PERSONA_VECTOR = f"{RESULTS}/persona_vectors/{{model}}/{{persona}}"  # vector.safetensors, layers.tsv, rollouts.jsonl, vector.json
+PERSONA_VECTOR_WORK = f"{WORK}/persona_vectors/{{model}}/{{persona}}"  # the rollouts' journal
 ACTIVATION_TABLE_FILES = {name: f"{RESULTS}/tables/{{judge}}/{name}.tsv" for name in ACTIVATION_TABLES}
+# Judge-free tables live under tables/activations/ (a judge's key is always <name>-<8 hex>, never "activations").
+RETENTION_TABLE_FILES = {name: f"{RESULTS}/tables/activations/{name}.tsv" for name in RETENTION_TABLES}
 ACTIVATION_FIGURE_FILES = {
     f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
     for name in ACTIVATION_FIGURES
+    for kind, suffix in FIGURE_SUFFIXES.items()
+}
+RETENTION_FIGURE_FILES = {
+    f"{name}_{kind}": f"{RESULTS}/figures/{{judge}}/{name}.{suffix}"
+    for name in RETENTION_FIGURES
     for kind, suffix in FIGURE_SUFFIXES.items()
 }
 
@@ -142,6 +154,9 @@ CONTROL_PAIRS = control_pairs(config)  # analysis.controls, both datasets of eac
 check_activation_config(config, sorted({c.model for c in CELLS}))  # layers out of range: one error, at parse time
 for _cell in CELLS:  # layers_to_transform in range, trace size guard: now, where the model's shape is known
     check_cell(config, _cell, RESULTS)
+# persona -> where its persona vector comes from; a grid persona with no constitution and no trait file: one error now
+PERSONA_VECTOR_SOURCES = (check_persona_vector_config(config, sorted({c.persona for c in CELLS}))
+                          if activation_settings(config) is not None else {})
 check_persona_config(config)
 for _judge in config["evaluation"]["judges"]:
     if _judge not in config["judges"]:
@@ -248,12 +263,27 @@ def all_targets():
     return targets + figure_targets()
 
 
-def activation_targets():
-    """The activation analysis of every judge (rule `activations`); nothing unless analysis.activations is set."""
-    if activation_settings(config) is None:
+def activation_figure_targets():
+    """The activation figures of every judge (part of the `figures` target); nothing unless analysis.activations is
+    set; the misalignment direction's only when analysis.activations.misalignment_direction is on."""
+    settings = activation_settings(config)
+    if settings is None:
         return []
-    patterns = [*ACTIVATION_TABLE_FILES.values(), *ACTIVATION_FIGURE_FILES.values()]
+    patterns = [*RETENTION_FIGURE_FILES.values()]
+    if settings["misalignment_direction"]:
+        patterns += [*ACTIVATION_FIGURE_FILES.values()]
     return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
+
+
+def activation_targets():
+    """The activation analysis (rule `activations`); nothing unless analysis.activations is set."""
+    settings = activation_settings(config)
+    if settings is None:
+        return []
+    targets = [*RETENTION_TABLE_FILES.values(), *persona_vector_dirs(None)]
+    if settings["misalignment_direction"]:
+        targets += [p.format(judge=key) for key in JUDGE_KEYS.values() for p in ACTIVATION_TABLE_FILES.values()]
+    return targets + activation_figure_targets()
 
 
 # Parameters in billions of each model (config models.<name>.size_b); None where not given.
@@ -335,11 +365,11 @@ def weight_tables(name):
     return paths
 
 
-def figure_outputs():
-    """FIGURE_FILES and WEIGHT_FIGURE_FILES with every PNG flagged for `snakemake --report`; its caption template is
-    report/<figure>.rst."""
+def figure_outputs(files=None):
+    """`files` (default: FIGURE_FILES and WEIGHT_FIGURE_FILES, the figures of rule plot_figures) with every PNG flagged
+    for `snakemake --report`; its caption template is report/<figure>.rst."""
     flagged = {}
-    for key, path in {**FIGURE_FILES, **WEIGHT_FIGURE_FILES}.items():
+    for key, path in (files if files is not None else {**FIGURE_FILES, **WEIGHT_FIGURE_FILES}).items():
         name = key.rsplit("_", 1)[0]
         caption = f"../report/{name}.rst"
         flagged[key] = report(path, caption=caption, category="Figures", subcategory="{judge}") if key.endswith("_png") else path
@@ -349,6 +379,19 @@ def figure_outputs():
 def model_activations(wildcards):
     """The collect_activations outputs of every cell of one model."""
     return [ACTIVATIONS.format(**c.keys()) for c in CELLS if c.model == wildcards.model]
+
+
+def persona_vector_dirs(wildcards):
+    """The persona_vectors outputs of every (model, persona other than none) of the grid."""
+    pairs = sorted({(c.model, c.persona) for c in CELLS if c.persona in PERSONA_VECTOR_SOURCES})
+    return [PERSONA_VECTOR.format(model=m, persona=p) for m, p in pairs]
+
+
+def persona_vector_source(wildcards):
+    """{kind, path} of the persona's vector source (persona_em/activations/persona_vectors.py persona_source)."""
+    if wildcards.persona not in PERSONA_VECTOR_SOURCES:
+        raise UserError(f"persona {wildcards.persona!r} is not a grid persona with a persona vector source")
+    return PERSONA_VECTOR_SOURCES[wildcards.persona]
 
 
 def model_directions(wildcards):

@@ -74,3 +74,4 @@ rule report_pages:
 rule figures:
     input:
         figure_targets(),
+        activation_figure_targets(),

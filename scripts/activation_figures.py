@@ -3,7 +3,7 @@ from persona_em.runner import run
 
 
 def main(sm):
-    make_activation_figures(sm.input.summary, sm.input.retention, list(sm.input.directions), dict(sm.output.items()))
+    make_activation_figures(sm.input.summary, list(sm.input.directions), dict(sm.output.items()))
 
 
 run(snakemake, main)  # noqa: F821

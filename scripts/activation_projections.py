@@ -3,9 +3,9 @@ from persona_em.runner import run
 
 
 def main(sm):
-    activation_projections(list(sm.input.activations), dict(sm.params.directions), sm.input.scores,
-                           sm.input.em_rates, sm.params.settings, sm.params.definition, sm.params.n_bootstrap,
-                           sm.wildcards.judge, dict(sm.output.items()))
+    activation_projections(list(sm.input.activations), dict(sm.params.directions), list(sm.input.vectors),
+                           sm.input.scores, sm.params.settings, sm.params.n_bootstrap, sm.wildcards.judge,
+                           dict(sm.output.items()))
 
 
 run(snakemake, main)  # noqa: F821

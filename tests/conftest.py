@@ -76,6 +76,8 @@ def tiny_demo(cfg: dict) -> dict:
     persona["pairs"]["require_final_punctuation"] = False
     cfg["judges"] = {"tiny_judge": {"backend": "hf", "model": "tiny", "min_numeric_mass": 0.0}}
     cfg["evaluation"]["judges"] = ["tiny_judge"]
+    if "activations" in cfg.get("analysis", {}):
+        cfg["analysis"]["activations"]["layers"] = [0, 1, 2]  # the tiny model has 2 decoder layers
     return cfg
 
 

@@ -76,11 +76,18 @@ def test_plan_knows_the_activation_rules(tmp_path):
     _placeholders(tmp_path, experiment)
     cfg = yaml.safe_load((tmp_path / experiment).read_text())
     cfg["analysis"] = {"activations": {"layers": [0, 14, 28]}}
+    for persona in cfg["personas"]:  # adapter personas: their persona vectors come from a trait file
+        shutil.copy(REPO / "tests/fixtures/traits/pedantic.json", tmp_path / f"{persona}.json")
+        cfg["personas"][persona]["trait_file"] = f"{persona}.json"
     (tmp_path / experiment).write_text(yaml.safe_dump(cfg))
     p = P.plan(experiment, cwd=tmp_path, snakemake=SNAKEMAKE)
     rules = p["rules"]
     assert rules["collect_activations"]["jobs"] == rules["sample"]["jobs"]
     assert rules["collect_activations"]["gpus_per_job"] == 1 and rules["collect_activations"]["a100_gpu_hours"] is None
     assert "collect_activations" in p["not_estimated"]
-    for rule in ("misalignment_direction", "activation_projections", "activation_figures"):
+    personas = {(m, q) for m in cfg["grid"]["models"] for q in cfg["grid"]["personas"] if q != "none"}
+    assert rules["persona_vectors"]["jobs"] == len(personas) and rules["persona_vectors"]["gpus_per_job"] == 1
+    assert "persona_vectors" in p["not_estimated"]
+    for rule in ("misalignment_direction", "activation_projections", "activation_figures", "persona_retention",
+                 "persona_retention_figure"):
         assert rules[rule]["jobs"] >= 1 and rules[rule]["gpus_per_job"] == 0

@@ -17,6 +17,7 @@ def small_demo(tmp_path):
     cfg["sampling"].update(n_samples=2, max_new_tokens=8)
     for dataset in cfg["datasets"].values():
         dataset["demo"]["n_rows"] = 48  # 42 training rows, batch 8: 6 optimizer steps
+        dataset["eval_fraction"] = 0.125
     cfg["training"].update(effective_batch_size=8, per_device_batch_size=4)
     cfg["checkpoints"] = {"steps": [0, 2, "final"]}
     cfg["grid"]["seeds"] = [0]
@@ -66,19 +67,24 @@ def test_demo_dag_end_to_end(tmp_path):
     norms = read_table(results / "tables/weights/tiny/none/none/insecure_demo/seed0/weight_norms.tsv")
     assert sorted(norms["step"].unique()) == [0, 2, 6] and (norms.loc[norms["step"] == 0, "em_norm"] == 0).all()
     assert (norms.loc[norms["step"] == 6, "em_norm"] > 0).all() and len(norms) == 3 * 2 * 7  # steps x layers x modules
-    for fig in ("em_rate_vs_step", "alignment_vs_coherence", "weight_norms_vs_step", "weight_rotation_vs_step"):
+    for fig in ("em_rate_vs_step", "alignment_vs_coherence", "weight_norms_vs_step", "weight_rotation_vs_step",
+                "persona_retention_vs_step"):
         assert (results / f"figures/{key}/{fig}.png").stat().st_size > 1000
+    assert (results / "activations/tiny/none/none/insecure_demo/seed0/activations.safetensors").stat().st_size > 0
 
     # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
     res = run_snakemake(tmp_path, cfg, "-n")
     assert "Nothing to be done" in res.stdout
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
+    # the demo's analysis.activations: each cell's activations, then persona retention (no persona vector: the grid
+    # has no persona) and its figure
+    inside = {"collect_activations": 2, "persona_retention": 1, "persona_retention_figure": 1}
     assert planned_jobs(res.stdout) == {"train_em": 2, "weight_norms": 2, "sample": 2, "judge": 2, "aggregate": 1,
-                                        "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
+                                        "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1, **inside}
     changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.5}}
     res = run_snakemake(tmp_path, changed, "-n")
-    assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1}
+    assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1, **inside}
 
 
 def planned_jobs(dry_run_output: str) -> dict:

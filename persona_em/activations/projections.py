@@ -1,24 +1,28 @@
-"""Projections of every response's activations, their summaries and persona retention (rule activation_projections).
+"""Projections of every response's activations and their summaries (rule activation_projections, per judge), and
+persona retention (rule persona_retention, judge-free).
 
 activation_projections.tsv  one row per (response, reader, direction, layer): projection = dot(activation, unit
     direction). Directions: `misalignment` (the cross-fitted direction of the cell's model whose fold holds the
-    cell, so the cell's own labels never built it: persona_em/activations/direction.py) and `random<k>` (k <
-    n_random: Gaussian directions drawn per model and layer from the configured seed, the control; a projection on a
-    unit vector does not depend on the norm, which is recorded as the misalignment direction's). `label`: the
-    judge's misaligned / aligned / unlabelled (direction.py thresholds).
+    cell, so the cell's own labels never built it: persona_em/activations/direction.py), `persona:<name>` (the
+    persona vector of each grid persona on the cell's model: persona_em/activations/persona_vectors.py) and
+    `random<k>` (k < n_random: Gaussian directions drawn per model and layer from the configured seed, the control).
+    `direction_norm`: the norm of the misalignment direction (for it and the random controls, which a projection on
+    a unit vector does not depend on) or of the persona vector. `label`: the judge's misaligned / aligned /
+    unlabelled (direction.py thresholds).
 activation_summary.tsv  per (model, persona, composition, dataset, step, reader, direction, layer): the mean
     projection of each seed's responses, their mean over seeds with a bootstrap CI over seeds
     (persona_em.analysis.stats.bootstrap_ci; one seed gives no interval), and the AUROC of the projection against
-    the judge's labels (responses of every seed, misaligned vs aligned; NaN without both classes).
-persona_retention.tsv  per persona cell and step: R(t) = (p_t - p_none,0) / (p_persona,0 - p_none,0), per seed and
-    averaged over seeds with a bootstrap CI over seeds, next to the EM rate (the figure's EM definition). p is the
-    mean projection of the own reader's activations on the persona's direction; p_none,0 the no-persona cell of the
-    same model, dataset and seed at step 0; p_persona,0 the persona cell at step 0. 1 = the persona's shift intact,
-    0 = back to the baseline. The persona's direction (until constitution persona vectors exist, issue 14 stage 4) is
-    the persona shift seen by the base model: the base reader's mean activation over the persona cell's step-0
-    responses minus over the no-persona cell's step-0 responses (all seeds; per model, dataset, persona and
-    composition; the persona-vectors recipe -- the base model reading responses written with vs without the
-    persona -- with the trained persona in place of a system prompt). At every stored layer.
+    the judge's labels (responses of every seed, misaligned vs aligned; NaN without both classes). `chosen_layer`:
+    the misalignment direction's chosen layer, for a persona direction the persona vector's.
+persona_retention.tsv  (tables/activations/, no judge) per persona vector P of a model, cell, step and layer:
+    R(t) = (p_t - p_none,0) / (p_P,0 - p_none,0), averaged over seeds with a bootstrap CI over seeds. p = the mean
+    projection, on P's unit persona vector, of the cell's own reader's activations (the model that wrote the
+    responses); p_none,0 = the no-persona cell of the same model, dataset and seed at step 0; p_P,0 = the mean over
+    P's cells of that model, dataset and seed whose step-0 model runs the persona (stacked, merged, posthoc) at step
+    0. Rows for P's cells (every composition) and for the no-persona cell (R(0) = 0 there by definition); with one
+    persona-on composition R(0) = 1 for it. 1 = the persona's shift intact, 0 = back to the no-persona baseline.
+    `chosen_layer`: P's layer of highest held-out separation. NaN where p_P,0 = p_none,0 (no persona shift at that
+    layer, e.g. the embeddings when both cells wrote the same texts). Judge labels are not used.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from persona_em.activations.store import BASE, OWN, load_activations
 from persona_em.activations.direction import ALIGNED, MISALIGNED, UNLABELLED, auroc, load_direction, \
     response_labels, unit
+from persona_em.activations.persona_vectors import NO_PERSONA, load_persona_vector
+from persona_em.activations.store import OWN, load_activations
 from persona_em.analysis.stats import bootstrap_ci
+from persona_em.errors import UserError
 from persona_em.io import read_table, stable_hash, write_table
 
 log = logging.getLogger(__name__)
@@ -47,9 +53,10 @@ def random_directions(model: str, layer: int, hidden: int, n: int, seed: int) ->
 
 
 def projection_rows(x: np.ndarray, index: pd.DataFrame, layers: list[int], info: dict, directions: np.ndarray,
-                    labels: dict, n_random: int, seed: int) -> pd.DataFrame:
+                    personas: dict, labels: dict, n_random: int, seed: int) -> pd.DataFrame:
     """Projections of one cell's rows (x [rows, layers, hidden] of `index`'s rows) on its fold's misalignment
-    direction and on the random controls, at every layer."""
+    direction, on the persona vectors of its model (`personas`: name -> vectors [layers, hidden]) and on the random
+    controls, at every layer."""
     cell = index.iloc[0]
     fold = str(cell[info["fold_by"]])
     f = info["folds"].index(fold)
@@ -57,12 +64,15 @@ def projection_rows(x: np.ndarray, index: pd.DataFrame, layers: list[int], info:
     label = keys["response_id"].map(lambda r: LABEL_NAMES[labels.get(r, UNLABELLED)])
     frames = []
     for j, layer in enumerate(layers):
-        vecs = {"misalignment": unit(directions[f, j])}
+        norm = float(np.linalg.norm(directions[f, j]))
+        vecs = {"misalignment": (unit(directions[f, j]), norm)}
+        for name, v in sorted(personas.items()):
+            vecs[f"persona:{name}"] = (unit(v[j]), float(np.linalg.norm(v[j])))
         for k, v in enumerate(random_directions(cell["model"], layer, x.shape[-1], n_random, seed)):
-            vecs[f"random{k}"] = v
-        for name, v in vecs.items():
+            vecs[f"random{k}"] = (v, norm)
+        for name, (v, n) in vecs.items():
             frames.append(keys.assign(direction=name, layer=layer, fold=fold, projection=x[:, j] @ v, label=label,
-                                      direction_norm=float(np.linalg.norm(directions[f, j]))))
+                                      direction_norm=n))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -83,89 +93,113 @@ def summary(proj: pd.DataFrame, n_bootstrap: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def persona_retention(cells: dict, layers: list[int], em_rates: pd.DataFrame, em_definition: str,
-                      n_bootstrap: int, seed: int) -> pd.DataFrame:
-    """R(t) per persona cell, step and layer (module docstring). `cells`: cell tuple -> (x, index) of every row."""
-    def mean_of(cell, reader, step=None):
+PERSONA_ON = ("stacked", "merged", "posthoc")  # compositions whose step-0 model runs the persona
+
+
+def persona_retention(cells: dict, vectors: dict, n_bootstrap: int, seed: int) -> pd.DataFrame:
+    """R(t) per persona vector, cell, step and layer (module docstring). `cells`: cell tuple -> (x, index) of the
+    own reader's rows (x [rows, layers, hidden]); `vectors`: (model, persona) -> (vector.json, vectors [layers,
+    hidden])."""
+    def step_means(cell, u):
         x, index = cells[cell]
-        sel = (index["reader"] == reader).to_numpy() & (True if step is None else (index["step"] == step).to_numpy())
-        return x[sel].mean(0) if sel.any() else None
+        proj = np.einsum("nld,ld->nl", x, u)
+        steps = index["step"].to_numpy()
+        return {int(t): proj[steps == t].mean(0) for t in sorted(set(steps.tolist()))}
 
-    rates = em_rates[(em_rates["em_definition"] == em_definition) & (em_rates["question_id"] == "ALL")]
-    rate_of = {(*(r[k] for k in CELL_KEYS), r["step"]): r["em_rate"] for _, r in rates.iterrows()}
-    groups: dict = {}
-    for cell in cells:
-        model, persona, composition, dataset, s = cell
-        if persona != "none":
-            groups.setdefault((model, persona, composition, dataset), []).append(s)
     rows = []
-    for (model, persona, composition, dataset), seeds in sorted(groups.items()):
-        pairs = [(s, (model, "none", "none", dataset, s)) for s in sorted(seeds)]
-        pairs = [(s, none) for s, none in pairs if none in cells]
-        if not pairs:
-            log.info("persona retention: no no-persona cell for %s/%s/%s/%s", model, persona, composition, dataset)
-            continue
-        base_p = [mean_of((model, persona, composition, dataset, s), BASE, 0) for s, _ in pairs]
-        base_n = [mean_of(none, BASE, 0) for _, none in pairs]
-        if any(v is None for v in base_p + base_n):
-            continue
-        direction = unit(np.mean(base_p, 0) - np.mean(base_n, 0))  # [layers, hidden]
-        per_seed = {}
-        for s, none in pairs:
-            cell = (model, persona, composition, dataset, s)
-            x, index = cells[cell]
-            own = index["reader"].to_numpy() == OWN
-            proj = np.einsum("nld,ld->nl", x[own], direction)
-            steps = index["step"].to_numpy()[own]
-            p_none0 = np.einsum("ld,ld->l", mean_of(none, OWN, 0), direction)
-            p_pers0 = proj[steps == 0].mean(0)
-            for t in sorted(set(steps.tolist())):
-                per_seed.setdefault(t, []).append((s, (proj[steps == t].mean(0) - p_none0) / (p_pers0 - p_none0),
-                                                   proj[steps == t].mean(0), p_pers0, p_none0,
-                                                   rate_of.get((*cell, t), math.nan)))
-        for t, values in sorted(per_seed.items()):
+    for (model, vec_persona), (info, vecs) in sorted(vectors.items()):
+        u = unit(vecs)
+        layers = info["layers"]
+        per_seed: dict = {}
+        for dataset, s in sorted({(c[3], c[4]) for c in cells if c[0] == model}):
+            none = (model, NO_PERSONA, NO_PERSONA, dataset, s)
+            own = [c for c in cells if c[:2] == (model, vec_persona) and c[3:] == (dataset, s)]
+            refs = [c for c in own if c[2] in PERSONA_ON]
+            if none not in cells or not refs:
+                log.info("persona retention on %s/%s: no %s at %s seed %s", model, vec_persona,
+                         "no-persona cell" if none not in cells else "persona-on cell (stacked, merged, posthoc)",
+                         dataset, s)
+                continue
+            means = {c: step_means(c, u) for c in [none, *own]}
+            p_none0 = means[none][0]
+            p_pers0 = np.mean([means[c][0] for c in refs], 0)
+            for c in [none, *own]:
+                span = p_pers0 - p_none0
+                span = np.where(span == 0, np.nan, span)  # no persona shift at a layer: R undefined there
+                for t, p_t in means[c].items():
+                    per_seed.setdefault((c[1], c[2], dataset, t), []).append(
+                        ((p_t - p_none0) / span, p_t, p_pers0, p_none0))
+        for (persona, composition, dataset, t), values in sorted(per_seed.items()):
             for j, layer in enumerate(layers):
-                r = np.array([v[1][j] for v in values])
+                r = np.array([v[0][j] for v in values])
                 low, high = bootstrap_ci(r, n_bootstrap, seed) if len(r) > 1 else (math.nan, math.nan)
-                em = [v[5] for v in values]
-                rows.append({"model": model, "persona": persona, "composition": composition, "dataset": dataset,
-                             "step": t, "layer": layer, "n_seeds": len(r), "retention": float(r.mean()),
-                             "ci_low": low, "ci_high": high,
-                             "p_t": float(np.mean([v[2][j] for v in values])),
-                             "p_persona_0": float(np.mean([v[3][j] for v in values])),
-                             "p_none_0": float(np.mean([v[4][j] for v in values])),
-                             "em_rate": float(np.nanmean(em)) if not all(math.isnan(e) for e in em) else math.nan,
-                             "em_definition": em_definition,
-                             "persona_direction": "base reader: persona cell step 0 - no-persona cell step 0"})
-    return pd.DataFrame(rows)
+                rows.append({"model": model, "persona_vector": vec_persona, "persona": persona,
+                             "composition": composition, "dataset": dataset, "step": t, "layer": layer,
+                             "chosen_layer": layer == info["chosen_layer"], "n_seeds": len(r),
+                             "retention": float(r.mean()), "ci_low": low, "ci_high": high,
+                             "ci_method": f"bootstrap95_{n_bootstrap}_seed{seed} over seeds" if len(r) > 1 else
+                             "one seed: no interval",
+                             "p_t": float(np.mean([v[1][j] for v in values])),
+                             "p_persona_0": float(np.mean([v[2][j] for v in values])),
+                             "p_none_0": float(np.mean([v[3][j] for v in values]))})
+    return pd.DataFrame(rows, columns=RETENTION_COLUMNS)
 
 
-def activation_projections(activation_dirs: list[str], direction_dirs: dict[str, str], scores_path: str,
-                           em_rates_path: str, settings: dict, em_definition: str, n_bootstrap: int, judge_key: str,
-                           outputs: dict) -> None:
-    """The three tables of one judge (module docstring). `direction_dirs`: model -> misalignment_direction output;
-    `outputs`: table name -> path."""
+RETENTION_COLUMNS = ["model", "persona_vector", "persona", "composition", "dataset", "step", "layer", "chosen_layer",
+                     "n_seeds", "retention", "ci_low", "ci_high", "ci_method", "p_t", "p_persona_0", "p_none_0"]
+
+
+def load_vectors(vector_dirs: list[str]) -> dict:
+    """(model, persona) -> (vector.json, vectors) of persona_vectors outputs."""
+    out = {}
+    for d in vector_dirs:
+        info, vecs = load_persona_vector(d)
+        out[(info["model"], info["persona"])] = (info, vecs)
+    return out
+
+
+def persona_retention_table(activation_dirs: list[str], vector_dirs: list[str], settings: dict, n_bootstrap: int,
+                            out_path: str) -> None:
+    """The persona_retention table (rule persona_retention; no judge involved)."""
+    vectors = load_vectors(vector_dirs)
+    cells = {}
+    for d in activation_dirs:
+        tensors, index, meta = load_activations(d)
+        own = (index["reader"] == OWN).to_numpy()
+        for (model, persona), (info, _) in vectors.items():
+            if model == meta["model"] and info["layers"] != meta["layers"]:
+                raise UserError(f"{d}: layers {meta['layers']} differ from the persona vector {model}/{persona}'s "
+                                f"{info['layers']}: rerun collect_activations and persona_vectors")
+        cells[tuple(meta[k] for k in CELL_KEYS)] = (tensors[settings["kind"]][own].astype(np.float32),
+                                                    index[own].reset_index(drop=True))
+    write_table(out_path, persona_retention(cells, vectors, n_bootstrap, settings["seed"]))
+
+def activation_projections(activation_dirs: list[str], direction_dirs: dict[str, str], vector_dirs: list[str],
+                           scores_path: str, settings: dict, n_bootstrap: int, judge_key: str, outputs: dict) -> None:
+    """The two tables of one judge (module docstring). `direction_dirs`: model -> misalignment_direction output;
+    `vector_dirs`: persona_vectors outputs; `outputs`: table name -> path."""
     labels = response_labels(read_table(scores_path))
     infos = {m: load_direction(d) for m, d in direction_dirs.items()}
-    frames, cells, layers = [], {}, None
+    vectors = load_vectors(vector_dirs)
+    frames = []
     for d in activation_dirs:
         tensors, index, meta = load_activations(d)
         layers = meta["layers"]
         x = tensors[settings["kind"]].astype(np.float32)
         info, directions = infos[meta["model"]]
+        personas = {p: v for (m, p), (i, v) in vectors.items() if m == meta["model"]}
+        for name, (i, _) in ((p, vectors[meta["model"], p]) for p in personas):
+            if i["layers"] != layers:
+                raise UserError(f"{d}: layers {layers} differ from the persona vector {name}'s {i['layers']}")
         if info["layers"] != layers:
             raise RuntimeError(f"{d}: layers {layers} differ from the direction's {info['layers']}")
-        frames.append(projection_rows(x, index, layers, info, directions, labels, settings["n_random"],
+        frames.append(projection_rows(x, index, layers, info, directions, personas, labels, settings["n_random"],
                                       settings["seed"]))
-        cells[tuple(meta[k] for k in CELL_KEYS)] = (x, index)
     proj = pd.concat(frames, ignore_index=True).assign(judge_key=judge_key)
-    chosen = {m: i["chosen_layer"] for m, (i, _) in infos.items()}
     summ = summary(proj, n_bootstrap, settings["seed"])
-    summ["chosen_layer"] = summ["layer"] == summ["model"].map(chosen)
-    retention = persona_retention(cells, layers, read_table(em_rates_path), em_definition, n_bootstrap,
-                                  settings["seed"])
-    if len(retention):
-        retention["chosen_layer"] = retention["layer"] == retention["model"].map(chosen)
+    chosen = {m: i["chosen_layer"] for m, (i, _) in infos.items()}
+    persona_chosen = {(m, f"persona:{p}"): i["chosen_layer"] for (m, p), (i, _) in vectors.items()}
+    summ["chosen_layer"] = [layer == persona_chosen.get((m, d), chosen[m])
+                            for m, d, layer in zip(summ["model"], summ["direction"], summ["layer"])]
     write_table(outputs["activation_projections"], proj)
     write_table(outputs["activation_summary"], summ.assign(judge_key=judge_key))
-    write_table(outputs["persona_retention"], retention.assign(judge_key=judge_key))

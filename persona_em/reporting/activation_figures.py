@@ -1,8 +1,10 @@
 """Figures of the activation analysis (rule activation_figures), one function per figure, from its tables alone.
 
 misalignment_projection_vs_step   activation_summary.tsv: own reader, misalignment direction, each model's chosen layer
-persona_retention_vs_step          persona_retention.tsv at the chosen layer: R(t) beside the EM rate (the headline)
 direction_auroc_by_layer           the layers.tsv of every model's direction: held-out AUROC per layer
+persona_retention_vs_step          persona_retention.tsv (judge-free) at each persona vector's chosen layer beside the
+                                   judge's EM rate (em_rates.tsv) of the same cells: the headline (rule
+                                   persona_retention_figure; needs no misalignment direction)
 """
 from __future__ import annotations
 
@@ -54,33 +56,39 @@ def misalignment_projection_vs_step(summary: pd.DataFrame):
     return fig, caption
 
 
-def persona_retention_vs_step(retention: pd.DataFrame):
+def persona_retention_vs_step(retention: pd.DataFrame, em_rates: pd.DataFrame, em_definition: str):
     title = "Persona retention R(t) and EM rate vs EM training step"
-    sub = retention[retention["chosen_layer"]] if len(retention) else retention
+    sub = retention[retention["chosen_layer"].astype(bool)] if len(retention) else retention
     if sub.empty:
         return _empty(title, "no persona cell with a no-persona cell of the same model, dataset and seed")
     sub = sub.assign(condition=_condition(sub))
-    panels = sorted(sub.groupby(["model", "dataset"]).groups)
+    rates = em_rates[(em_rates["em_definition"] == em_definition) & (em_rates["question_id"] == "ALL")]
+    rates = rates.groupby(["model", "persona", "composition", "dataset", "step"], as_index=False)["em_rate"].mean()
+    panels = sorted(sub.groupby(["model", "dataset", "persona_vector"]).groups)
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5.6), squeeze=False, sharex="col")
-    for j, (model, dataset) in enumerate(panels):
-        p = sub[(sub["model"] == model) & (sub["dataset"] == dataset)]
+    for j, (model, dataset, vector) in enumerate(panels):
+        p = sub[(sub["model"] == model) & (sub["dataset"] == dataset) & (sub["persona_vector"] == vector)]
         for cond, g in p.groupby("condition"):
             g = g.sort_values("step")
             line, = axes[0][j].plot(g["step"], g["retention"], marker="o", label=cond)
             axes[0][j].fill_between(g["step"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
-            axes[1][j].plot(g["step"], 100 * g["em_rate"], marker="o", color=line.get_color(), label=cond)
+            r = rates.merge(g[["model", "persona", "composition", "dataset"]].drop_duplicates()).sort_values("step")
+            axes[1][j].plot(r["step"], 100 * r["em_rate"], marker="o", color=line.get_color(), label=cond)
         axes[0][j].axhline(1, color="grey", lw=0.8, ls=":")
         axes[0][j].axhline(0, color="grey", lw=0.8, ls=":")
-        axes[0][j].set_title(f"{model} / {dataset} (layer {int(p['layer'].iloc[0])})", fontsize=9)
+        axes[0][j].set_title(f"{model} / {dataset}\n{vector} vector (layer {int(p['layer'].iloc[0])})", fontsize=9)
         axes[0][j].set_ylabel("persona retention R(t)")
-        axes[1][j].set_ylabel(f"EM rate, % ({p['em_definition'].iloc[0]})")
+        axes[1][j].set_ylabel(f"EM rate, % ({em_definition})")
         axes[1][j].set_xlabel("EM training step")
         axes[0][j].legend(fontsize=7)
-    caption = (f"{title}. Top: R(t) = (p_t - p_none,0) / (p_persona,0 - p_none,0), p = mean projection of the "
-               f"persona model's own activations on the persona's direction (the base model's mean activation over "
-               f"the persona cell's step-0 responses minus over the no-persona cell's), 1 = persona intact, 0 = back "
-               f"to the no-persona baseline; mean over seeds, band: bootstrap 95% CI over seeds. Bottom: the EM rate "
-               f"of the same cells, mean over seeds. Layer: the misalignment direction's chosen layer.")
+    caption = (f"{title}, per model, dataset and persona vector. Top: R(t) = (p_t - p_none,0) / (p_persona,0 - "
+               f"p_none,0), p = mean projection of each cell's own activations (the model that wrote its responses) "
+               f"on the unit persona vector (the base model's mean response activation with the persona's system "
+               f"prompt minus without, on the extract half of the persona's questions), p_none,0 = the no-persona "
+               f"cell at step 0, p_persona,0 = the persona's cells at step 0; 1 = persona intact, 0 = back to the "
+               f"no-persona baseline; mean over seeds, band: bootstrap 95% CI over seeds. Layer: the persona "
+               f"vector's highest held-out Cohen's d. Bottom: the EM rate ({em_definition}) of the same cells, mean "
+               f"over seeds.")
     return fig, caption
 
 
@@ -105,17 +113,25 @@ def direction_auroc_by_layer(layers: pd.DataFrame):
     return fig, caption
 
 
-def make_activation_figures(summary_path: str, retention_path: str, direction_dirs: list[str],
-                            outputs: dict) -> None:
-    """Every activation figure; `outputs` maps '<name>_<png|svg|caption|provenance>' to a path."""
+def _save(name: str, plot, args, inputs: list[str], outputs: dict) -> None:
+    paths = {kind: outputs[f"{name}_{kind}"] for kind in ("png", "svg", "caption")}
+    fig, caption = plot(*args)
+    save_figure(fig, paths, caption)
+    write_json(outputs[f"{name}_provenance"], {"figure": name, "files": list(paths.values()), "inputs": inputs,
+                                               "caption": caption})
+
+
+def make_activation_figures(summary_path: str, direction_dirs: list[str], outputs: dict) -> None:
+    """The misalignment direction's figures; `outputs` maps '<name>_<png|svg|caption|provenance>' to a path."""
     layers = pd.concat([read_table(f"{d}/layers.tsv") for d in direction_dirs], ignore_index=True)
-    plots = {"misalignment_projection_vs_step": (misalignment_projection_vs_step, read_table(summary_path)),
-             "persona_retention_vs_step": (persona_retention_vs_step, read_table(retention_path)),
-             "direction_auroc_by_layer": (direction_auroc_by_layer, layers)}
-    inputs = [summary_path, retention_path, *direction_dirs]
-    for name, (plot, frame) in plots.items():
-        paths = {kind: outputs[f"{name}_{kind}"] for kind in ("png", "svg", "caption")}
-        fig, caption = plot(frame)
-        save_figure(fig, paths, caption)
-        write_json(outputs[f"{name}_provenance"], {"figure": name, "files": list(paths.values()), "inputs": inputs,
-                                                   "caption": caption})
+    inputs = [summary_path, *direction_dirs]
+    _save("misalignment_projection_vs_step", misalignment_projection_vs_step, (read_table(summary_path),), inputs,
+          outputs)
+    _save("direction_auroc_by_layer", direction_auroc_by_layer, (layers,), inputs, outputs)
+
+
+def make_retention_figure(retention_path: str, em_rates_path: str, em_definition: str, outputs: dict) -> None:
+    """persona_retention_vs_step; `outputs` as above."""
+    _save("persona_retention_vs_step", persona_retention_vs_step,
+          (read_table(retention_path), read_table(em_rates_path), em_definition), [retention_path, em_rates_path],
+          outputs)
