@@ -45,6 +45,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     from persona_em import compose
+    from persona_em.chat import ChatFormat
     from persona_em.sampling.compile_cache import CompileCache, compile_key
     from persona_em.sampling.sample import generate_batch
     from bench.sample import _checkpoints
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     for name in ("first call", "steady state"):
         r = {}
         with common.measured(r):
-            rows = generate_batch(model, tok, convs, settings, seed=0, fast=True)
+            rows = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=True)
         r["new_tokens"] = sum(x["n_new_tokens"] for x in rows)
         # the sampled text: equal across processes and variants when the compiled code computes the same thing
         r["responses_sha256"] = hashlib.sha256(json.dumps([x["response"] for x in rows]).encode()).hexdigest()[:16]
