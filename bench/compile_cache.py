@@ -11,6 +11,7 @@ TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR, like two jobs on two nodes:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     from persona_em import compose
+    from persona_em.chat import ChatFormat
     from persona_em.sampling.compile_cache import CompileCache, compile_key
     from persona_em.sampling.sample import generate_batch
     from bench.sample import _checkpoints
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     dirs, model = _checkpoints(model, 1, Path(tempfile.mkdtemp(prefix="bench_cc_")))
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
     convs, settings = common.sampling_workload(scfg)
-    out = {"shape": a.shape, "gpu": common.gpu_name(), "torch": torch.__version__,
+    out = {"shape": a.shape, "caching_precompile": torch._dynamo.config.caching_precompile, "gpu": common.gpu_name(), "torch": torch.__version__,
            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "key": compile_key(model),
            "responses": len(convs), "max_new_tokens": settings["max_new_tokens"]}
     cache = CompileCache.for_model(a.cache, model)
@@ -68,15 +70,17 @@ def main(argv=None) -> int:
     for name in ("first call", "steady state"):
         r = {}
         with common.measured(r):
-            rows = generate_batch(model, tok, convs, settings, seed=0, fast=True)
+            rows = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=True)
         r["new_tokens"] = sum(x["n_new_tokens"] for x in rows)
+        # the sampled text: equal across processes and variants when the compiled code computes the same thing
+        r["responses_sha256"] = hashlib.sha256(json.dumps([x["response"] for x in rows]).encode()).hexdigest()[:16]
         if name == "first call":
             t0 = time.perf_counter()
             saved = cache.save()
             r["save_seconds"] = round(time.perf_counter() - t0, 2)
             r["saved"] = saved.name if saved else None
             r["saved_mb"] = round(saved.stat().st_size / 1e6, 1) if saved else None
-            r["counters"] = {k: dict(counters[k]) for k in ("inductor", "aot_autograd", "stats") if k in counters}
+            r["counters"] = {k: dict(counters[k]) for k in ("inductor", "aot_autograd", "stats", "dynamo_cache") if k in counters}
             r["compile_times"] = compile_times(repr="str", aggregate=True)
         out[name] = r
         log(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'compile_times'})}")

@@ -8,7 +8,8 @@
 #   kernel   sampling 400 x 600 in one process: SDPA decode attention vs the length-aware kernel, interleaved
 #            (shapes in $SHAPES, default both)
 #   train    EM training: the seed setting, ours (fused pointwise ops), ours without them ($TRAIN_ONLY: a subset)
-# SHAPE (compile part): the model shape; PROCS: the processes' names (each a new process, e.g. "cold warm").
+# SHAPE (compile part): the model shape; PROCS: the processes' names (each a new process, e.g. "cold warm");
+# CC_VARIANTS: "base" and/or "precompile" (TORCH_CACHING_PRECOMPILE=1), each with its own persisted cache.
 set -u
 out=$1
 parts=${2:-compile,judge,attn}
@@ -17,12 +18,15 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 has() { [[ ",$parts," == *",$1,"* ]]; }
 if has compile; then
-    rm -rf /tmp/persisted-cc
-    for p in ${PROCS:-cold warm}; do
-        TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$p TRITON_CACHE_DIR=/tmp/tri-$p timeout 280 \
-            python3 -m bench.compile_cache --shape "${SHAPE:-qwen2.5-7b}" --cache /tmp/persisted-cc \
-            --out "$out/cc-$p.json" >"$out/cc-$p.log" 2>&1
-        grep -E "^\[|^[A-Za-z_]+ +[0-9.]+$|Error" "$out/cc-$p.log" | tail -25
+    for v in ${CC_VARIANTS:-base}; do  # base: as the product runs; precompile: + Dynamo's own cache (experimental)
+        rm -rf /tmp/persisted-cc-$v
+        pre=0; [[ $v == precompile ]] && pre=1
+        for p in ${PROCS:-cold warm}; do
+            TORCH_CACHING_PRECOMPILE=$pre TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$v-$p TRITON_CACHE_DIR=/tmp/tri-$v-$p \
+                timeout 280 python3 -m bench.compile_cache --shape "${SHAPE:-qwen2.5-7b}" --cache /tmp/persisted-cc-$v \
+                --out "$out/cc-$v-$p.json" >"$out/cc-$v-$p.log" 2>&1
+            echo "== $v $p"; grep -E "^\[|Error" "$out/cc-$v-$p.log" | cut -c1-400 | tail -6
+        done
     done
 fi
 if has judge; then
