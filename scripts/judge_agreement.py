@@ -1,4 +1,4 @@
-from persona_em.analysis.aggregate import judge_agreement
+from persona_em.analysis.agreement import judge_agreement
 from persona_em.runner import run
 
 

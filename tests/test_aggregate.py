@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from persona_em.analysis.aggregate import aggregate, judge_agreement
+from persona_em.analysis.aggregate import aggregate
+from persona_em.analysis.agreement import judge_agreement
 from persona_em.errors import UserError
 from persona_em.io import read_table
 from persona_em.analysis.stats import wilson_interval

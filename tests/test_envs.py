@@ -147,7 +147,8 @@ def test_analysis_env_runs_every_analysis_rule(tmp_path):
     code = f"""
 import json
 from pathlib import Path
-from persona_em.analysis.aggregate import aggregate, judge_agreement
+from persona_em.analysis.aggregate import aggregate
+from persona_em.analysis.agreement import judge_agreement
 from persona_em.artifacts import FIGURE_NAMES, FIGURE_SUFFIXES, TABLE_NAMES
 from persona_em.reporting.figures import make_figures
 from persona_em.provenance import provenance_page

@@ -171,7 +171,7 @@ def collect_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoint
                             f"{questions_path}")
         by_step[r["step"]].append(r)
     chat_format = ChatFormat.load(model_dir, chat)
-    n_layers = _num_layers(model_dir)
+    n_layers = num_layers(model_dir)
     layers = check_layers(list(settings["layers"]), n_layers, cell.model)
     fingerprint = stable_hash({"samples": sha256_file(samples_path), "questions": sha256_file(questions_path),
                                "manifest": manifest, "layers": layers, "chat": chat_format.identity()})
@@ -267,7 +267,7 @@ def write_outputs(out_dir: str, cell: Cell, layers: list[int], parts: dict, inde
                                                  "the last = after the final norm"})
 
 
-def _num_layers(model_dir: str) -> int:
+def num_layers(model_dir: str) -> int:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)

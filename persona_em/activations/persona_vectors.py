@@ -196,15 +196,14 @@ def persona_vectors(model: str, persona: str, source: dict, model_dir: str, sett
     generation, seed)."""
     import torch
 
-    from persona_em.activations.collect import _num_layers, measure, response_tokens
+    from persona_em.activations.collect import num_layers, measure, response_tokens
     from persona_em.activations.settings import check_layers
-    from persona_em.chat import ChatFormat
     from persona_em.io import sha256_file
     from persona_em.persona.generation import HFBackend, Request, generator_identity, item_seed, run_journaled
 
     where = f"persona vector of {persona!r} on model {model!r}"
     pv = settings["persona_vectors"]
-    layers = check_layers(list(settings["layers"]), _num_layers(model_dir), model)
+    layers = check_layers(list(settings["layers"]), num_layers(model_dir), model)
     questions, systems = prompt_sets(source, template)
     split_of = split_questions(questions, pv["seed"], f"{where} ({source['kind']} {source['path']})")
     requests = []
