@@ -143,6 +143,11 @@ def model_config_json(config: dict, name: str, results_dir: str) -> dict | None:
         return {"hidden_size": h, "intermediate_size": 2 * h, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "num_hidden_layers": spec["build_tiny"].get("num_layers", 2)}
     candidates = [Path(spec["path"]) / "config.json"] if "path" in spec else []
+    if "gguf" in spec and "cache_dir" in config:  # converted once by prepare_model (persona_em/models.py)
+        candidates.append(Path(config["cache_dir"]) / "models" / "gguf" / spec["gguf"]["sha256"] / "config.json")
+    if "hf_id" in spec and "cache_dir" in config and "revision" in spec:
+        candidates.append(Path(config["cache_dir"]) / "models" / spec["hf_id"].replace("/", "--") / spec["revision"]
+                          / "config.json")
     manifest = Path(results_dir) / "models" / name / "model.json"
     if manifest.is_file():
         candidates.append(Path(json.loads(manifest.read_text())["path"]) / "config.json")

@@ -8,9 +8,6 @@ output is written.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from persona_em.errors import UserError
 
 KEY = "analysis.activations"
@@ -36,24 +33,10 @@ def check_layers(layers: list[int], n_layers: int, model: str) -> list[int]:
 
 def known_num_layers(config: dict, model: str) -> int | None:
     """The model's number of decoder layers if it can be known without running anything, else None."""
-    spec = config["models"][model]
-    if "build_tiny" in spec:
-        return int(spec["build_tiny"].get("num_layers", 2))
-    candidates = []
-    if "path" in spec:
-        candidates.append(Path(spec["path"]))
-    elif "gguf" in spec:
-        candidates.append(Path(config["cache_dir"]) / "models" / "gguf" / spec["gguf"]["sha256"])
-    elif "hf_id" in spec:
-        candidates.append(Path(config["cache_dir"]) / "models" / spec["hf_id"].replace("/", "--") / spec["revision"])
-    for path in candidates:
-        cfg = path / "config.json"
-        if cfg.is_file():
-            data = json.loads(cfg.read_text())
-            data = data.get("text_config", data)  # multimodal wrappers (Gemma 3) keep the LM's config inside
-            if "num_hidden_layers" in data:
-                return int(data["num_hidden_layers"])
-    return None
+    from persona_em.config import model_config_json
+
+    cfg = model_config_json(config, model, config.get("results_dir", "results"))
+    return None if cfg is None else int(cfg["num_hidden_layers"])
 
 
 def check_config(config: dict, models: list[str]) -> None:
