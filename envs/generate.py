@@ -23,7 +23,7 @@ STACKS = {
     "torch": ("Model stages: models and data, persona arm, EM training, sampling, judging.",
               ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "safetensors",
                "huggingface_hub", "openai", "tenacity", "jsonschema", "pandas", "numpy", "PyYAML", "tqdm",
-               "bitsandbytes", "gguf"]),
+               "bitsandbytes", "gguf", "scipy"]),  # scipy: persona_vectors picks its layer with persona_em.analysis.stats
     # tqdm: no analysis rule imports it since the judge's column names live in persona_em.judging.identity (it was
     # persona_em.judge, which imports tqdm); kept until the envs are next regenerated; tabulate: DataFrame.to_markdown
     "analysis": ("Tables, figures and report pages (no model library; safetensors: the activation analysis).",

@@ -128,7 +128,9 @@ ANALYSIS_RULES = {"aggregate": "scripts/aggregate.py", "judge_agreement": "scrip
                   "plot_figures": "scripts/figures.py", "report_pages": "scripts/report_pages.py",
                   "misalignment_direction": "scripts/misalignment_direction.py",
                   "activation_projections": "scripts/activation_projections.py",
-                  "activation_figures": "scripts/activation_figures.py"}
+                  "activation_figures": "scripts/activation_figures.py",
+                  "persona_retention": "scripts/persona_retention.py",
+                  "persona_retention_figure": "scripts/persona_retention_figure.py"}
 
 
 def test_analysis_env_runs_every_analysis_rule(tmp_path):

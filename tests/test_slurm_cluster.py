@@ -129,8 +129,8 @@ def test_demo_on_slurm_timeout_retry_resumes(cluster, tmp_path):
     assert len(report) == 1 and all(r in report[0] for r in ("aggregate", "summary_tables", "plot_figures",
                                                                 "report_pages")), rules
     assert sorted(set(rules) - set(report)) == ["data_make_demo_dataset_prepare_dataset", "gpu_check", "judge",
-                                                "sample", "train_em"], rules
-    assert len(jobs) == 8, jobs  # 2 gpu_check, data, 2 train_em attempts, sample, judge, report
+                                                "sample", "train_em", "weight_norms"], rules
+    assert len(jobs) == 9, jobs  # 2 gpu_check, data, 2 train_em attempts, weight_norms, sample, judge, report
     assert all(j["name"].startswith("persona_em_") for j in jobs)
 
     # The training job timed out with a 1-minute limit; the retry ran with a longer one and finished.
