@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import pandas as pd  # noqa: E402
 
 from persona_em.io import read_table, write_json  # noqa: E402
@@ -74,6 +75,10 @@ def persona_retention_vs_step(retention: pd.DataFrame, em_rates: pd.DataFrame, e
             axes[0][j].fill_between(g["step"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
             r = rates.merge(g[["model", "persona", "composition", "dataset"]].drop_duplicates()).sort_values("step")
             axes[1][j].plot(r["step"], 100 * r["em_rate"], marker="o", color=line.get_color(), label=cond)
+        if not axes[1][j].lines or all(np.isnan(np.asarray(ln.get_ydata(), float)).all() for ln in axes[1][j].lines):
+            axes[1][j].text(0.5, 0.5, "no EM rate: the judge scored\nnone of these cells' responses\n(status counts: summary.tsv)",
+                            ha="center", va="center", fontsize=8, transform=axes[1][j].transAxes)
+            axes[1][j].set_yticks([])
         axes[0][j].axhline(1, color="grey", lw=0.8, ls=":")
         axes[0][j].axhline(0, color="grey", lw=0.8, ls=":")
         axes[0][j].set_title(f"{model} / {dataset}\n{vector} vector (layer {int(p['layer'].iloc[0])})", fontsize=9)
