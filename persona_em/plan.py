@@ -6,13 +6,15 @@ one H200, torch 2.11, transformers 5.23, issue 16):
   train_em  EM_TOKENS_PER_S non-padding tokens/s (all of a job's epochs x rows x tokens per row);
   sample    SAMPLE_SECONDS per checkpoint of 400 responses x 600 new tokens (scaled by responses x max_new_tokens);
   judge     JUDGMENTS_PER_S local (hf) judgments/s of ~1,000-token prompts;
+  collect_activations  ACTIVATION_SECONDS per checkpoint of 400 responses x 402 tokens (prompt + response) x 2
+            readers (scaled by responses x max_new_tokens: the response bounds the tokens, the prompt is small);
 (sampling: at a batch of 400; a cell with fewer responses per checkpoint batches fewer and is slower per token
 than this, so its figure is a lower bound), each scaled by model size (parameters / 7.6 B: these steps are bound by matrix products over all weights or by
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
-Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, collect_activations,
-persona_vectors) have no benchmark of their whole job here: their job counts are printed, their hours are not. CPU
+Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, persona_vectors) have no
+benchmark of their whole job here: their job counts are printed, their hours are not. CPU
 rules (weight_norms: one job per cell, about a minute for a 7B r32 cell, bench/weights.py; tables, figures) are
 counted with 0 GPU-hours.
 
@@ -46,10 +48,12 @@ EM_TOKENS_PER_S = 12_500  # train_em, auto plan + fused pointwise ops: 12,542-13
 SAMPLE_SECONDS = 13.5  # one checkpoint, 400 responses x 600 new tokens, steady, length-aware decode kernel (run7, H200)
 SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
+ACTIVATION_SECONDS = 12.2  # collect_activations, one checkpoint: 400 responses x 402 tokens x 2 readers (H200)
+ACTIVATION_REF_TOKENS = 400 * 402
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft",
-                               "collect_activations", "persona_vectors")
+                               "persona_vectors")
 
 _JOB = re.compile(r"^(?:local)?rule (\w+):$")
 _WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
@@ -127,7 +131,7 @@ def job_gpu_seconds(config: dict, rule: str, w: dict, cwd: Path, cache: dict) ->
     from persona_em.config import checkpoint_spec, sampling_settings, train_settings
     from persona_em.training.schedule import expand_schedule, steps_per_epoch
 
-    if rule not in ("train_em", "sample", "judge"):
+    if rule not in ("train_em", "sample", "judge", "collect_activations"):
         return None
     cell = _cell(w)
     size = model_params_b(config, cell.model)
@@ -149,6 +153,9 @@ def job_gpu_seconds(config: dict, rule: str, w: dict, cwd: Path, cache: dict) ->
     if rule == "sample":
         new_tokens = checkpoints * n_questions * settings["n_samples"] * settings["max_new_tokens"]
         return new_tokens / SAMPLE_REF_TOKENS * SAMPLE_SECONDS * size / REF_PARAMS_B + JOB_OVERHEAD_S
+    if rule == "collect_activations":
+        tokens = checkpoints * n_questions * settings["n_samples"] * settings["max_new_tokens"]
+        return tokens / ACTIVATION_REF_TOKENS * ACTIVATION_SECONDS * size / REF_PARAMS_B + JOB_OVERHEAD_S
     judge_name = w["judge"].rsplit("-", 1)[0]
     judge_size = model_params_b(config, config["judges"][judge_name]["model"])
     if judge_size is None:

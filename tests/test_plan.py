@@ -70,8 +70,8 @@ def test_plan_arithmetic_with_real_sized_files(tmp_path):
 
 
 def test_plan_knows_the_activation_rules(tmp_path):
-    """With analysis.activations: one collect_activations GPU job per cell (as many as sample), counted but not
-    estimated (no benchmark of the whole job), and the CPU analysis jobs listed."""
+    """With analysis.activations: one collect_activations GPU job per cell (as many as sample), estimated from its
+    benchmark; persona_vectors counted but not estimated; the CPU analysis jobs listed."""
     experiment = "arena_phase1.yaml"
     _placeholders(tmp_path, experiment)
     cfg = yaml.safe_load((tmp_path / experiment).read_text())
@@ -83,8 +83,19 @@ def test_plan_knows_the_activation_rules(tmp_path):
     p = P.plan(experiment, cwd=tmp_path, snakemake=SNAKEMAKE)
     rules = p["rules"]
     assert rules["collect_activations"]["jobs"] == rules["sample"]["jobs"]
-    assert rules["collect_activations"]["gpus_per_job"] == 1 and rules["collect_activations"]["a100_gpu_hours"] is None
-    assert "collect_activations" in p["not_estimated"]
+    assert rules["collect_activations"]["gpus_per_job"] == 1 and rules["collect_activations"]["a100_gpu_hours"] > 0
+    assert "collect_activations" not in p["not_estimated"]
+    # per job beyond the overhead: ACTIVATION_SECONDS per 400 x 402 tokens against SAMPLE_SECONDS per 400 x 600 new
+    # tokens, with the same responses x max_new_tokens and model-size scaling
+    from snakemake.utils import validate
+
+    validate(cfg, str(REPO / "config/schemas/config.schema.yaml"))  # the schema's defaults, as plan() fills them
+    w = {"model": cfg["grid"]["models"][0], "persona": "none", "composition": "none",
+         "dataset": cfg["grid"]["datasets"][0], "seed": "0"}
+    act, samp = (P.job_gpu_seconds(cfg, rule, w, tmp_path, {}) - P.JOB_OVERHEAD_S
+                 for rule in ("collect_activations", "sample"))
+    ratio = (P.ACTIVATION_SECONDS / P.ACTIVATION_REF_TOKENS) / (P.SAMPLE_SECONDS / P.SAMPLE_REF_TOKENS)
+    assert act > 0 and act / samp == pytest.approx(ratio, rel=1e-9)
     personas = {(m, q) for m in cfg["grid"]["models"] for q in cfg["grid"]["personas"] if q != "none"}
     assert rules["persona_vectors"]["jobs"] == len(personas) and rules["persona_vectors"]["gpus_per_job"] == 1
     assert "persona_vectors" in p["not_estimated"]
