@@ -148,3 +148,27 @@ def test_key_is_the_same_in_every_process(tiny_model_dir, tmp_path):
                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed}
                            ).stdout.strip() for seed in ("1", "2", "3")}
     assert len(keys) == 1, keys
+
+
+def test_triton_entries_copied_with_paths_rewritten_and_grp_last(tmp_path):
+    """The decode kernel's Triton cache entry travels with the blob; Triton's group file holds absolute paths,
+    which must point into the destination (else Triton misses and recompiles)."""
+    import json
+
+    from persona_em.sampling.compile_cache import _copy_triton_entries
+
+    src = tmp_path / "src" / "HASH"
+    src.mkdir(parents=True)
+    (src / "_decode_kernel.cubin").write_bytes(b"bin")
+    (src / "_decode_kernel.json").write_text("{}")
+    (src / "__grp___decode_kernel.json").write_text(json.dumps(
+        {"child_paths": {c: str(src / c) for c in ("_decode_kernel.cubin", "_decode_kernel.json")}}))
+    (tmp_path / "src" / "OTHER").mkdir()
+    (tmp_path / "src" / "OTHER" / "__grp__triton_poi_x.json").write_text("{}")
+    dst = tmp_path / "dst"
+    assert _copy_triton_entries(tmp_path / "src", dst) == 1
+    assert _copy_triton_entries(tmp_path / "src", dst) == 0  # already there
+    assert not (dst / "OTHER").exists()  # inductor's kernels are in PyTorch's blob already
+    grp = json.loads((dst / "HASH" / "__grp___decode_kernel.json").read_text())["child_paths"]
+    assert grp == {c: str(dst / "HASH" / c) for c in ("_decode_kernel.cubin", "_decode_kernel.json")}
+    assert (dst / "HASH" / "_decode_kernel.cubin").read_bytes() == b"bin"

@@ -18,10 +18,18 @@ Safe with many jobs on many nodes at once: a blob is written to a temporary file
 onto it (atomic on POSIX file systems, Lustre included); its name is its content hash, so two jobs writing the same
 blob write the same bytes, and jobs writing different blobs never touch each other's files. A reader lists only
 finished `*.bin` files. Loading is best effort: an unreadable blob is logged and skipped (the job compiles instead).
+
+PyTorch's blob does not hold the binaries of Triton kernels that run as custom ops (the decode kernel,
+persona_em/sampling/decode_kernel.py): `save` also copies their Triton cache entries (`TRITON_KERNELS`) to
+`<key>/triton/<triton hash>/`, and `load` copies them into this process's Triton cache. Triton finds an entry only
+under the hash of its source, specialisation, compile options, target GPU and Triton version, so a copied entry is
+used exactly when Triton would have compiled the same binary. Files are copied atomically, the group file (Triton's
+index of an entry, holding absolute paths, rewritten to the destination) last, so a half-copied entry is a miss.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -36,6 +44,36 @@ SUBDIR = "torch_compile"
 _NOT_SHAPE = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "architectures_source"}
 # PEFT config fields that locate an adapter but do not change its structure.
 _NOT_ADAPTER = {"base_model_name_or_path", "revision", "inference_mode"}
+# Triton kernels run as custom ops, whose binaries PyTorch's cache artifacts do not hold (see the module docstring).
+TRITON_KERNELS = ("_decode_kernel",)
+
+
+def _triton_cache_dir() -> Path | None:
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return Path(knobs.cache.dir) if knobs.cache.dir else None
+
+
+def _copy_triton_entries(src: Path, dst: Path) -> int:
+    """Copy the Triton cache entries of `TRITON_KERNELS` from cache folder `src` to `dst`, those `dst` lacks;
+    the number copied."""
+    copied = 0
+    for name in TRITON_KERNELS:
+        for grp in sorted(src.glob(f"*/__grp__{name}.json")):
+            entry, target = grp.parent, dst / grp.parent.name
+            if (target / grp.name).exists():
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            children = json.loads(grp.read_text())["child_paths"]
+            for child in children:
+                with atomic_path(target / child) as tmp:
+                    tmp.write_bytes((entry / child).read_bytes())
+            with atomic_path(target / grp.name) as tmp:  # last: Triton's index of the entry
+                tmp.write_text(json.dumps({"child_paths": {c: str(target / c) for c in children}}))
+            copied += 1
+    return copied
 
 
 def _version(module_name: str) -> str | None:
@@ -129,6 +167,13 @@ class CompileCache:
                 log.warning("compile cache %s: not a cache blob of this PyTorch; compiling instead", path)
                 continue
             loaded += 1
+        triton_dir = _triton_cache_dir()
+        if self.dir is not None and triton_dir is not None and (self.dir / "triton").is_dir():
+            try:
+                loaded_kernels = _copy_triton_entries(self.dir / "triton", triton_dir)
+                log.info("compile cache %s: %d Triton kernel(s) loaded", self.dir, loaded_kernels)
+            except Exception as e:  # noqa: BLE001 - a bad entry costs a compilation, never the job
+                log.warning("compile cache %s: Triton kernels not loaded (%s: %s)", self.dir, type(e).__name__, e)
         self._misses_saved = _miss_count()
         if self.dir is not None:
             log.info("compile cache %s: %d blob(s) loaded", self.dir, loaded)
@@ -142,6 +187,9 @@ class CompileCache:
             return None
         result = torch.compiler.save_cache_artifacts()
         self._misses_saved = _miss_count()
+        triton_dir = _triton_cache_dir()
+        if triton_dir is not None and triton_dir.is_dir():
+            _copy_triton_entries(triton_dir, self.dir / "triton")
         if result is None:
             return None
         blob = result[0]
