@@ -8,12 +8,14 @@ one H200, torch 2.11, transformers 5.23, issue 16):
   judge     JUDGMENTS_PER_S local (hf) judgments/s of ~1,000-token prompts;
   collect_activations  ACTIVATION_SECONDS per checkpoint of 400 responses x 402 tokens (prompt + response) x 2
             readers (scaled by responses x max_new_tokens: the response bounds the tokens, the prompt is small);
+  persona_vectors  rollouts + one teacher-forced pass + JOB_OVERHEAD_S (persona_vectors_seconds: what each term
+            comes from is written there);
 (sampling: at a batch of 400; a cell with fewer responses per checkpoint batches fewer and is slower per token
 than this, so its figure is a lower bound), each scaled by model size (parameters / 7.6 B: these steps are bound by matrix products over all weights or by
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
 cache). Rows, tokens per row (characters / CHARS_PER_TOKEN) and questions are read from the files the config names;
 a file that is not there yet (a download the login node has not made) leaves its rule's figure unknown ("?").
-Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft, persona_vectors) have no
+Other GPU rules (teacher, student, expand_prompts, introspection, train_dpo, train_sft) have no
 benchmark of their whole job here: their job counts are printed, their hours are not. CPU
 rules (weight_norms: one job per cell, about a minute for a 7B r32 cell, bench/weights.py; tables, figures) are
 counted with 0 GPU-hours.
@@ -50,10 +52,14 @@ SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 ACTIVATION_SECONDS = 12.2  # collect_activations, one checkpoint: 400 responses x 402 tokens x 2 readers (H200)
 ACTIVATION_REF_TOKENS = 400 * 402
+ACTIVATION_BASE_SECONDS = 4.6  # of ACTIVATION_SECONDS, the base reader alone (no adapter), same benchmark row
+# Plain batched `generate` (persona_em.sampling.sample.generate_batch with fast=False, the path the persona arm's
+# HFBackend takes): 71.53 s for 600 decode steps of a batch of 400 (Qwen2.5-7B shape + an r32 EM adapter, H100,
+# bench/results/run5/sample-all-variants-qwen2.5-7b.json, "plain batched generate"); the only measurement of it.
+PLAIN_STEP_SECONDS = 71.53 / 600
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
 A100_FACTOR = 3.0
-GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft",
-                               "persona_vectors")
+GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft")
 
 _JOB = re.compile(r"^(?:local)?rule (\w+):$")
 _WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
@@ -126,11 +132,54 @@ def _cell(w: dict):
     return Cell(w["model"], w["persona"], w["composition"], w["dataset"], int(w["seed"]))
 
 
+def persona_vectors_seconds(config: dict, model: str, persona: str, cwd: Path) -> float | None:
+    """Estimated H200 GPU-seconds of one persona_vectors job (persona_em/activations/persona_vectors.py), or None
+    when the model's size or the persona's source file (constitution or trait file) is not known yet.
+
+    Its rollouts: every question of the source x every system-prompt pair (a constitution: 1; a trait file: its
+    instruction pairs) x 2 conditions (persona, baseline) x samples_per_question, each at most max_new_tokens
+    (analysis.activations.persona_vectors; prompt_sets builds them, as the job does). Three terms:
+    1. rollouts: persona_em.persona.generation.HFBackend generates them through generate_batch(fast=False), plain
+       `generate`, in batches of `batch_size` (run_journaled). Not the sampling rule's fast path, so not
+       SAMPLE_SECONDS: plain generate measured 71.5 s for 400 x 600 against 17.9 s for the fast path in the same
+       process (BENCHMARKS.md). Its decode step costs about the same whatever the batch (run5: 0.119 s per step
+       at a batch of 400, 0.101 s at a batch of 1: the plain loop is bound by kernel launches, not by rows), so the
+       time is batches x max_new_tokens x PLAIN_STEP_SECONDS, scaled by model size. Every batch is counted at
+       max_new_tokens (a batch ends when its longest row does). The measurement is on an H100 with an adapter;
+       these rollouts run the base model alone on the job's GPU: an upper bound there, as far as it is measured.
+    2. one teacher-forced pass of the base model (collect.measure, one reader, no adapter) over every rollout's
+       prompt + response tokens: ACTIVATION_BASE_SECONDS per ACTIVATION_REF_TOKENS (the collect_activations
+       benchmark's base reader), scaled by tokens and model size. Tokens per rollout: its system prompt and
+       question in characters / CHARS_PER_TOKEN + TEMPLATE_TOKENS (as dataset_stats estimates rows) + max_new_tokens
+       (the response's bound).
+    3. JOB_OVERHEAD_S, as every GPU job (loading the model)."""
+    from persona_em.activations.persona_vectors import persona_source, prompt_sets
+    from persona_em.data.datasets import CHARS_PER_TOKEN, TEMPLATE_TOKENS
+
+    size = model_params_b(config, model)
+    source = persona_source(config, persona)
+    if size is None or not (cwd / source["path"]).is_file():
+        return None
+    pv = config["analysis"]["activations"]["persona_vectors"]
+    template = config["persona_training"]["teacher"]["system_prompt_template"]
+    questions, systems = prompt_sets({**source, "path": str(cwd / source["path"])}, template)
+    samples, max_new = pv["samples_per_question"], pv["generation"]["max_new_tokens"]
+    prompt_chars = [len(system or "") + len(text) for _, text in questions for pair in systems for system in pair]
+    rollouts = len(prompt_chars) * samples
+    scale = size / REF_PARAMS_B
+    generate = math.ceil(rollouts / pv["batch_size"]) * max_new * PLAIN_STEP_SECONDS * scale
+    tokens = samples * sum(chars / CHARS_PER_TOKEN + TEMPLATE_TOKENS + max_new for chars in prompt_chars)
+    forward = tokens / ACTIVATION_REF_TOKENS * ACTIVATION_BASE_SECONDS * scale
+    return generate + forward + JOB_OVERHEAD_S
+
+
 def job_gpu_seconds(config: dict, rule: str, w: dict, cwd: Path, cache: dict) -> float | None:
     """Estimated H200 GPU-seconds of one job (see the module docstring), or None where unknown."""
     from persona_em.config import checkpoint_spec, sampling_settings, train_settings
     from persona_em.training.schedule import expand_schedule, steps_per_epoch
 
+    if rule == "persona_vectors":
+        return persona_vectors_seconds(config, w["model"], w["persona"], cwd)
     if rule not in ("train_em", "sample", "judge", "collect_activations"):
         return None
     cell = _cell(w)

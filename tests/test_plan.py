@@ -98,7 +98,39 @@ def test_plan_knows_the_activation_rules(tmp_path):
     assert act > 0 and act / samp == pytest.approx(ratio, rel=1e-9)
     personas = {(m, q) for m in cfg["grid"]["models"] for q in cfg["grid"]["personas"] if q != "none"}
     assert rules["persona_vectors"]["jobs"] == len(personas) and rules["persona_vectors"]["gpus_per_job"] == 1
-    assert "persona_vectors" in p["not_estimated"]
+    assert "persona_vectors" not in p["not_estimated"]
+    per_job = {(m, q): P.job_gpu_seconds(cfg, "persona_vectors", {"model": m, "persona": q}, tmp_path, {})
+               for m, q in personas}
+    assert rules["persona_vectors"]["h200_gpu_hours"] == pytest.approx(sum(per_job.values()) / 3600, abs=0.01)
+    assert p["not_estimated"] == []
     for rule in ("misalignment_direction", "activation_projections", "activation_figures", "persona_retention",
                  "persona_retention_figure"):
         assert rules[rule]["jobs"] >= 1 and rules[rule]["gpus_per_job"] == 0
+
+
+def test_plan_persona_vectors_arithmetic_by_hand(tmp_path):
+    """One persona_vectors job of a small config, its three terms worked out by hand (persona_em/plan.py,
+    persona_vectors_seconds): plain-generate rollouts in batches, one teacher-forced base-model pass over prompt +
+    response tokens, the per-job overhead. Its source missing: unknown."""
+    from snakemake.utils import validate
+
+    pos, neg = "P" * 34, "N" * 15  # system prompts of 26 + 34 = 60 and 29 + 15 = 44 characters
+    trait = {"instruction": [{"pos": pos, "neg": neg}], "questions": ["Q" * 16, "R" * 52], "eval_prompt": ""}
+    (tmp_path / "calm.json").write_text(json.dumps(trait))
+    cfg = yaml.safe_load((REPO / "config/experiments/arena_phase1.yaml").read_text())
+    model = cfg["grid"]["models"][0]
+    cfg["personas"]["calm"] = {"adapter": "a", "trait_file": "calm.json"}
+    cfg["analysis"] = {"activations": {"layers": [0], "persona_vectors": {
+        "samples_per_question": 3, "batch_size": 4, "generation": {"max_new_tokens": 50}}}}
+    validate(cfg, str(REPO / "config/schemas/config.schema.yaml"))
+    assert P.model_params_b(cfg, model) == 7.0  # Qwen/Qwen2.5-7B-Instruct
+    # rollouts: 2 questions x 1 pair x 2 conditions x 3 samples = 12, in ceil(12 / 4) = 3 batches of 50 steps
+    generate = 3 * 50 * (71.53 / 600) * 7 / 7.62
+    # prompt characters (system + question): 60+16, 44+16, 60+52, 44+52; tokens = chars / 3.6 + 10 + 50, x 3 samples
+    tokens = 3 * sum(c / 3.6 + 10 + 50 for c in (76, 60, 112, 96))
+    forward = tokens / (400 * 402) * 4.6 * 7 / 7.62
+    seconds = P.job_gpu_seconds(cfg, "persona_vectors", {"model": model, "persona": "calm"}, tmp_path, {})
+    assert seconds == pytest.approx(generate + forward + 120, rel=1e-12)
+    assert seconds - 120 == pytest.approx(16.4539, abs=1e-4)  # the two terms: 16.4275 + 0.0265
+    (tmp_path / "calm.json").unlink()
+    assert P.job_gpu_seconds(cfg, "persona_vectors", {"model": model, "persona": "calm"}, tmp_path, {}) is None
