@@ -117,15 +117,8 @@ def test_stored_mean_equals_a_manual_forward_over_the_response_positions(world):
     m = PeftModel.from_pretrained(base, str(persona), adapter_name="persona")
     m.load_adapter(str(ckpts / step_dir_name(4)), adapter_name="em")
     m.base_model.set_adapter(["persona", "em"])
-    questions = load_questions(QUESTIONS)
     for i, text in enumerate(RESPONSES):
-        q = questions[i % len(questions)]
-        prompt = tok.apply_chat_template(q.messages(0), tokenize=False, add_generation_prompt=True)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tok(text, add_special_tokens=False)["input_ids"] + tok("<|im_end|>", add_special_tokens=False)[
-            "input_ids"]
-        with torch.no_grad():
-            hs = m(input_ids=torch.tensor([p_ids + r_ids]), output_hidden_states=True).hidden_states
+        hs, p_ids, r_ids = _manual_forward(m, tok, i, text)
         row = index[(index.reader == "own") & (index.step == 4) & (index.sample_index == i)].iloc[0]
         assert row.n_prompt_tokens == len(p_ids) and row.n_response_tokens == len(r_ids)
         for j, layer in enumerate(meta["layers"]):
@@ -140,8 +133,50 @@ def test_stored_mean_equals_a_manual_forward_over_the_response_positions(world):
                 assert _rel(got, hs[layer][0, len(p_ids):-1].mean(0)) > 1e-2, (i, layer)
 
 
+def _manual_forward(m, tok, i, text):
+    """(hidden states, prompt ids, response ids) of response i, rendered by hand: the chat template, one unpadded
+    sequence, the span found by tokenizing prompt and response separately."""
+    questions = load_questions(QUESTIONS)
+    q = questions[i % len(questions)]
+    prompt = tok.apply_chat_template(q.messages(0), tokenize=False, add_generation_prompt=True)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(text, add_special_tokens=False)["input_ids"] + tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hs = m(input_ids=torch.tensor([p_ids + r_ids]), output_hidden_states=True).hidden_states
+    return hs, p_ids, r_ids
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def test_merged_cell_base_reader_is_the_plain_base_model(world):
+    """A merged cell has its persona in the weights, so its `base` reader is the base model loaded afresh
+    (collect.base_reader): its stored means equal the plain base model's forward over the response positions, at
+    step 0 too, where the `own` reader (persona merged, EM B = 0) differs from it. Reading the merged model with
+    its adapters disabled as `base` would fail both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, model_dir, persona, ckpts = world
+    tensors, index, meta = _collect(world, "merged")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    base_rows = index[index.reader == "base"]
+    assert set(base_rows.active_adapters.fillna("")) == {""} and set(base_rows.merged_persona.fillna("")) == {""}
+    assert set(index[index.reader == "own"].merged_persona) == {"p"}
+    for step in STEPS:
+        for i, text in enumerate(RESPONSES):
+            hs, p_ids, r_ids = _manual_forward(base, tok, i, text)
+            rows = {reader: index[(index.reader == reader) & (index.step == step) & (index.sample_index == i)].iloc[0]
+                    for reader in store.READERS}
+            assert rows["base"].n_prompt_tokens == len(p_ids) and rows["base"].n_response_tokens == len(r_ids)
+            for j, layer in enumerate(meta["layers"]):
+                want = hs[layer][0, len(p_ids):].mean(0)
+                assert _rel(tensors["response_mean"][rows["base"].row, j].float(), want) < 2e-3, (step, i, layer)
+                assert _rel(tensors["last_prompt"][rows["base"].row, j].float(), hs[layer][0, len(p_ids) - 1]
+                            ) < 2e-3, (step, i, layer)
+                if layer > 0:  # layer 0 = the embeddings, which no adapter touches
+                    assert _rel(tensors["response_mean"][rows["own"].row, j].float(), want) > 1e-2, (step, i, layer)
 
 
 def test_index_keys_and_shapes(world):
