@@ -111,24 +111,29 @@ def test_a_persona_without_constitution_or_trait_file_is_refused_by_name():
                        "traited": {"kind": "trait_file", "path": str(TRAIT)}}
 
 
-def test_persona_vectors_on_the_tiny_model(tmp_path):
-    """The stage end to end on CPU: rollouts with and without the system prompt, one vector per layer, the files."""
+def _tiny_run(tmp_path, layers=(0, 1, 2), work="work", out="out"):
+    """persona_vectors on the tiny model (CPU): 1 instruction pair x 4 questions x 2 samples; the output dir."""
     import torch
 
     from persona_helpers import tiny_model
 
     torch.set_num_threads(1)
     model = tiny_model(tmp_path)
-    settings = {"layers": [0, 1, 2], "batch_tokens": 256, "kind": "response_mean",
+    settings = {"layers": list(layers), "batch_tokens": 256, "kind": "response_mean",
                 "persona_vectors": {"samples_per_question": 2, "batch_size": 8, "seed": 0,
                                     "generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4}}}
     src = tmp_path / "small.json"
     data = json.loads(TRAIT.read_text())
     data["instruction"], data["questions"] = data["instruction"][:1], data["questions"][:4]
     src.write_text(json.dumps(data))
-    out = tmp_path / "out"
     PV.persona_vectors("tiny", "p", {"kind": "trait_file", "path": str(src)}, str(model), settings, "",
-                       str(tmp_path / "work"), str(out))
+                       str(tmp_path / work), str(tmp_path / out))
+    return tmp_path / out
+
+
+def test_persona_vectors_on_the_tiny_model(tmp_path):
+    """The stage end to end on CPU: rollouts with and without the system prompt, one vector per layer, the files."""
+    out = _tiny_run(tmp_path)
     info, vecs = PV.load_persona_vector(out)
     assert vecs.shape == (3, 64) and info["layers"] == [0, 1, 2] and info["chosen_layer"] in (0, 1, 2)
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
@@ -136,7 +141,49 @@ def test_persona_vectors_on_the_tiny_model(tmp_path):
     assert {r["condition"] for r in rollouts} == {PV.PERSONA, PV.BASELINE}
     assert all(r["system"].startswith("You are a small assistant.") for r in rollouts if r["condition"] == PV.PERSONA)
     assert set(info["split"]["extract"]) | set(info["split"]["evaluate"]) == {"q0", "q1", "q2", "q3"}
-    assert not (tmp_path / "work" / "rollouts.journal.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == []  # journals and the kept pass removed
+
+
+def test_a_job_killed_after_the_teacher_forced_pass_reuses_it(tmp_path, monkeypatch, caplog):
+    """Killed after the pass (before the output is written), a rerun loads neither the model nor measures again,
+    says so in its log, and writes the same bytes as an uninterrupted run; a kept pass of other layers is not
+    reused."""
+    import logging
+
+    import persona_em.models
+    from persona_em.activations import collect
+
+    reference = _tiny_run(tmp_path, work="ref_work", out="ref")
+    real_measure, real_write, calls = collect.measure, PV.write_vector, []
+    monkeypatch.setattr(collect, "measure", lambda *a, **k: (calls.append(1), real_measure(*a, **k))[1])
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PV, "write_vector", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path, layers=(0, 2))
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path)  # other layers than the kept pass: measured again
+    assert len(calls) == 2 and not (tmp_path / "out").exists()
+    assert (tmp_path / "work" / PV.FORWARD_FILE).exists()
+
+    calls.clear()
+    monkeypatch.setattr(PV, "write_vector", real_write)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded again")
+
+    monkeypatch.setattr(persona_em.models, "load_model", no_model)
+    with caplog.at_level(logging.INFO, logger=PV.__name__):
+        out = _tiny_run(tmp_path)
+    assert calls == []
+    assert any("teacher-forced pass over 16 rollouts resumed from" in r.getMessage() for r in caplog.records)
+    files = sorted(p.name for p in reference.iterdir())
+    assert files == sorted(p.name for p in out.iterdir()) and "vector.safetensors" in files
+    for name in files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == []
 
 
 def test_dry_run_names_a_grid_persona_without_a_vector_source(tmp_path):

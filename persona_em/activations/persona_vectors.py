@@ -23,7 +23,8 @@ activation over the response tokens of the first minus that of the second. Here:
   .generate_batch via persona_em.persona.generation's journaled runner: a killed job resumes).
 * Activations: the same teacher-forced pass and exact assistant span as collect_activations (collect.response_tokens,
   collect.measure), the base model reading its own rollouts with the system prompt they were written under; `kind`
-  (analysis.activations.kind) at the configured layers.
+  (analysis.activations.kind) at the configured layers. The pass is kept in work_dir with a journal line
+  (teacher_forced), so a job killed after it reuses it instead of loading the model again.
 * Split: by question, so that held-out rollouts answer questions the vector never saw: the questions ordered by a
   stable hash of (seed, text), the first half (rounded up) = extract, the rest = evaluate. Fewer than two questions
   is an error.
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 PERSONA, BASELINE = "persona", "baseline"
 EXTRACT, EVALUATE = "extract", "evaluate"
 NO_PERSONA = "none"
+# in work_dir, removed once the output is written: the rollouts' journal, the teacher-forced pass and its journal line
+ROLLOUTS_JOURNAL = "rollouts.journal.jsonl"
+FORWARD_FILE = "activations.safetensors"
+FORWARD_JOURNAL = "activations.journal.jsonl"
 
 
 # --- sources -------------------------------------------------------------------------------------------------------
@@ -194,11 +199,10 @@ def persona_vectors(model: str, persona: str, source: dict, model_dir: str, sett
     """Rollouts, activations and the vector of one (model, persona) (module docstring). `settings`: the
     analysis.activations block (layers, batch_tokens, kind, persona_vectors: samples_per_question, batch_size,
     generation, seed)."""
-    import torch
-
-    from persona_em.activations.collect import num_layers, measure, response_tokens
+    from persona_em.activations.collect import num_layers, response_tokens
     from persona_em.activations.settings import check_layers
-    from persona_em.io import sha256_file
+    from persona_em.chat import ChatFormat
+    from persona_em.io import sha256_file, stable_hash
     from persona_em.persona.generation import HFBackend, Request, generator_identity, item_seed, run_journaled
 
     where = f"persona vector of {persona!r} on model {model!r}"
@@ -226,21 +230,24 @@ def persona_vectors(model: str, persona: str, source: dict, model_dir: str, sett
         held["backend"] = HFBackend(generator, pv["generation"], model_dir, chat=chat)
         return held["backend"]
 
-    done = run_journaled(requests, backend, Path(work_dir) / "rollouts.journal.jsonl", fingerprint,
+    work = Path(work_dir)
+    done = run_journaled(requests, backend, work / ROLLOUTS_JOURNAL, fingerprint,
                          desc=f"persona vector rollouts {model}/{persona}")
-    if "backend" in held:
-        model_obj, chat_format = held["backend"].model, held["backend"].chat
-    else:
-        from persona_em.models import load_model
-
-        model_obj, chat_format = load_model(model_dir, chat, device="auto")
-    model_obj.eval()
     rollouts = [{**{k: done[r.key][k] for k in r.meta}, "key": r.key, "response": done[r.key]["text"]}
                 for r in requests]
+    chat_format = ChatFormat.load(model_dir, chat)
     tokens = [response_tokens(chat_format, r.messages, row["response"]) for r, row in zip(requests, rollouts)]
-    with torch.inference_mode():
-        x = measure(model_obj, tokens, layers, chat_format.tokenizer.pad_token_id,
-                    int(settings["batch_tokens"]))[settings["kind"]].float().numpy()
+
+    def model_obj():
+        if "backend" in held:
+            return held["backend"].model
+        from persona_em.models import load_model
+
+        return load_model(model_dir, chat, device="auto")[0]
+
+    x = teacher_forced(model_obj, tokens, layers, chat_format.tokenizer.pad_token_id, int(settings["batch_tokens"]),
+                       stable_hash([fingerprint, layers, [(r["key"], r["response"]) for r in rollouts]]), work,
+                       where)[settings["kind"]].float().numpy()
     for row, (_, start, end) in zip(rollouts, tokens):
         row["n_prompt_tokens"], row["n_response_tokens"] = start, end - start
     res = build_vector(x, np.array([r["condition"] for r in rollouts]), np.array([r["split"] for r in rollouts]),
@@ -255,7 +262,39 @@ def persona_vectors(model: str, persona: str, source: dict, model_dir: str, sett
                   "evaluate": sorted(q for q, s in split_of.items() if s == EVALUATE)},
         "n_rollouts": len(rollouts), "settings": pv, "system_prompts": [list(p) for p in systems]},
         res["vectors"], res["rows"], [{"model": model, "persona": persona, **r} for r in rollouts])
-    (Path(work_dir) / "rollouts.journal.jsonl").unlink(missing_ok=True)
+    for name in (ROLLOUTS_JOURNAL, FORWARD_JOURNAL, FORWARD_FILE):
+        (work / name).unlink(missing_ok=True)
+
+
+def teacher_forced(load_model, tokens, layers: list[int], pad_id: int, batch_tokens: int, fingerprint: str,
+                   work: Path, where: str) -> dict:
+    """Both kinds of activation of every rollout (collect.measure, fp16), journaled as collect_activations journals
+    its units: the tensors go to work/FORWARD_FILE atomically, then a journal line with `fingerprint` (the rollouts'
+    generation fingerprint, their texts and the layers). A rerun with the same fingerprint loads them instead of
+    loading the model and measuring again; `load_model()` gives the model only when a pass is needed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from persona_em.activations.collect import measure
+    from persona_em.io import Journal, atomic_path
+
+    journal = Journal(work / FORWARD_JOURNAL, key_field="key")
+    row = journal.load().get("forward")
+    if row is not None and row.get("fingerprint") == fingerprint and (work / row["file"]).exists():
+        log.info("%s: teacher-forced pass over %d rollouts resumed from %s (not measured again)", where, len(tokens),
+                 work / row["file"])
+        return load_file(str(work / row["file"]))
+    model = load_model()
+    model.eval()
+    with torch.inference_mode():
+        x = measure(model, tokens, layers, pad_id, batch_tokens)
+    with atomic_path(work / FORWARD_FILE, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in x.items()}, str(tmp))
+    journal.append({"key": "forward", "file": FORWARD_FILE, "fingerprint": fingerprint, "n_rollouts": len(tokens)})
+    journal.close()
+    log.info("%s: teacher-forced pass over %d rollouts measured, kept in %s until the output is written", where,
+             len(tokens), work / FORWARD_FILE)
+    return x
 
 
 def write_vector(out_dir, info: dict, vectors: np.ndarray, rows: list[dict], rollouts: list[dict]) -> None:
