@@ -6,6 +6,12 @@
 # rules/report.smk and persona retention do not depend on it.
 
 
+# Not in a Snakemake group with its cell's `sample` job (issue 14 suggested one to share the GPU allocation): when
+# any job of a group job fails, Snakemake removes the outputs of every job of the group (snakemake 9.27
+# GroupJob.postprocess(error=True) -> Job.cleanup), so a failing or timed-out collect_activations would delete the
+# cell's finished samples, block its judging and tables, and each retry would sample again. Checked on the
+# single-node SLURM test cluster with the slurm plugin 2.8.0 (the group's sbatch resources themselves were right:
+# -t = the sum of the runtimes, max of mem and cpus, one gpu).
 rule collect_activations:
     input:
         model=MODEL,

@@ -196,3 +196,45 @@ def test_rule_without_resources_is_refused_before_submitting(cluster, tmp_path):
     (override / "config.yaml").write_text(yaml.safe_dump(spec))
     line = run_expecting_refusal(cluster, tmp_path, override, {}, "without a resources mapping")
     assert "without a resources mapping in the profile's set-resources: sample (add them" in line
+
+
+def test_a_failing_group_member_removes_its_finished_siblings_output(cluster, tmp_path):
+    """Why `sample` and `collect_activations` are not one Snakemake group (rules/activations.smk): with the slurm
+    plugin, the group is one sbatch job with the right resources (runtimes summed, one GPU), but when the second
+    job fails, the first one's finished output is removed too. Two stand-in rules with the profile's resources of
+    the two; if Snakemake ever keeps the sibling's output, grouping them becomes safe and this test says so."""
+    res = yaml.safe_load((REPO / "profiles/leonardo/config.yaml").read_text())["set-resources"]
+
+    def resources(rule):
+        r = {k: v for k, v in res[rule].items() if k != "runtime"}
+        return {**r, "runtime": eval(res[rule]["runtime"], {"min": min}, {"attempt": 1})}
+
+    (tmp_path / "Snakefile").write_text(f"""
+rule all:
+    input: "activations.txt"
+
+rule sample:
+    output: "samples.txt"
+    group: "cell"
+    resources: **{resources("sample")!r}
+    shell: "echo sampled > {{output}}"
+
+rule collect_activations:
+    input: "samples.txt"
+    output: "activations.txt"
+    group: "cell"
+    resources: **{resources("collect_activations")!r}
+    shell: "test -s {{input}} && exit 1"
+""")
+    run = subprocess.run([SNAKEMAKE, "--executor", "slurm", "--jobs", "1", "--slurm-no-account",
+                          "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+                          "--default-resources", "mem_mb=1000", "--latency-wait", "5", "--keep-going"],
+                         cwd=tmp_path, env=env(**cluster.env), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    job = [j for j in cluster.jobs() if j["comment"] == "rule_cell_collect_activations_sample"]
+    assert len(job) == 1 and job[0]["state"] == "FAILED", cluster.jobs()
+    runtime = resources("sample")["runtime"] + resources("collect_activations")["runtime"]
+    assert job[0]["time_limit"] == f"{runtime // 60}:{runtime % 60:02d}:00" and job[0]["gres"] == "gres:gpu:1", job
+    log = next((tmp_path / ".snakemake/slurm_logs").rglob("*.log")).read_text()
+    assert "Finished jobid" in log and "(Rule: sample)" in log, log[-3000:]  # sample did finish ...
+    assert not (tmp_path / "samples.txt").exists()  # ... and its output was removed with the failed group
