@@ -8,8 +8,8 @@ one H200, torch 2.11, transformers 5.23, issue 16):
   judge     JUDGMENTS_PER_S local (hf) judgments/s of ~1,000-token prompts;
   collect_activations  ACTIVATION_SECONDS per checkpoint of 400 responses x 402 tokens (prompt + response) x 2
             readers (scaled by responses x max_new_tokens: the response bounds the tokens, the prompt is small);
-  persona_vectors  rollouts + one teacher-forced pass + JOB_OVERHEAD_S (persona_vectors_seconds: what each term
-            comes from is written there);
+  persona_vectors  rollouts (plain `generate`: an H100 figure, the only one) + one teacher-forced pass +
+            JOB_OVERHEAD_S (persona_vectors_seconds: what each term comes from is written there);
 (sampling: at a batch of 400; a cell with fewer responses per checkpoint batches fewer and is slower per token
 than this, so its figure is a lower bound), each scaled by model size (parameters / 7.6 B: these steps are bound by matrix products over all weights or by
 reading the weights), plus JOB_OVERHEAD_S per job (model load, the compile of a sampling job with a warm compile
