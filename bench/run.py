@@ -34,7 +34,8 @@ def main(argv=None) -> int:
                                          " ('|' between several prefixes)")
     ap.add_argument("--train-repeats", type=int, default=1, help="run the selected training settings in turn, this"
                                                                  " many rounds (one process)")
-    ap.add_argument("--train-examples", type=int, help="override train.n_examples (steps = examples / 16)")
+    ap.add_argument("--train-steps", type=int, help="override train.steps_ours (more than one epoch of the data"
+                                                    " repeats it: a longer timing window on the same workload)")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
     cfg["sampling"]["variants"] = a.sample_variants
     cfg["train"]["only"] = a.train_only
     cfg["train"]["repeats"] = a.train_repeats
-    if a.train_examples:
-        cfg["train"].update(n_examples=a.train_examples, steps_ours=a.train_examples // 16)
+    if a.train_steps:
+        cfg["train"]["steps_ours"] = a.train_steps
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -29,8 +29,7 @@ def _step_timer():
     return StepTimer()
 
 
-def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path, fused: bool = True,
-         fused_lora: bool = True) -> dict:
+def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: Path, fused: bool = True) -> dict:
     from persona_em import compose
     from persona_em.training.settings import TrainConfig
     from persona_em.training.em import _lora_config, _trainer_class, choose_batch_plan, sft_args
@@ -45,7 +44,6 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     EMTrainer, _ = _trainer_class()
     EMTrainer.batch_plan = plan
     EMTrainer.fused_pointwise = fused
-    EMTrainer.fused_lora = fused_lora
     timer = _step_timer()
     trainer = EMTrainer(model=peft, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
     result = {"plan": plan.to_dict()}
@@ -101,8 +99,7 @@ def run(model, tok, cfg: dict, log) -> dict:
         "ours (auto, planned for a 64 GiB GPU)": ({"_gpu_gib": 64}, cfg["steps_ours"]),
         "seed: 2 x 8 + checkpointing": ({"per_device_batch_size": 2, "gradient_checkpointing": True},
                                         cfg["steps_seed_config"]),
-        "ours (auto) without fused LoRA": ({"_fused_lora": False}, cfg["steps_ours"]),
-        "ours (auto) without fused pointwise ops": ({"_fused": False, "_fused_lora": False}, cfg["steps_ours"]),
+        "ours (auto) without fused pointwise ops": ({"_fused": False}, cfg["steps_ours"]),
     }
     import os
 
@@ -119,19 +116,16 @@ def run(model, tok, cfg: dict, log) -> dict:
         overrides = dict(overrides)
         gib = overrides.pop("_gpu_gib", None)
         fused = overrides.pop("_fused", True)
-        fused_lora = overrides.pop("_fused_lora", True)
         if gib and torch.cuda.is_available():
             os.environ[MEMORY_ENV] = str(gib)
         try:
-            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}", fused,
-                              fused_lora)
+            res, model = _run(model, tok, dataset, overrides, steps, cfg["learning_rate"], work / f"run{i}", fused)
         finally:
             os.environ.pop(MEMORY_ENV, None)
         out[name] = res
         log(f"train {name}: " + json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_tokens")}))
     seed = out.get("seed: 2 x 8 + checkpointing", out.get("seed: 2 x 8 + checkpointing #1", {}))
-    for name, suffix in (("ours (auto)", ""), ("ours (auto) without fused LoRA", "_no_fused_lora"),
-                         ("ours (auto) without fused pointwise ops", "_unfused")):
+    for name, suffix in (("ours (auto)", ""), ("ours (auto) without fused pointwise ops", "_unfused")):
         ours = out.get(name, out.get(f"{name} #1", {}))
         if "losses" in ours and "losses" in seed:
             n = min(cfg["loss_curve_steps"], len(seed["losses"]), len(ours["losses"]))
