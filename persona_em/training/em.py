@@ -87,7 +87,6 @@ def _trainer_class():
         persona: str = "none"
         batch_plan: batching.BatchPlan | None = None
         fused_pointwise: bool = True  # packed path: compiled RMSNorm and SiLU * up (fused_ops.py; BENCHMARKS.md)
-        fused_lora: bool = True  # packed path: LoRA updates added by the matmul (fused_ops.py; BENCHMARKS.md)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Packed plan: the dataloader batch is the whole effective batch in one padding-free row; run it as
@@ -109,10 +108,10 @@ def _trainer_class():
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             packed_attention.use_packed_attention(self.model)
-            if self.fused_pointwise or self.fused_lora:
+            if self.fused_pointwise:
                 from persona_em.training.fused_ops import use_fused_pointwise
 
-                use_fused_pointwise(self.model, pointwise=self.fused_pointwise, lora=self.fused_lora)
+                use_fused_pointwise(self.model)
             if self.args.bf16:
                 # Under bf16 autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is pure waste: the
                 # LoRA matmul casts it back to bf16 (same values), but the fp32 copy is kept for backward
