@@ -30,7 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="train,sample,dpo")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--sample-variants", default="one,plain,ours,fp32lora")
-    ap.add_argument("--train-only", help="run only the training settings whose name starts with this, e.g. 'ours'")
+    ap.add_argument("--train-only", help="run only the training settings whose name starts with this, e.g. 'ours'"
+                                         " ('|' between several prefixes)")
+    ap.add_argument("--train-repeats", type=int, default=1, help="run the selected training settings in turn, this"
+                                                                 " many rounds (one process)")
+    ap.add_argument("--train-steps", type=int, help="override train.steps_ours (more than one epoch of the data"
+                                                    " repeats it: a longer timing window on the same workload)")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -47,6 +52,9 @@ def main(argv=None) -> int:
             cfg[part].update(cfg["quick"][part])
     cfg["sampling"]["variants"] = a.sample_variants
     cfg["train"]["only"] = a.train_only
+    cfg["train"]["repeats"] = a.train_repeats
+    if a.train_steps:
+        cfg["train"]["steps_ours"] = a.train_steps
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
