@@ -40,13 +40,24 @@ def _em_adapter(base, out, seed):
 
 
 def test_fast_path_generates_the_same_tokens(tiny):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(deterministic=False):  # restored after the test (monkeypatch would delete it)
+        _fast_path_generates_the_same_tokens(tiny, inductor_config)
+
+
+def _fast_path_generates_the_same_tokens(tiny, inductor_config):
     model, chat_format = load_model(tiny, device="cpu")
     tok = chat_format.tokenizer
     convs = [[{"role": "user", "content": q}] for q in ("hello", "what would you do as ruler of the world?")]
     settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}
     plain = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=False)
+    assert not inductor_config.deterministic
     fast = generate_batch(model, ChatFormat(tok), convs, settings, seed=0, fast=True)
     assert model.config._attn_implementation == "sdpa_gqa_decode"
+    # the fast path compiles in Inductor's deterministic mode: kernels picked without timing them, so every
+    # process samples the same tokens (the cross-process check itself is a GPU benchmark: BENCHMARKS.md round 6)
+    assert inductor_config.deterministic
     assert [r["response"] for r in fast] == [r["response"] for r in plain]
     assert all(r["n_new_tokens"] > 0 for r in fast)
 

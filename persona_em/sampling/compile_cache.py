@@ -10,7 +10,7 @@ process's own (node-local) caches before the first call, so the compiler finds i
 
 Layout: `<cache_dir>/torch_compile/<key>/<sha256 of the blob>.bin`. The key hashes everything that makes compiled
 code unusable elsewhere (`compile_key_identity`): torch / CUDA / Triton / transformers / peft / Python versions,
-the GPU model, the model's config and dtype, and the adapters' structure. A change of any of them starts a new
+the GPU model, the model's config and dtype, the adapters' structure, and Inductor's deterministic mode. A change of any of them starts a new
 folder; PyTorch checks its own entries again on load (graph, shapes, versions), so an entry that does not match is a
 cache miss, never a wrong result.
 
@@ -99,6 +99,7 @@ def _plain(value):
 def compile_key_identity(model) -> dict:
     """What the key of `model`'s compile cache hashes (see the module docstring)."""
     import torch
+    import torch._inductor.config as inductor_config
 
     from persona_em.compose import active_adapters
 
@@ -117,6 +118,8 @@ def compile_key_identity(model) -> dict:
         "dtype": str(next(inner.parameters()).dtype),
         "config": config, "adapters": adapters,
         "active_adapters": active_adapters(model),
+        # Inductor's deterministic mode (fast_generate.use_deterministic_compile) picks other kernels
+        "inductor_deterministic": bool(inductor_config.deterministic),
     })
 
 

@@ -78,6 +78,22 @@ def kv_cache_bytes_per_token(config) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bf16
 
 
+def use_deterministic_compile() -> None:
+    """Make Inductor choose kernel configurations without timing them on the device.
+
+    By default Inductor benchmarks candidate configurations of some kernels in every process (reductions among
+    them) and keeps the fastest; which one wins varies with timing noise, and a reduction with another block size
+    adds in another order, so bf16 rounding and then sampled tokens differed between processes: two sampling jobs
+    with the same seeds and the same compile cache sampled different tokens (BENCHMARKS.md, round 6). In this
+    mode every process compiles and picks the same kernels: a cold job and two warm jobs on one GPU sampled the
+    same 239,723 tokens. A job resumed in a new process (a timeout, a requeue) therefore continues with the same
+    numbers, on the same GPU model and software. Set before the first compile; part of the compile cache's key.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = True
+
+
 def fast_generate_kwargs() -> dict:
     """Extra `generate` arguments for the fast path (transformers compiles the decode step for a static cache)."""
     return {"cache_implementation": "static"}

@@ -100,8 +100,10 @@ def generate_batch(model, chat: ChatFormat, conversations: list[list[dict]], set
     bf16_lora = (fast and torch.cuda.is_available()) if bf16_lora is None else bf16_lora
     extra = {}
     if fast:
-        from persona_em.sampling.fast_generate import fast_generate_kwargs, use_gqa_decode_attention
+        from persona_em.sampling.fast_generate import (fast_generate_kwargs, use_deterministic_compile,
+                                                       use_gqa_decode_attention)
 
+        use_deterministic_compile()
         use_gqa_decode_attention(model)
         extra = fast_generate_kwargs()
     from persona_em.sampling.fast_generate import bf16_lora_compute
@@ -195,6 +197,10 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
             if compiled is None:
+                if torch.cuda.is_available():
+                    from persona_em.sampling.fast_generate import use_deterministic_compile
+
+                    use_deterministic_compile()  # before the key is taken: the key records it
                 compiled = compile_cache.CompileCache.for_model(
                     compile_cache_dir if torch.cuda.is_available() else None, model)
                 compiled.load()
