@@ -68,9 +68,13 @@ def test_demo_dag_end_to_end(tmp_path):
     assert sorted(norms["step"].unique()) == [0, 2, 6] and (norms.loc[norms["step"] == 0, "em_norm"] == 0).all()
     assert (norms.loc[norms["step"] == 6, "em_norm"] > 0).all() and len(norms) == 3 * 2 * 7  # steps x layers x modules
     for fig in ("em_rate_vs_step", "alignment_vs_coherence", "weight_norms_vs_step", "weight_rotation_vs_step",
-                "persona_retention_vs_step"):
+                "persona_retention_vs_step", "persona_projection_vs_step", "misalignment_projection_vs_step",
+                "direction_auroc_by_layer"):
         assert (results / f"figures/{key}/{fig}.png").stat().st_size > 1000
     assert (results / "activations/tiny/none/none/insecure_demo/seed0/activations.safetensors").stat().st_size > 0
+    proj = read_table(results / f"tables/{key}/activation_projections.tsv")  # no persona, no direction: the controls
+    assert set(proj["direction"]) == {f"random{k}" for k in range(3)}  # n_random's default
+    assert "misalignment" in (results / f"figures/{key}/direction_auroc_by_layer.caption.rst").read_text()
 
     # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
     res = run_snakemake(tmp_path, cfg, "-n")
