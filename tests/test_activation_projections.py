@@ -268,7 +268,7 @@ def test_figures_without_a_direction_say_why(tmp_path):
     assert len([ln for ln in top.lines if ln.get_linestyle() == ":"]) == 2 * 2  # 2 controls per condition
     # own responses at the persona vector's layer: 2 conditions x 2 steps x 2 seeds x N
     assert not bottom.lines and "no AUROC" in texts(fig) and "0 misaligned and 0 aligned (of 320)" in texts(fig)
-    assert "at 0 of 4 points" in caption and "2 random unit directions" in caption
+    assert "at no point: the judge labelled no response" in caption and "2 random unit directions" in caption
     for plot, args in ((AF.misalignment_projection_vs_step, (summary, False)),
                        (AF.direction_auroc_by_layer, (pd.DataFrame(), summary))):
         fig, caption = plot(*args)

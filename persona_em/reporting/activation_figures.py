@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd  # noqa: E402
 
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from persona_em.activations.direction import THRESHOLDS  # noqa: E402
 from persona_em.io import read_table, write_json  # noqa: E402
@@ -65,7 +66,8 @@ def persona_projection_vs_step(summary: pd.DataFrame):
     own = own.assign(condition=_condition(own))
     sub = sub.assign(condition=_condition(sub))
     panels = sorted(sub.groupby(["model", "dataset", "direction"]).groups)
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5.6), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5.6), squeeze=False, sharex="col",
+                             layout="constrained")
     n_random = 0
     for j, (model, dataset, direction) in enumerate(panels):
         top, bottom = axes[0][j], axes[1][j]
@@ -97,12 +99,14 @@ def persona_projection_vs_step(summary: pd.DataFrame):
         top.set_ylabel("mean projection (own model)")
         bottom.set_ylabel("AUROC vs the judge's labels")
         bottom.set_xlabel("EM training step")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles = top.get_legend_handles_labels()[0]
         if n_random:
             handles.append(Line2D([], [], color="grey", ls=":", lw=0.8, label="random directions (control)"))
         top.legend(handles=handles, fontsize=7)
     computed = int((sub["auroc_status"] == "computed").sum())
     where = ("at every point" if computed == len(sub) else
+             "at no point: the judge labelled no response of one class or of both" if computed == 0 else
              f"at {computed} of {len(sub)} points; elsewhere the judge labelled no response of one class or of both")
     caption = (f"{title}, per model, dataset and persona vector. Top: the mean over seeds of each seed's mean "
                f"projection of its responses' activations (the model that wrote them) on the unit persona vector "
