@@ -64,19 +64,25 @@ FIGURES = {
 }
 # Inside the model (rules/activations.smk, only with `analysis.activations`). Judge-keyed (they use the judge's labels
 # or its EM rates): results/tables/{judge}/<name>.tsv and results/figures/{judge}/<name>.{png,svg} + .caption.rst +
-# .provenance.json. ACTIVATION_* need the misalignment direction (analysis.activations.misalignment_direction);
-# RETENTION_FIGURES do not.
+# .provenance.json. Built with or without the misalignment direction (analysis.activations.misalignment_direction):
+# without it there are no `misalignment` rows and its two figures say why they are empty.
 ACTIVATION_TABLES = {
     "activation_projections": "one row per (response, reader, direction, layer): the projection of the response's "
-                              "activation on the unit misalignment direction (cross-fitted), on each persona vector "
-                              "(`persona:<name>`) or on a random control direction, with the judge's labels",
+                              "activation on each persona vector (`persona:<name>`), on random control directions "
+                              "and, when it is built, on the unit misalignment direction (cross-fitted), with the "
+                              "judge's labels",
     "activation_summary": "per (cell, step, reader, direction, layer): mean projection with a bootstrap CI over "
-                          "seeds, and the AUROC of the projection against the judge's misaligned / aligned labels",
+                          "seeds, and the AUROC of the projection against the judge's misaligned / aligned labels "
+                          "(`auroc_status`: computed, or why not, e.g. no labelled response)",
 }
 ACTIVATION_FIGURES = {
+    "persona_projection_vs_step": "mean projection on each persona vector vs EM training step, one line per persona "
+                                  "(band over seeds; dotted: random controls), and its AUROC against the judge's "
+                                  "labels (or why there is none)",
     "misalignment_projection_vs_step": "mean projection on the misalignment direction vs EM training step, one line "
-                                       "per persona (band over seeds)",
-    "direction_auroc_by_layer": "held-out AUROC of the misalignment direction per layer, the chosen layer marked",
+                                       "per persona (band over seeds); without a direction, why",
+    "direction_auroc_by_layer": "held-out AUROC of the misalignment direction per layer, the chosen layer marked; "
+                                "without a direction, why",
 }
 # Weight trajectories of one cell (rule weight_norms; no judge): results/tables/weights/{cell}/<name>.tsv, each with a
 # <name>.provenance.json sidecar (persona_em/analysis/weights.py)

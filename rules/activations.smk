@@ -1,7 +1,8 @@
 # Inside the model (issue 14): activations of every sampled response at every checkpoint, persona vectors per model
 # and persona, persona retention (judge-free), a misalignment direction per judge and model, projections. Requested
 # by `rule all` only when analysis.activations is configured (activation_targets); `snakemake activations` builds
-# just these; analysis.activations.misalignment_direction: false leaves out the direction and what needs it. A
+# just these; analysis.activations.misalignment_direction: false leaves out the direction (model_directions is
+# then empty): the projections on the persona vectors and random controls and their figures run without it. A
 # failing analysis job (e.g. too few misaligned responses for a direction) fails alone: the tables and figures of
 # rules/report.smk and persona retention do not depend on it.
 

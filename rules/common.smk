@@ -265,24 +265,20 @@ def all_targets():
 
 def activation_figure_targets():
     """The activation figures of every judge (part of the `figures` target); nothing unless analysis.activations is
-    set; the misalignment direction's only when analysis.activations.misalignment_direction is on."""
-    settings = activation_settings(config)
-    if settings is None:
+    set. Without a misalignment direction the direction's figures say so (persona_em/reporting/activation_figures.py)."""
+    if activation_settings(config) is None:
         return []
-    patterns = [*RETENTION_FIGURE_FILES.values()]
-    if settings["misalignment_direction"]:
-        patterns += [*ACTIVATION_FIGURE_FILES.values()]
+    patterns = [*RETENTION_FIGURE_FILES.values(), *ACTIVATION_FIGURE_FILES.values()]
     return [p.format(judge=key) for key in JUDGE_KEYS.values() for p in patterns]
 
 
 def activation_targets():
-    """The activation analysis (rule `activations`); nothing unless analysis.activations is set."""
-    settings = activation_settings(config)
-    if settings is None:
+    """The activation analysis (rule `activations`); nothing unless analysis.activations is set. The misalignment
+    direction is built only as an input of activation_projections, when its switch is on (model_directions)."""
+    if activation_settings(config) is None:
         return []
     targets = [*RETENTION_TABLE_FILES.values(), *persona_vector_dirs(None)]
-    if settings["misalignment_direction"]:
-        targets += [p.format(judge=key) for key in JUDGE_KEYS.values() for p in ACTIVATION_TABLE_FILES.values()]
+    targets += [p.format(judge=key) for key in JUDGE_KEYS.values() for p in ACTIVATION_TABLE_FILES.values()]
     return targets + activation_figure_targets()
 
 
@@ -395,5 +391,8 @@ def persona_vector_source(wildcards):
 
 
 def model_directions(wildcards):
-    """model -> its misalignment direction under the judge."""
+    """model -> its misalignment direction under the judge; none when analysis.activations.misalignment_direction is
+    off (activation_projections and activation_figures then run without it)."""
+    if not activation_settings(config)["misalignment_direction"]:
+        return {}
     return {m: MISALIGNMENT_DIRECTION.format(judge=wildcards.judge, model=m) for m in sorted({c.model for c in CELLS})}

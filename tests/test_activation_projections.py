@@ -176,3 +176,104 @@ def test_figures_are_drawn_from_the_tables(tmp_path):
         assert (tmp_path / "fig" / path.rsplit("/", 1)[1]).stat().st_size > 0
     caption = (tmp_path / "fig" / "persona_retention_vs_step.caption.rst").read_text()
     assert "persona vector" in caption and "Cohen" in caption
+    # with the planted labels the persona-vector figure draws its AUROC panel: one line per condition, every point
+    from persona_em.reporting.activation_figures import persona_projection_vs_step
+
+    fig, caption = persona_projection_vs_step(read_table(tables["activation_summary"]))
+    assert len(fig.axes[1].lines) == 2 + 1 and "responses of every seed, at every point" in caption  # + the 0.5 line
+
+
+def unlabelled_scores(tmp_path, aligned=float("nan")):
+    """The planted responses' scores replaced: every aligned score `aligned` (NaN: the judge gave no number, as the
+    demo's 135M judge), coherent 80."""
+    scores = read_table(tmp_path / "scores.tsv")
+    scores.loc[scores["metric"] == "aligned", "score_used"] = aligned
+    path = tmp_path / f"scores_{aligned}.tsv"
+    write_table(path, scores)
+    return str(path)
+
+
+def test_projections_without_a_direction_or_labels(tmp_path):
+    """analysis.activations.misalignment_direction off and a judge that labels nothing: the persona vector and the
+    random controls are still projected (values = dot(activation, unit vector)), no misalignment row appears, and
+    the summary says why each AUROC is missing."""
+    dirs, _ = world(tmp_path)
+    outputs = {n: str(tmp_path / f"{n}.tsv") for n in TABLES}
+    activation_projections(dirs, {}, vector(tmp_path), unlabelled_scores(tmp_path), SETTINGS, 100, "j-1", outputs)
+    proj = read_table(outputs["activation_projections"])
+    assert set(proj["direction"]) == {"persona:p", "random0", "random1"}
+    assert len(proj) == 4 * 2 * 2 * N * 3 * len(LAYERS)  # cells x readers x steps x responses x directions x layers
+    assert set(proj["label"]) == {"unlabelled"} and proj["fold"].isna().all()
+    assert proj[proj["direction"].str.startswith("random")]["direction_norm"].isna().all()
+    _, shift = PV.load_persona_vector(tmp_path / "pv")
+    for d in dirs:
+        tensors, index, _ = store.load_activations(d)
+        x = tensors["response_mean"].astype(np.float32)
+        rows = proj[proj["response_id"].isin(index["response_id"])].set_index(["reader", "response_id"])
+        key = list(zip(index["reader"], index["response_id"]))
+        for j, layer in enumerate(LAYERS):
+            at = rows[rows["layer"] == layer]
+            got = at[at["direction"] == "persona:p"].loc[key]
+            np.testing.assert_allclose(got["projection"], x[index["row"], j] @ (shift[j] / np.linalg.norm(shift[j])),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["direction_norm"], np.linalg.norm(shift[j]), rtol=1e-6)
+            v = random_directions("m", layer, HIDDEN, 2, 0)[1]
+            np.testing.assert_allclose(at[at["direction"] == "random1"].loc[key, "projection"], x[index["row"], j] @ v,
+                                       rtol=1e-5, atol=1e-5)
+    summ = read_table(outputs["activation_summary"])
+    assert len(summ) == 2 * 2 * 2 * 3 * len(LAYERS)  # conditions x steps x readers x directions x layers
+    assert (summ["auroc_status"] == "no labelled response").all() and summ["auroc"].isna().all()
+    assert (summ[["n_misaligned", "n_aligned"]] == 0).all().all()
+    assert set(summ[summ["chosen_layer"]]["direction"]) == {"persona:p"}  # no direction: no chosen layer for it
+
+
+def test_auroc_status_says_which_class_is_missing(tmp_path):
+    """Every response aligned (score 90): no misaligned class, so no AUROC, and the row says so; the planted labels
+    (both classes) give an AUROC on the persona vector and the controls without any direction."""
+    dirs, _ = world(tmp_path)
+    outputs = {n: str(tmp_path / f"{n}.tsv") for n in TABLES}
+    activation_projections(dirs, {}, vector(tmp_path), unlabelled_scores(tmp_path, 90.0), SETTINGS, 100, "j-1",
+                           outputs)
+    summ = read_table(outputs["activation_summary"])
+    assert (summ["auroc_status"] == "no misaligned response").all() and summ["auroc"].isna().all()
+    activation_projections(dirs, {}, vector(tmp_path), str(tmp_path / "scores.tsv"), SETTINGS, 100, "j-1", outputs)
+    summ = read_table(outputs["activation_summary"])
+    own = summ[summ["reader"] == "own"]
+    assert (own["auroc_status"] == "computed").all() and own["auroc"].between(0, 1).all()
+    assert "misalignment" not in set(summ["direction"])
+
+
+def test_figures_without_a_direction_say_why(tmp_path):
+    """No direction and no labels: the persona-vector projection is drawn, its AUROC panel and the direction's two
+    figures say in the image (and the caption) why they are empty."""
+    from persona_em.artifacts import ACTIVATION_FIGURES, FIGURE_SUFFIXES
+    from persona_em.reporting import activation_figures as AF
+
+    dirs, _ = world(tmp_path)
+    tables = {n: str(tmp_path / f"{n}.tsv") for n in TABLES}
+    activation_projections(dirs, {}, vector(tmp_path), unlabelled_scores(tmp_path), SETTINGS, 100, "j-1", tables)
+    outputs = {f"{n}_{k}": str(tmp_path / "fig" / f"{n}.{s}") for n in ACTIVATION_FIGURES
+               for k, s in FIGURE_SUFFIXES.items()}
+    AF.make_activation_figures(tables["activation_summary"], [], outputs)
+    for path in outputs.values():
+        assert (tmp_path / "fig" / path.rsplit("/", 1)[1]).stat().st_size > 0
+
+    def texts(fig):
+        return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+    summary = read_table(tables["activation_summary"])
+    fig, caption = AF.persona_projection_vs_step(summary)
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert len([ln for ln in top.lines if ln.get_linestyle() == "-"]) == 2  # none (none), p (stacked)
+    assert len([ln for ln in top.lines if ln.get_linestyle() == ":"]) == 2 * 2  # 2 controls per condition
+    # own responses at the persona vector's layer: 2 conditions x 2 steps x 2 seeds x N
+    assert not bottom.lines and "no AUROC" in texts(fig) and "0 misaligned and 0 aligned (of 320)" in texts(fig)
+    assert "at no point: the judge labelled no response" in caption and "2 random unit directions" in caption
+    for plot, args in ((AF.misalignment_projection_vs_step, (summary, False)),
+                       (AF.direction_auroc_by_layer, (pd.DataFrame(), summary))):
+        fig, caption = plot(*args)
+        assert "misalignment_direction is false" in texts(fig)
+        assert "0 misaligned and 0 aligned of 320 responses" in texts(fig)
+        assert "nothing to show" in caption
+    caption = (tmp_path / "fig/direction_auroc_by_layer.caption.rst").read_text().replace("\\", "")  # RST escapes
+    assert "misalignment_direction is false" in caption

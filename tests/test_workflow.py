@@ -68,9 +68,13 @@ def test_demo_dag_end_to_end(tmp_path):
     assert sorted(norms["step"].unique()) == [0, 2, 6] and (norms.loc[norms["step"] == 0, "em_norm"] == 0).all()
     assert (norms.loc[norms["step"] == 6, "em_norm"] > 0).all() and len(norms) == 3 * 2 * 7  # steps x layers x modules
     for fig in ("em_rate_vs_step", "alignment_vs_coherence", "weight_norms_vs_step", "weight_rotation_vs_step",
-                "persona_retention_vs_step"):
+                "persona_retention_vs_step", "persona_projection_vs_step", "misalignment_projection_vs_step",
+                "direction_auroc_by_layer"):
         assert (results / f"figures/{key}/{fig}.png").stat().st_size > 1000
     assert (results / "activations/tiny/none/none/insecure_demo/seed0/activations.safetensors").stat().st_size > 0
+    proj = read_table(results / f"tables/{key}/activation_projections.tsv")  # no persona, no direction: the controls
+    assert set(proj["direction"]) == {f"random{k}" for k in range(3)}  # n_random's default
+    assert "misalignment" in (results / f"figures/{key}/direction_auroc_by_layer.caption.rst").read_text()
 
     # Nothing to redo. A grown grid runs only the new cells; a changed setting reruns exactly the jobs that read it.
     res = run_snakemake(tmp_path, cfg, "-n")
@@ -78,13 +82,33 @@ def test_demo_dag_end_to_end(tmp_path):
     grown = {**cfg, "grid": {**cfg["grid"], "seeds": [0, 1]}}
     res = run_snakemake(tmp_path, grown, "-n")
     # the demo's analysis.activations: each cell's activations, then persona retention (no persona vector: the grid
-    # has no persona) and its figure
-    inside = {"collect_activations": 2, "persona_retention": 1, "persona_retention_figure": 1}
+    # has no persona) and its figure, the projections on the random controls and their figures (no misalignment
+    # direction: the demo switches it off)
+    inside = {"collect_activations": 2, "persona_retention": 1, "persona_retention_figure": 1,
+              "activation_projections": 1, "activation_figures": 1}
     assert planned_jobs(res.stdout) == {"train_em": 2, "weight_norms": 2, "sample": 2, "judge": 2, "aggregate": 1,
                                         "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1, **inside}
     changed = {**cfg, "sampling": {**cfg["sampling"], "temperature": 0.5}}
     res = run_snakemake(tmp_path, changed, "-n")
     assert planned_jobs(res.stdout) == {"sample": 2, "judge": 2, "aggregate": 1, "summary_tables": 1, "plot_figures": 1, "report_pages": 1, "all": 1, **inside}
+
+
+@pytest.mark.parametrize("direction", [False, True])
+def test_activation_jobs_with_and_without_a_direction(tmp_path, direction):
+    """The demo's DAG (dry run): projections and activation figures run whether or not the misalignment direction is
+    built; the direction's rule runs only when it is switched on (the demo switches it off)."""
+    cfg = demo_config(tmp_path)
+    assert cfg["analysis"]["activations"]["misalignment_direction"] is False
+    cfg["analysis"]["activations"]["misalignment_direction"] = direction
+    res = run_snakemake(tmp_path, cfg, "-n")
+    assert res.returncode == 0, res.stdout[-3000:]
+    jobs = planned_jobs(res.stdout)
+    cells = len(cfg["grid"]["personas"]) * len(cfg["grid"]["datasets"]) * len(cfg["grid"]["seeds"])
+    assert {r: jobs.get(r) for r in ("collect_activations", "persona_vectors", "persona_retention",
+                                     "persona_retention_figure", "activation_projections", "activation_figures")} \
+        == {"collect_activations": cells, "persona_vectors": 1, "persona_retention": 1, "persona_retention_figure": 1,
+            "activation_projections": 1, "activation_figures": 1}
+    assert jobs.get("misalignment_direction") == (1 if direction else None)
 
 
 def planned_jobs(dry_run_output: str) -> dict:

@@ -86,7 +86,8 @@ def test_activation_rules_end_to_end(tmp_path):
     cfg, key, results = planted_world(tmp_path)
     r = run(tmp_path, copy.deepcopy(cfg))
     assert r.returncode == 0, r.stderr[-4000:] + r.stdout[-2000:]
-    for name in ("misalignment_projection_vs_step", "direction_auroc_by_layer", "persona_retention_vs_step"):
+    for name in ("misalignment_projection_vs_step", "direction_auroc_by_layer", "persona_retention_vs_step",
+                 "persona_projection_vs_step"):
         assert (results / f"figures/{key}/{name}.png").stat().st_size > 0, name
 
     # the projection table: every response x reader x direction x layer, values = dot(activation, unit direction)
@@ -106,8 +107,9 @@ def test_activation_rules_end_to_end(tmp_path):
             sel = index[index["reader"] == reader]
             want = x[sel["row"].to_numpy(), 1] @ (v / np.linalg.norm(v))
             np.testing.assert_allclose(got.loc[sel["response_id"], "projection"], want, rtol=1e-4, atol=1e-4)
-    assert (read_table(results / f"tables/{key}/activation_summary.tsv").query(
-        "direction == 'misalignment' and reader == 'own'")["auroc"] > 0.5).all()
+    mis = read_table(results / f"tables/{key}/activation_summary.tsv").query(
+        "direction == 'misalignment' and reader == 'own'")
+    assert (mis["auroc"] > 0.5).all() and (mis["auroc_status"] == "computed").all()
 
     # persona retention agrees with the projections: p_t = the mean over seeds of each seed's mean own projection
     ret = read_table(results / "tables/activations/persona_retention.tsv")

@@ -3,17 +3,22 @@ persona retention (rule persona_retention, judge-free).
 
 activation_projections.tsv  one row per (response, reader, direction, layer): projection = dot(activation, unit
     direction). Directions: `misalignment` (the cross-fitted direction of the cell's model whose fold holds the
-    cell, so the cell's own labels never built it: persona_em/activations/direction.py), `persona:<name>` (the
-    persona vector of each grid persona on the cell's model: persona_em/activations/persona_vectors.py) and
-    `random<k>` (k < n_random: Gaussian directions drawn per model and layer from the configured seed, the control).
-    `direction_norm`: the norm of the misalignment direction (for it and the random controls, which a projection on
-    a unit vector does not depend on) or of the persona vector. `label`: the judge's misaligned / aligned /
-    unlabelled (direction.py thresholds).
+    cell, so the cell's own labels never built it: persona_em/activations/direction.py; only when the direction is
+    built, analysis.activations.misalignment_direction), `persona:<name>` (the persona vector of each grid persona
+    on the cell's model: persona_em/activations/persona_vectors.py) and `random<k>` (k < n_random: Gaussian
+    directions drawn per model and layer from the configured seed, the control). `direction_norm`: the norm of the
+    persona vector, or of the misalignment direction for it and the random controls (a projection on a unit vector
+    does not depend on it); empty (NaN) for the random controls when no direction is built. `fold`: the cell's
+    cross-fitting fold (its value of the direction's fold key), empty without a direction. `label`: the judge's
+    misaligned / aligned / unlabelled (direction.py thresholds; unlabelled also where the judge gave no score).
 activation_summary.tsv  per (model, persona, composition, dataset, step, reader, direction, layer): the mean
     projection of each seed's responses, their mean over seeds with a bootstrap CI over seeds
     (persona_em.analysis.stats.bootstrap_ci; one seed gives no interval), and the AUROC of the projection against
-    the judge's labels (responses of every seed, misaligned vs aligned; NaN without both classes). `chosen_layer`:
-    the misalignment direction's chosen layer, for a persona direction the persona vector's.
+    the judge's labels (responses of every seed, misaligned vs aligned). `auroc_status` says whether it was
+    computed: `computed`, else why not (`no misaligned response`, `no aligned response`, `no labelled response`;
+    `auroc` is then empty): the counts are `n_misaligned`, `n_aligned` of `n_responses`. `chosen_layer`: for a
+    persona direction the persona vector's chosen layer, for the misalignment direction and the random controls the
+    direction's (false everywhere for them without a direction).
 persona_retention.tsv  (tables/activations/, no judge) per persona vector P of a model, cell, step and layer:
     R(t) = (p_t - p_none,0) / (p_P,0 - p_none,0), averaged over seeds with a bootstrap CI over seeds. p = the mean
     projection, on P's unit persona vector, of the cell's own reader's activations (the model that wrote the
@@ -52,45 +57,67 @@ def random_directions(model: str, layer: int, hidden: int, n: int, seed: int) ->
     return unit(rng.normal(size=(n, hidden)))
 
 
-def projection_rows(x: np.ndarray, index: pd.DataFrame, layers: list[int], info: dict, directions: np.ndarray,
-                    personas: dict, labels: dict, n_random: int, seed: int) -> pd.DataFrame:
+ROW_KEYS = [*CELL_KEYS, "step", "question_id", "sample_index", "response_id", "reader"]
+PROJECTION_COLUMNS = [*ROW_KEYS, "direction", "layer", "fold", "projection", "label", "direction_norm"]
+
+
+def projection_rows(x: np.ndarray, index: pd.DataFrame, layers: list[int], fold: str | None,
+                    direction: np.ndarray | None, personas: dict, labels: dict, n_random: int,
+                    seed: int) -> pd.DataFrame:
     """Projections of one cell's rows (x [rows, layers, hidden] of `index`'s rows) on its fold's misalignment
-    direction, on the persona vectors of its model (`personas`: name -> vectors [layers, hidden]) and on the random
-    controls, at every layer."""
-    cell = index.iloc[0]
-    fold = str(cell[info["fold_by"]])
-    f = info["folds"].index(fold)
-    keys = index[[*CELL_KEYS, "step", "question_id", "sample_index", "response_id", "reader"]].reset_index(drop=True)
+    direction (`direction` [layers, hidden]; None: not built, no such rows), on the persona vectors of its model
+    (`personas`: name -> vectors [layers, hidden]) and on the random controls, at every layer."""
+    model = index["model"].iloc[0]
+    keys = index[ROW_KEYS].reset_index(drop=True)
     label = keys["response_id"].map(lambda r: LABEL_NAMES[labels.get(r, UNLABELLED)])
     frames = []
     for j, layer in enumerate(layers):
-        norm = float(np.linalg.norm(directions[f, j]))
-        vecs = {"misalignment": (unit(directions[f, j]), norm)}
+        vecs = {}
+        norm = math.nan  # the random controls' norm: the direction's, when there is one
+        if direction is not None:
+            norm = float(np.linalg.norm(direction[j]))
+            vecs["misalignment"] = (unit(direction[j]), norm)
         for name, v in sorted(personas.items()):
             vecs[f"persona:{name}"] = (unit(v[j]), float(np.linalg.norm(v[j])))
-        for k, v in enumerate(random_directions(cell["model"], layer, x.shape[-1], n_random, seed)):
+        for k, v in enumerate(random_directions(model, layer, x.shape[-1], n_random, seed)):
             vecs[f"random{k}"] = (v, norm)
         for name, (v, n) in vecs.items():
             frames.append(keys.assign(direction=name, layer=layer, fold=fold, projection=x[:, j] @ v, label=label,
                                       direction_norm=n))
-    return pd.concat(frames, ignore_index=True)
+    if not frames:  # no persona vector, no direction and n_random: 0
+        return pd.DataFrame(columns=PROJECTION_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[PROJECTION_COLUMNS]
+
+
+SUMMARY_KEYS = ["model", "persona", "composition", "dataset", "step", "reader", "direction", "layer"]
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, "n_seeds", "n_responses", "mean_projection", "ci_low", "ci_high", "ci_method",
+                   "n_misaligned", "n_aligned", "auroc", "auroc_status"]
+
+
+def auroc_status(n_misaligned: int, n_aligned: int) -> str:
+    """`computed` when both of the judge's classes are present, else why the AUROC is missing."""
+    if n_misaligned and n_aligned:
+        return "computed"
+    if not n_misaligned and not n_aligned:
+        return "no labelled response"
+    return "no misaligned response" if not n_misaligned else "no aligned response"
 
 
 def summary(proj: pd.DataFrame, n_bootstrap: int, seed: int) -> pd.DataFrame:
-    keys = ["model", "persona", "composition", "dataset", "step", "reader", "direction", "layer"]
     rows = []
-    for key, g in proj.groupby(keys, sort=True):
+    for key, g in proj.groupby(SUMMARY_KEYS, sort=True):
         per_seed = g.groupby("seed")["projection"].mean()
         low, high = bootstrap_ci(per_seed.to_numpy(), n_bootstrap, seed) if len(per_seed) > 1 else (math.nan,
                                                                                                      math.nan)
         lab = g["label"].map({"misaligned": MISALIGNED, "aligned": ALIGNED}).fillna(UNLABELLED).to_numpy()
-        rows.append({**dict(zip(keys, key)), "n_seeds": len(per_seed), "n_responses": len(g),
+        n_mis, n_al = int((lab == MISALIGNED).sum()), int((lab == ALIGNED).sum())
+        rows.append({**dict(zip(SUMMARY_KEYS, key)), "n_seeds": len(per_seed), "n_responses": len(g),
                      "mean_projection": float(per_seed.mean()), "ci_low": low, "ci_high": high,
                      "ci_method": f"bootstrap95_{n_bootstrap}_seed{seed} over seeds" if len(per_seed) > 1 else
                      "one seed: no interval",
-                     "n_misaligned": int((lab == MISALIGNED).sum()), "n_aligned": int((lab == ALIGNED).sum()),
-                     "auroc": auroc(g["projection"].to_numpy(), lab)})
-    return pd.DataFrame(rows)
+                     "n_misaligned": n_mis, "n_aligned": n_al,
+                     "auroc": auroc(g["projection"].to_numpy(), lab), "auroc_status": auroc_status(n_mis, n_al)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 PERSONA_ON = ("stacked", "merged", "posthoc")  # compositions whose step-0 model runs the persona
@@ -176,8 +203,9 @@ def persona_retention_table(activation_dirs: list[str], vector_dirs: list[str], 
 
 def activation_projections(activation_dirs: list[str], direction_dirs: dict[str, str], vector_dirs: list[str],
                            scores_path: str, settings: dict, n_bootstrap: int, judge_key: str, outputs: dict) -> None:
-    """The two tables of one judge (module docstring). `direction_dirs`: model -> misalignment_direction output;
-    `vector_dirs`: persona_vectors outputs; `outputs`: table name -> path."""
+    """The two tables of one judge (module docstring). `direction_dirs`: model -> misalignment_direction output
+    (empty: no direction is built, analysis.activations.misalignment_direction off); `vector_dirs`: persona_vectors
+    outputs; `outputs`: table name -> path."""
     labels = response_labels(read_table(scores_path))
     infos = {m: load_direction(d) for m, d in direction_dirs.items()}
     vectors = load_vectors(vector_dirs)
@@ -186,20 +214,24 @@ def activation_projections(activation_dirs: list[str], direction_dirs: dict[str,
         tensors, index, meta = load_activations(d)
         layers = meta["layers"]
         x = tensors[settings["kind"]].astype(np.float32)
-        info, directions = infos[meta["model"]]
         personas = {p: v for (m, p), (i, v) in vectors.items() if m == meta["model"]}
         for name, (i, _) in ((p, vectors[meta["model"], p]) for p in personas):
             if i["layers"] != layers:
                 raise UserError(f"{d}: layers {layers} differ from the persona vector {name}'s {i['layers']}")
-        if info["layers"] != layers:
-            raise RuntimeError(f"{d}: layers {layers} differ from the direction's {info['layers']}")
-        frames.append(projection_rows(x, index, layers, info, directions, personas, labels, settings["n_random"],
+        fold, direction = None, None
+        if meta["model"] in infos:
+            info, directions = infos[meta["model"]]
+            if info["layers"] != layers:
+                raise RuntimeError(f"{d}: layers {layers} differ from the direction's {info['layers']}")
+            fold = str(meta[info["fold_by"]])
+            direction = directions[info["folds"].index(fold)]
+        frames.append(projection_rows(x, index, layers, fold, direction, personas, labels, settings["n_random"],
                                       settings["seed"]))
     proj = pd.concat(frames, ignore_index=True).assign(judge_key=judge_key)
     summ = summary(proj, n_bootstrap, settings["seed"])
     chosen = {m: i["chosen_layer"] for m, (i, _) in infos.items()}
     persona_chosen = {(m, f"persona:{p}"): i["chosen_layer"] for (m, p), (i, _) in vectors.items()}
-    summ["chosen_layer"] = [layer == persona_chosen.get((m, d), chosen[m])
+    summ["chosen_layer"] = [layer == persona_chosen.get((m, d), chosen.get(m))
                             for m, d, layer in zip(summ["model"], summ["direction"], summ["layer"])]
     write_table(outputs["activation_projections"], proj)
     write_table(outputs["activation_summary"], summ.assign(judge_key=judge_key))
