@@ -3,6 +3,7 @@ one response per call (the users' old script), one plain batched generate, and t
 loading another checkpoint in place, as sample_cell does for every checkpoint of a cell)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -40,6 +41,8 @@ def _generate(model, tok, convs, settings, fast, result, bf16_lora=None):
     with measured(result):
         rows = generate_batch(model, chat, convs, settings, seed=0, fast=fast, bf16_lora=bf16_lora)
     result["responses"] = len(rows)
+    # the sampled text: equal between two compilations that compute the same thing
+    result["responses_sha256"] = hashlib.sha256(json.dumps([x["response"] for x in rows]).encode()).hexdigest()[:16]
     result["new_tokens"] = sum(r["n_new_tokens"] for r in rows)
     result["tokens_per_s"] = round(result["new_tokens"] / result["seconds"], 1)
     return result
@@ -111,6 +114,26 @@ def run(model, tok, cfg: dict, log) -> dict:
             step(name, lambda r, devices=devices: attention(devices, r))
         fast_generate.KERNEL_DEVICES = {"cuda"}
         decode_kernel._kernel = launch
+    if "detmode" in variants:  # the cost of Inductor's deterministic mode (use_deterministic_compile), side by side
+        import torch._inductor.config as inductor_config
+        from persona_em.sampling import fast_generate
+
+        keep = fast_generate.use_deterministic_compile
+
+        def mode(det, r):
+            # generate_batch calls fast_generate.use_deterministic_compile before compiling: here it sets `det`;
+            # a reset makes the next call compile again (in-process Inductor caches still serve a mode seen before)
+            fast_generate.use_deterministic_compile = lambda: setattr(inductor_config, "deterministic", det)
+            torch._dynamo.reset()
+            return _generate(model, tok, convs, settings, True, r)
+
+        for k, det in enumerate((False, True, False, True)):  # A B A B: a drift over the process shows in both
+            name = f"{'deterministic' if det else 'autotuned (Inductor default)'} #{k // 2 + 1}"
+            step(f"{name}, first call (compiles)", lambda r, det=det: mode(det, r))
+            for i in (1, 2):
+                step(f"{name}, steady {i}", lambda r: _generate(model, tok, convs, settings, True, r))
+        fast_generate.use_deterministic_compile = keep
+        inductor_config.deterministic = False
     if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
         step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
              lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
