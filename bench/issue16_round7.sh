@@ -3,6 +3,7 @@
 # (bench/sample.py variant `detmode`: autotuned, deterministic, autotuned, deterministic; each a compilation and two
 # steady 400 x 600 calls). Run from the repository root with the carried wheels importable (PYTHONPATH):
 #   bash bench/issue16_round7.sh OUT SHAPE        (SHAPE: qwen2.5-7b or llama-3.1-8b, bench/config.yaml)
+# BENCH_DETMODE_ROUNDS=1: A B only; PROFILE_SHAPE=qwen2.5-7b: then a profile of that shape's steady decode step.
 set -u
 out=$1; shape=${2:-qwen2.5-7b}
 mkdir -p "$out"
@@ -12,3 +13,8 @@ python3 -c "import torch, triton, transformers, peft; print(torch.__version__, t
 timeout ${DET_TIMEOUT:-570} python3 -m bench.run --shape "$shape" --parts sample --sample-variants detmode \
     --out "$out" >"$out/detmode-$shape.log" 2>&1
 grep -E "sample |Error" "$out/detmode-$shape.log" | cut -c1-260
+if [ -n "${PROFILE_SHAPE:-}" ]; then  # then where a steady decode step's time goes (bench/profile_sample.py)
+    timeout ${PROFILE_TIMEOUT:-240} python3 -m bench.profile_sample --shape "$PROFILE_SHAPE" \
+        >"$out/profile_sample-$PROFILE_SHAPE.txt" 2>&1
+    grep -E "^generate|^decode step" "$out/profile_sample-$PROFILE_SHAPE.txt"
+fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def run(model, tok, cfg: dict, log) -> dict:
             torch._dynamo.reset()
             return _generate(model, tok, convs, settings, True, r)
 
-        for k, det in enumerate((False, True, False, True)):  # A B A B: a drift over the process shows in both
+        rounds = int(os.environ.get("BENCH_DETMODE_ROUNDS", 2))  # A B A B: a drift over the process shows in both
+        for k, det in enumerate((False, True) * rounds):
             name = f"{'deterministic' if det else 'autotuned (Inductor default)'} #{k // 2 + 1}"
             step(f"{name}, first call (compiles)", lambda r, det=det: mode(det, r))
             for i in (1, 2):
