@@ -136,6 +136,17 @@ def run(model, tok, cfg: dict, log) -> dict:
                 step(f"{name}, steady {i}", lambda r: _generate(model, tok, convs, settings, True, r))
         fast_generate.use_deterministic_compile = keep
         inductor_config.deterministic = False
+    if "defer" in variants:  # the per-step host sync of generate's stop check vs fast_generate.deferred_stop_check
+        from persona_em.sampling import fast_generate
+
+        keep = fast_generate.DEFER_DEVICES
+        step("ours, first call (compiles)", lambda r: _generate(model, tok, convs, settings, True, r))
+        for k in (1, 2):  # in turn, on the same compiled step: only the host's waiting differs
+            for name, devices in (("per-step stop check (transformers' default)", set()),
+                                  ("deferred stop check", {"cuda"})):
+                fast_generate.DEFER_DEVICES = devices
+                step(f"{name} #{k}", lambda r: _generate(model, tok, convs, settings, True, r))
+        fast_generate.DEFER_DEVICES = keep
     if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
         step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
              lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))

@@ -62,6 +62,70 @@ def _fast_path_generates_the_same_tokens(tiny, inductor_config):
     assert all(r["n_new_tokens"] > 0 for r in fast)
 
 
+class _HostEvent:
+    """A device event for CPU tensors, where every operation has finished when it returns (torch has none)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _StopRowsAt:
+    """Forces row i to its stop token from decode step `first + i` on: every row stops before max_new_tokens."""
+
+    def __init__(self, stop_id: int, first: int):
+        self.stop_id, self.first, self.step = stop_id, first, 0
+
+    def __call__(self, input_ids, scores):
+        self.step += 1
+        for i in range(scores.shape[0]):
+            if self.step >= self.first + i:
+                scores[i] = float("-inf")
+                scores[i, self.stop_id] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_deferred_stop_check_gives_the_same_tokens(tiny, monkeypatch, early_stop):
+    """With the "all rows stopped" flag read one step late (fast_generate.deferred_stop_check, GPU only in use),
+    generate returns exactly what the per-step check returns: the extra step after the last stop is cut off,
+    and rows that run to max_new_tokens end there."""
+    from transformers.generation import utils as gen_utils
+
+    from persona_em.sampling import fast_generate
+    from persona_em.sampling.sample import _generate, left_pad
+
+    model, chat = load_model(tiny, device="cpu")
+    convs = [[{"role": "user", "content": q}] for q in ("hello", "a longer question here?", "why")]
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10}
+    enc = left_pad([chat.prompt_ids(c) for c in convs], chat.tokenizer.pad_token_id, model.device)
+    made = []
+    init = gen_utils.DeferredStopCheck.__init__
+    monkeypatch.setattr(gen_utils.DeferredStopCheck, "__init__",
+                        lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    monkeypatch.setattr(torch, "Event", _HostEvent)
+
+    def run():
+        extra = {"logits_processor": [_StopRowsAt(chat.stop_ids[0], 2)]} if early_stop else {}
+        torch.manual_seed(0)
+        return _generate(model, enc, settings, chat, extra)
+
+    per_step = run()
+    assert made == []  # CPU is not in DEFER_DEVICES: transformers' own per-step check
+    monkeypatch.setattr(fast_generate, "DEFER_DEVICES", {"cpu"})
+    deferred = run()
+    assert made == [1]
+    assert torch.equal(deferred, per_step)
+    new = per_step.shape[1] - enc["input_ids"].shape[1]
+    assert new == (2 + len(convs) - 1 if early_stop else settings["max_new_tokens"])
+    assert gen_utils.DeferredStopCheck.is_supported(torch.device("cpu"), None, False, False) is False  # restored
+
+
 def test_gqa_decode_attention_matches_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -94,6 +94,40 @@ def use_deterministic_compile() -> None:
     inductor_config.deterministic = True
 
 
+# Devices where `generate` learns one step late that every row has stopped (deferred_stop_check); transformers
+# defers only on "mps". Its check records a device event: CPU has none (tests stand one in).
+DEFER_DEVICES = {"cuda"}
+
+
+@contextlib.contextmanager
+def deferred_stop_check():
+    """Let `generate` on a GPU read its "all rows stopped" flag one step late, so the host never waits for the device.
+
+    transformers 5.x asks `bool(unfinished.max() == 0)` after every decode step: a host-device synchronisation, after
+    which the GPU idles while the host prepares the next step (guard checks of the compiled step, the CUDA-graph
+    launch, the logits processors). A steady 400 x 600 Qwen2.5-7B step took 25.5 ms of wall time for 17.2 ms of GPU
+    work (bench/profile_sample.py, BENCHMARKS.md round 7). transformers has the fix, `DeferredStopCheck` (the flag is
+    copied asynchronously and read on the next step; the one extra step after the last row stopped is undone, and a
+    row reaching max_new_tokens stops without one), but turns it on only for Apple's "mps" devices. This widens its
+    `is_supported` to DEFER_DEVICES with the same conditions otherwise. Same tokens: the extra step comes after
+    every row has finished and is cut off (tests/test_fast_sampling.py).
+    """
+    from transformers.generation.utils import DeferredStopCheck
+
+    original = DeferredStopCheck.__dict__["is_supported"]
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if device.type not in DEFER_DEVICES or is_assistant:
+            return original.__func__(device, cache, cache_is_returned, is_assistant)
+        return cache is None or cache.is_croppable or not cache_is_returned  # transformers' own conditions
+
+    DeferredStopCheck.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        DeferredStopCheck.is_supported = original
+
+
 def fast_generate_kwargs() -> dict:
     """Extra `generate` arguments for the fast path (transformers compiles the decode step for a static cache)."""
     return {"cache_implementation": "static"}

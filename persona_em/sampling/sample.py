@@ -155,7 +155,10 @@ def _generate(model, enc, settings, chat: ChatFormat, extra):
     config = GenerationConfig(do_sample=False, max_new_tokens=settings["max_new_tokens"],
                               pad_token_id=chat.tokenizer.pad_token_id, eos_token_id=list(chat.stop_ids), **extra)
     # `config` is the whole definition: models.load_model blanked the model's own generation_config.
-    return model.generate(**enc, generation_config=config, logits_processor=processors)
+    from persona_em.sampling.fast_generate import deferred_stop_check
+
+    with deferred_stop_check():  # on a GPU: no host-device sync per decode step
+        return model.generate(**enc, generation_config=config, logits_processor=processors)
 
 
 def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints_dir: str, questions_path: str,
