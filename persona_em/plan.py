@@ -47,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 REF_PARAMS_B = 7.62  # the benchmarks' Qwen2.5-7B shape
 EM_TOKENS_PER_S = 12_500  # train_em, auto plan + fused pointwise ops: 12,542-13,508 on the H200 (run6)
-SAMPLE_SECONDS = 13.5  # one checkpoint, 400 responses x 600 new tokens, steady, length-aware decode kernel (run7, H200)
+SAMPLE_SECONDS = 12.5  # one checkpoint, 400 responses x 600 new tokens, steady: decode kernel, deterministic compile,
+# deferred stop check; 12.53-12.71 s on two H200 machines (bench/results/run11/call3, call4)
 SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 ACTIVATION_SECONDS = 12.2  # collect_activations, one checkpoint: 400 responses x 402 tokens x 2 readers (H200)
@@ -146,7 +147,8 @@ def persona_vectors_seconds(config: dict, model: str, persona: str, cwd: Path) -
        at a batch of 400, 0.101 s at a batch of 1: the plain loop is bound by kernel launches, not by rows), so the
        time is batches x max_new_tokens x PLAIN_STEP_SECONDS, scaled by model size. Every batch is counted at
        max_new_tokens (a batch ends when its longest row does). The measurement is on an H100 with an adapter;
-       these rollouts run the base model alone on the job's GPU: an upper bound there, as far as it is measured.
+       these rollouts run the base model alone on the job's GPU: an upper bound there, as far as it is measured
+       (it predates the deferred stop check, which also spares the plain loop its per-step sync; not re-measured).
     2. one teacher-forced pass of the base model (collect.measure, one reader, no adapter) over every rollout's
        prompt + response tokens: ACTIVATION_BASE_SECONDS per ACTIVATION_REF_TOKENS (the collect_activations
        benchmark's base reader), scaled by tokens and model size. Tokens per rollout: its system prompt and
