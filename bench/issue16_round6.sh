@@ -7,6 +7,8 @@
 #   compile  sampling jobs sharing one persisted compile cache, each a new process with empty node-local
 #            TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR: one cold, two warm, one warm with
 #            TORCHINDUCTOR_COMPILE_THREADS=1
+# TRAIN_REPEATS=N: N rounds of ours instead of 3; TRAIN_SEED_REPEATS=M: the seed setting in the first M of them
+# (default 1; round 8: its own run-to-run loss spread).
 # Call 1 of round 6 ran an earlier version of this script (a fused-LoRA variant against the default, 512 examples).
 set -u
 out=$1; parts=${2:-train,compile}
@@ -15,8 +17,8 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 has() { [[ ",$parts," == *",$1,"* ]]; }
 if has train; then
-    timeout ${TRAIN_TIMEOUT:-240} python3 -m bench.run --shape qwen2.5-7b --parts train --out "$out" --train-repeats 3 \
-        --train-steps 32 --train-only "seed: 2 x 8 + checkpointing|ours (auto)" >"$out/train.log" 2>&1
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m bench.run --shape qwen2.5-7b --parts train --out "$out" --train-repeats ${TRAIN_REPEATS:-3} \
+        --train-seed-repeats ${TRAIN_SEED_REPEATS:-1} --train-steps 32 --train-only "seed: 2 x 8 + checkpointing|ours (auto)" >"$out/train.log" 2>&1
     python3 - "$out/qwen2.5-7b.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))["train"]
@@ -25,7 +27,8 @@ for k, v in d.items():
         toks = v["step_tokens"][2:]
         print(f"{k:40s} {v['tokens_per_s']:>9} tok/s  {sum(toks) / len(toks):.0f} tok/step  peak {v.get('peak_gb')} GB")
 if "loss_curve" in d:
-    print("loss_curve max_rel_diff", d["loss_curve"]["max_rel_diff"])
+    c = d["loss_curve"]
+    print("loss_curve max_rel_diff", c["max_rel_diff"], {k: c[k] for k in ("ours_vs_seed", "ours_vs_ours", "seed_vs_seed") if k in c})
 PY
 fi
 if has compile; then

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                                          " ('|' between several prefixes)")
     ap.add_argument("--train-repeats", type=int, default=1, help="run the selected training settings in turn, this"
                                                                  " many rounds (one process)")
+    ap.add_argument("--train-seed-repeats", type=int, default=1, help="of those rounds, how many also run the slow"
+                                                                      " seed setting (its run-to-run loss spread)")
     ap.add_argument("--train-steps", type=int, help="override train.steps_ours (more than one epoch of the data"
                                                     " repeats it: a longer timing window on the same workload)")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     cfg["sampling"]["variants"] = a.sample_variants
     cfg["train"]["only"] = a.train_only
     cfg["train"]["repeats"] = a.train_repeats
+    cfg["train"]["seed_repeats"] = a.train_seed_repeats
     if a.train_steps:
         cfg["train"]["steps_ours"] = a.train_steps
     out_dir = Path(a.out)

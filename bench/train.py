@@ -81,6 +81,23 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     return result, base
 
 
+def _loss_spread(out: dict, ours_name: str, n: int) -> dict:
+    """Largest relative loss difference over the first n steps: every ours run against every seed run, and the
+    run-to-run spread of each setting alone (bf16 training on a GPU is not bitwise repeatable: the noise floor)."""
+    import itertools
+
+    def curves(name):
+        return [v["losses"][:n] for k, v in out.items() if (k == name or k.startswith(f"{name} #")) and "losses" in v]
+
+    def rel(a, b):
+        return round(max(abs(x - y) / abs(y) for x, y in zip(a, b)), 6)
+
+    ours, seed = curves(ours_name), curves("seed: 2 x 8 + checkpointing")
+    return {"ours_vs_seed": [rel(o, s) for o in ours for s in seed],
+            "ours_vs_ours": [rel(a, b) for a, b in itertools.combinations(ours, 2)],
+            "seed_vs_seed": [rel(a, b) for a, b in itertools.combinations(seed, 2)]}
+
+
 def run(model, tok, cfg: dict, log) -> dict:
     from persona_em.io import write_jsonl
     from persona_em.training.settings import TrainConfig
@@ -108,10 +125,11 @@ def run(model, tok, cfg: dict, log) -> dict:
     only = cfg.get("only")
     # `repeats` > 1: the selected settings run in turn, round after round, in one process (the run-order effect
     # then falls on every setting alike); results are keyed "<setting> #<round>".
-    repeats = cfg.get("repeats", 1)
+    # `seed_repeats`: how many of the rounds run the slow seed setting (the loss baseline) too.
+    repeats, seed_repeats = cfg.get("repeats", 1), cfg.get("seed_repeats", 1)
     selected = [(n, v) for n, v in settings.items() if not only or n.startswith(only) or n in only.split("|")]
     runs = [(f"{n} #{r + 1}" if repeats > 1 else n, v) for r in range(repeats) for n, v in selected
-            if r == 0 or not n.startswith("seed")]  # the slow seed setting is the baseline once
+            if r < seed_repeats or not n.startswith("seed")]
     for i, (name, (overrides, steps)) in enumerate(runs):
         overrides = dict(overrides)
         gib = overrides.pop("_gpu_gib", None)
@@ -135,4 +153,5 @@ def run(model, tok, cfg: dict, log) -> dict:
                 "max_abs_diff": round(max(diffs), 5),
                 "max_rel_diff": round(max(d / abs(s) for d, s in zip(diffs, seed["losses"])), 5)}
             out["speedup" + suffix] = round(ours["tokens_per_s"] / seed["tokens_per_s"], 2)
+            out["loss_curve" + suffix].update(_loss_spread(out, name, n))
     return out, model
