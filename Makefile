@@ -27,9 +27,10 @@ $(BIN)/.triton: $(BIN)/.installed
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==3.6.0
 	touch $@
 
+# Two workers (pytest-xdist); tests that run snakemake in the repository itself share one (tests/conftest.py).
 test: $(BIN)/.installed $(BIN)/.triton
 	$(BIN)/python tests/real_assets.py
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # Every figure and summary table, rebuilt from the tidy tables alone (no model, no GPU): `make figures CONFIG=...`.
 CONFIG ?= config/demo.yaml

@@ -15,6 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
+# `make test` runs the tests on two xdist workers (`-n 2 --dist loadgroup`). These modules run snakemake in the
+# repository itself (its .snakemake/ and lock), so they share one worker, one test after another; they hold the
+# slowest tests (the real SLURM cluster), and xdist hands out the largest group first.
+REPO_WORKDIR_MODULES = ("test_slurm_cluster.py", "test_workflow_activations.py", "test_figures.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in REPO_WORKDIR_MODULES:
+            item.add_marker(pytest.mark.xdist_group("repo_workdir"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from persona_em.demo import build_tiny_model
