@@ -30,7 +30,7 @@ $(BIN)/.triton: $(BIN)/.installed
 # Two workers (pytest-xdist); tests that run snakemake in the repository itself share one (tests/conftest.py).
 test: $(BIN)/.installed $(BIN)/.triton
 	$(BIN)/python tests/real_assets.py
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 # Every figure and summary table, rebuilt from the tidy tables alone (no model, no GPU): `make figures CONFIG=...`.
 CONFIG ?= config/demo.yaml

@@ -15,17 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
-# `make test` runs the tests on two xdist workers (`-n 2 --dist loadgroup`). These modules run snakemake in the
-# repository itself (its .snakemake/ and lock), so they share one worker, one test after another; they hold the
-# slowest tests (the real SLURM cluster), and xdist hands out the largest group first.
-REPO_WORKDIR_MODULES = ("test_slurm_cluster.py", "test_workflow_activations.py", "test_figures.py")
+# `make test` runs the tests on two xdist workers (`-n 2`). These modules run snakemake in the repository itself (its
+# .snakemake/ and lock), so they share one worker, one test after another; they hold the slowest tests (the real
+# SLURM cluster), and the scheduler hands out the largest unit first. Every other test is a unit of its own.
+# (A scheduler of our own: xdist 3.8's `xdist_group` marks have no effect under pytest 9, whose node ids it can no
+# longer rename.)
+REPO_WORKDIR_MODULES = ("test_slurm_cluster.py", "test_workflow_activations.py", "test_figures.py",
+                        "test_fetch_stage.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group markers
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in REPO_WORKDIR_MODULES:
-            item.add_marker(pytest.mark.xdist_group("repo_workdir"))
+def xdist_work_unit(nodeid: str) -> str:
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return "repo_workdir" if module in REPO_WORKDIR_MODULES else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerForTheRepositoryWorkdir(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_work_unit(nodeid)
+
+    return OneWorkerForTheRepositoryWorkdir(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,15 @@ def test_experiment_configs_dry_run(tmp_path, experiment):
     res = run_snakemake(tmp_path, cfg, "-n")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "train_em" in res.stdout and "This was a dry-run" in res.stdout
+
+
+def test_tests_running_snakemake_in_the_repository_share_one_xdist_worker():
+    """`make test` runs two xdist workers; runs of snakemake in the repository's own directory (.snakemake/, its lock)
+    must not overlap, so tests/conftest.py's scheduler makes their modules one work unit and every other test its own."""
+    import conftest
+
+    grouped = [f"tests/{m}::test_x[a::b]" for m in conftest.REPO_WORKDIR_MODULES]
+    assert {conftest.xdist_work_unit(n) for n in grouped} == {"repo_workdir"}
+    others = ["tests/test_io.py::test_a", "tests/test_io.py::test_b", "tests/test_workflow.py::test_c[x-y]"]
+    assert [conftest.xdist_work_unit(n) for n in others] == others
+    assert all((REPO / "tests" / m).is_file() for m in conftest.REPO_WORKDIR_MODULES)
