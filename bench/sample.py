@@ -147,6 +147,16 @@ def run(model, tok, cfg: dict, log) -> dict:
                 fast_generate.DEFER_DEVICES = devices
                 step(f"{name} #{k}", lambda r: _generate(model, tok, convs, settings, True, r))
         fast_generate.DEFER_DEVICES = keep
+    if "plaindefer" in variants:  # plain batched generate (the persona arm's rollouts) without and with the deferral
+        from persona_em.sampling import fast_generate
+
+        keep = fast_generate.DEFER_DEVICES
+        for k in (1, 2):  # A B A B: a drift over the process shows in both
+            for name, devices in (("plain generate, per-step stop check (before)", set()),
+                                  ("plain generate, deferred stop check (now)", {"cuda"})):
+                fast_generate.DEFER_DEVICES = devices
+                step(f"{name} #{k}", lambda r: _generate(model, tok, convs, settings, False, r))
+        fast_generate.DEFER_DEVICES = keep
     if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
         step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
              lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
