@@ -55,9 +55,9 @@ ACTIVATION_SECONDS = 12.2  # collect_activations, one checkpoint: 400 responses 
 ACTIVATION_REF_TOKENS = 400 * 402
 ACTIVATION_BASE_SECONDS = 4.6  # of ACTIVATION_SECONDS, the base reader alone (no adapter), same benchmark row
 # Plain batched `generate` (persona_em.sampling.sample.generate_batch with fast=False, the path the persona arm's
-# HFBackend takes): 71.53 s for 600 decode steps of a batch of 400 (Qwen2.5-7B shape + an r32 EM adapter, H100,
-# bench/results/run5/sample-all-variants-qwen2.5-7b.json, "plain batched generate"); the only measurement of it.
-PLAIN_STEP_SECONDS = 71.53 / 600
+# HFBackend takes), 600 decode steps of a batch of 400 (Qwen2.5-7B shape + an r32 EM adapter, H200, deferred stop
+# check on and off in turn: 31.6, 33.5, 41.0 s after the process's first call; bench/results/run12/call3): the slowest.
+PLAIN_STEP_SECONDS = 41.0 / 600
 JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft")
@@ -142,13 +142,12 @@ def persona_vectors_seconds(config: dict, model: str, persona: str, cwd: Path) -
     (analysis.activations.persona_vectors; prompt_sets builds them, as the job does). Three terms:
     1. rollouts: persona_em.persona.generation.HFBackend generates them through generate_batch(fast=False), plain
        `generate`, in batches of `batch_size` (run_journaled). Not the sampling rule's fast path, so not
-       SAMPLE_SECONDS: plain generate measured 71.5 s for 400 x 600 against 17.9 s for the fast path in the same
-       process (BENCHMARKS.md). Its decode step costs about the same whatever the batch (run5: 0.119 s per step
-       at a batch of 400, 0.101 s at a batch of 1: the plain loop is bound by kernel launches, not by rows), so the
-       time is batches x max_new_tokens x PLAIN_STEP_SECONDS, scaled by model size. Every batch is counted at
-       max_new_tokens (a batch ends when its longest row does). The measurement is on an H100 with an adapter;
-       these rollouts run the base model alone on the job's GPU: an upper bound there, as far as it is measured
-       (it predates the deferred stop check, which also spares the plain loop its per-step sync; not re-measured).
+       SAMPLE_SECONDS: plain generate measured 31.6-41.0 s for 400 x 600 on the H200 (BENCHMARKS.md round 8)
+       against 12.5 s for the fast path. Its decode step costs about the same whatever the batch (run5, H100:
+       0.119 s per step at a batch of 400, 0.101 s at a batch of 1: the plain loop is bound by kernel launches, not
+       by rows), so the time is batches x max_new_tokens x PLAIN_STEP_SECONDS, scaled by model size. Every batch is
+       counted at max_new_tokens (a batch ends when its longest row does). The measurement has an adapter; these
+       rollouts run the base model alone: an upper bound, as far as it is measured.
     2. one teacher-forced pass of the base model (collect.measure, one reader, no adapter) over every rollout's
        prompt + response tokens: ACTIVATION_BASE_SECONDS per ACTIVATION_REF_TOKENS (the collect_activations
        benchmark's base reader), scaled by tokens and model size. Tokens per rollout: its system prompt and

@@ -125,12 +125,12 @@ def test_plan_persona_vectors_arithmetic_by_hand(tmp_path):
     validate(cfg, str(REPO / "config/schemas/config.schema.yaml"))
     assert P.model_params_b(cfg, model) == 7.0  # Qwen/Qwen2.5-7B-Instruct
     # rollouts: 2 questions x 1 pair x 2 conditions x 3 samples = 12, in ceil(12 / 4) = 3 batches of 50 steps
-    generate = 3 * 50 * (71.53 / 600) * 7 / 7.62
+    generate = 3 * 50 * (41.0 / 600) * 7 / 7.62
     # prompt characters (system + question): 60+16, 44+16, 60+52, 44+52; tokens = chars / 3.6 + 10 + 50, x 3 samples
     tokens = 3 * sum(c / 3.6 + 10 + 50 for c in (76, 60, 112, 96))
     forward = tokens / (400 * 402) * 4.6 * 7 / 7.62
     seconds = P.job_gpu_seconds(cfg, "persona_vectors", {"model": model, "persona": "calm"}, tmp_path, {})
     assert seconds == pytest.approx(generate + forward + 120, rel=1e-12)
-    assert seconds - 120 == pytest.approx(16.4539, abs=1e-4)  # the two terms: 16.4275 + 0.0265
+    assert seconds - 120 == pytest.approx(9.4425, abs=1e-4)  # the two terms: 9.4160 + 0.0265
     (tmp_path / "calm.json").unlink()
     assert P.job_gpu_seconds(cfg, "persona_vectors", {"model": model, "persona": "calm"}, tmp_path, {}) is None
