@@ -81,6 +81,11 @@ def _run(model, tok, dataset, overrides: dict, steps: int, lr: float, workdir: P
     return result, base
 
 
+def _max_rel_diff(a: list[float], b: list[float], digits: int = 6) -> float:
+    """Largest relative difference of two loss curves, step by step (relative to b)."""
+    return round(max(abs(x - y) / abs(y) for x, y in zip(a, b)), digits)
+
+
 def _loss_spread(out: dict, ours_name: str, n: int) -> dict:
     """Largest relative loss difference over the first n steps: every ours run against every seed run, and the
     run-to-run spread of each setting alone (bf16 training on a GPU is not bitwise repeatable: the noise floor)."""
@@ -89,13 +94,10 @@ def _loss_spread(out: dict, ours_name: str, n: int) -> dict:
     def curves(name):
         return [v["losses"][:n] for k, v in out.items() if (k == name or k.startswith(f"{name} #")) and "losses" in v]
 
-    def rel(a, b):
-        return round(max(abs(x - y) / abs(y) for x, y in zip(a, b)), 6)
-
     ours, seed = curves(ours_name), curves("seed: 2 x 8 + checkpointing")
-    return {"ours_vs_seed": [rel(o, s) for o in ours for s in seed],
-            "ours_vs_ours": [rel(a, b) for a, b in itertools.combinations(ours, 2)],
-            "seed_vs_seed": [rel(a, b) for a, b in itertools.combinations(seed, 2)]}
+    return {"ours_vs_seed": [_max_rel_diff(o, s) for o in ours for s in seed],
+            "ours_vs_ours": [_max_rel_diff(a, b) for a, b in itertools.combinations(ours, 2)],
+            "seed_vs_seed": [_max_rel_diff(a, b) for a, b in itertools.combinations(seed, 2)]}
 
 
 def run(model, tok, cfg: dict, log) -> dict:
@@ -151,7 +153,7 @@ def run(model, tok, cfg: dict, log) -> dict:
             out["loss_curve" + suffix] = {
                 "steps": n, "ours": ours["losses"][:n], "seed": seed["losses"][:n],
                 "max_abs_diff": round(max(diffs), 5),
-                "max_rel_diff": round(max(d / abs(s) for d, s in zip(diffs, seed["losses"])), 5)}
+                "max_rel_diff": _max_rel_diff(ours["losses"][:n], seed["losses"][:n], 5)}
             out["speedup" + suffix] = round(ours["tokens_per_s"] / seed["tokens_per_s"], 2)
             out["loss_curve" + suffix].update(_loss_spread(out, name, n))
     return out, model
