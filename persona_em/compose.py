@@ -17,6 +17,7 @@ EM tensors.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from persona_em.errors import UserError
@@ -230,3 +231,74 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
     if missing or len(state) != len(slot):
         raise RuntimeError(f"{em_dir}: {len(state)} adapter tensors for {len(slot)} slots of adapter {name!r} "
                            f"(missing: {sorted(missing)[:3]})")
+
+
+class FoldedAdapters:
+    """Sampling runs the active adapters folded into the base weights, on the plain transformers model.
+
+    `with folded.applied(model) as plain:` yields the transformers model inside `model` (a PeftModel) with every LoRA
+    layer replaced by its base layer, whose weight is W + sum over the adapters the layer applies (`active_adapters`:
+    read from the layers, so exactly what `check_composition` checked) of PEFT's own delta s * B @ A, summed in fp32
+    and rounded once to W's dtype. On exit the LoRA layers are put back and every W is restored bit for bit from a
+    copy taken the first time the layer was folded (in CPU memory, pinned on a GPU machine), never by subtracting
+    the delta again, so the weights one checkpoint samples with depend only on the base and that checkpoint's
+    adapters: a job resumed in a new process samples with the same weights as the one it replaces.
+
+    Why (BENCHMARKS.md, GPU speed round 9): every sampling job is a new process, and Dynamo traces the compiled
+    decode step's Python in each one; PEFT's per-layer adapter logic (7 wrapped projections x every layer) more than
+    doubles that tracing, and the LoRA products add 14 small kernels per layer to every decode step. The plain model
+    also gives every cell of a base model the same compiled graph (one compile-cache key per base model).
+    Same function as the PeftModel up to one rounding of each folded weight (tests/test_compose.py; the bf16
+    accuracy against an fp32 reference is in BENCHMARKS.md). Plain LoRA only: DoRA and other variants, and LoRA
+    biases, raise.
+    """
+
+    def __init__(self):
+        self._base: dict[str, tuple] = {}  # layer name -> (the base weight parameter, its pristine copy)
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = [(name, m) for name, m in inner.named_modules() if isinstance(m, LoraLayer)]
+        swapped = []
+        try:
+            with torch.no_grad():
+                for name, layer in layers:
+                    parent, _, attr = name.rpartition(".")
+                    swapped.append((name, inner.get_submodule(parent), attr, layer))
+                    self._fold(name, layer)
+                    swapped[-1][1].register_module(attr, layer.get_base_layer())
+            yield inner
+        finally:
+            with torch.no_grad():
+                for name, parent, attr, layer in reversed(swapped):
+                    parent.register_module(attr, layer)
+                    if name in self._base:
+                        weight, pristine = self._base[name]
+                        weight.copy_(pristine, non_blocking=True)
+
+    def _fold(self, name: str, layer):
+        import torch
+
+        base = layer.get_base_layer()
+        weight = base.weight
+        if name not in self._base or self._base[name][0] is not weight:
+            pin = weight.is_cuda
+            copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
+            self._base[name] = (weight, copy.copy_(weight))
+        if layer.merged:
+            raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): folding "
+                               f"them again would apply them twice")
+        on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
+        for a in on:
+            if a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a):
+                raise RuntimeError(f"adapter {a!r} at {name} is not plain LoRA (a variant such as DoRA, or a LoRA "
+                                   f"bias): sampling folds only plain LoRA into the base weights")
+        if on:
+            total = self._base[name][1].to(weight.device, non_blocking=True).to(torch.float32, copy=True)
+            for a in on:
+                total += layer.get_delta_weight(a).float()
+            weight.copy_(total)

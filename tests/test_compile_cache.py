@@ -131,6 +131,15 @@ def test_key_changes_with_model_and_adapters(tiny_model_dir):
     base2, _ = load_model(tiny_model_dir, device="cpu")
     peft8 = get_peft_model(base2, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="em")
     assert compile_key(peft8) != k4
+    # Sampling compiles the plain base (adapters folded into its weights): one key for every adapter and persona.
+    from persona_em import compose
+
+    for model in (peft, peft8):
+        with compose.FoldedAdapters().applied(model) as plain:
+            assert compile_key(plain) == k_base
+    base3, _ = load_model(tiny_model_dir, device="cpu")
+    base3.config.persona_em_merged_persona = "p"  # a persona merged into the weights: the same compiled code
+    assert compile_key(base3) == k_base
 
 
 KEY_SCRIPT = textwrap.dedent("""

@@ -7,6 +7,7 @@
 (5) a resumed stacked training keeps the persona on (and ends exactly where an uninterrupted run ends).
 (6) the seed alone fixes the EM adapter's initialisation: the same in every composition, different across seeds.
 (7) persona_off is the no-persona cell at step 0; posthoc trains as the no-persona cell and samples with the persona.
+(8) sampling's folded adapters compute what the LoRA layers apply, and the base weights come back bit for bit.
 """
 from __future__ import annotations
 
@@ -301,3 +302,49 @@ def test_adapter_incompatible_with_the_base_is_a_clear_error(world, tmp_path):
     base, _ = load_model(model)
     with pytest.raises(UserError, match=r"targets modules \['c_attn'\]"):
         compose.compose_for_sampling(base, "bad", bad, "stacked")
+
+
+@pytest.mark.parametrize("composition", ["stacked", "merged", "persona_off", "posthoc", "none"])
+def test_folded_adapters_compute_what_the_lora_layers_apply(world, trained, composition):
+    """(8) Sampling folds the active adapters into the base weights (compose.FoldedAdapters): the plain model's
+    logits are the PeftModel's, for two checkpoints in turn through one FoldedAdapters (the second folds onto the
+    restored base, not onto the first's weights); on exit the LoRA layers are back and every weight is bit for bit
+    what it was, also when the sampling inside fails."""
+    from peft.tuners.lora import LoraLayer
+
+    _, out = trained[composition]
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    m, tok = _sampling_model(world, composition, steps[-1])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    folded = compose.FoldedAdapters()
+    for step_dir in (steps[-1], steps[0], steps[-1]):
+        m = compose.use_em_adapter(m, step_dir, "em_x", composition, "p")
+        want = logits(m, tok)
+        with folded.applied(m) as plain:
+            assert not any(isinstance(x, LoraLayer) for x in plain.modules())
+            got = logits(plain, tok)
+        assert torch.allclose(got, want, atol=1e-5), step_dir.name
+        assert torch.equal(logits(m, tok), want)
+    base_ref, persona_ref, _ = _reference(world)
+    with folded.applied(m) as plain:  # the last, trained checkpoint: not the base, and the persona as composed
+        got = logits(plain, tok)
+    assert not torch.allclose(got, base_ref, atol=1e-3) and not torch.allclose(got, persona_ref, atol=1e-3)
+    with pytest.raises(ValueError, match="inside"):
+        with folded.applied(m):
+            raise ValueError("inside")
+    after = dict(m.named_parameters())
+    assert before.keys() == after.keys()
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed == [] or all(".em_x." in n for n in changed)  # only the EM slot moves (checkpoints loaded)
+    assert sum(isinstance(x, LoraLayer) for x in m.modules()) > 0
+    compose.check_composition(m, composition, "p", em_name="em_x", training=False)
+
+
+def test_folding_refuses_layers_peft_has_merged(world, trained):
+    """A layer whose adapters PEFT merged into its weight would get them twice."""
+    _, out = trained["stacked"]
+    m, _ = _sampling_model(world, "stacked", sorted((out / "checkpoints").glob("step-*"))[-1])
+    m.base_model.merge_adapter()
+    with pytest.raises(RuntimeError, match="merged by PEFT"):
+        with compose.FoldedAdapters().applied(m):
+            pass

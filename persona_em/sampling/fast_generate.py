@@ -147,6 +147,9 @@ def bf16_lora_compute(model, active: bool = True):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:  # no LoRA products (e.g. adapters folded into the weights for sampling): nothing to change
+        yield
+        return
     for m in layers:
         m.cast_input_dtype_enabled = False
     try:

@@ -1,5 +1,8 @@
 """Sampling: every checkpoint of a cell answers the question set, in one job, without reloading the base model.
 
+Each checkpoint samples on the plain base model with the adapters its composition makes active folded into the
+weights (compose.FoldedAdapters: checked by compose, restored exactly after each checkpoint).
+
 Rows (one per response) carry the cell keys, the step, the question/paraphrase/sample indices, the text, the
 generation settings and the adapters that were actually active (read from the LoRA layers).
 Resumable: each finished batch is appended to a journal; a rerun generates only the missing batches, and since
@@ -24,6 +27,10 @@ from persona_em.data.questions import load_questions, sample_plan
 from persona_em.training.em import read_checkpoints
 
 log = logging.getLogger(__name__)
+
+# How the adapters enter the sampled forward pass (part of the journal's fingerprint: rows sampled another way are
+# never mixed into a cell): compose.FoldedAdapters.
+ADAPTERS_AT_SAMPLING = "folded into the base weights (fp32 sum, one rounding)"
 
 
 def _batch_size(setting, n_items: int, model, chat: ChatFormat, plan, questions, settings) -> int:
@@ -173,7 +180,8 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
     prompts = [chat_format.prompt_text(q.messages(p)) for q in questions.values() for p in range(len(q.paraphrases))]
     fingerprint = stable_hash({"settings": settings, "manifest": manifest,
                                "questions": [(q.id, q.paraphrases, q.system) for q in questions.values()],
-                               "chat": chat_format.identity(), "prompts_sha": stable_hash(prompts, 16)})
+                               "chat": chat_format.identity(), "prompts_sha": stable_hash(prompts, 16),
+                               "adapters": ADAPTERS_AT_SAMPLING})
     journal = Journal(journal_path, key_field="response_id")
     done = {k: r for k, r in journal.load().items() if r.get("fingerprint") == fingerprint}
     total = len(checkpoints) * len(plan)
@@ -188,7 +196,8 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
     log.info("%d responses per generate call", batch_size)
     machine = machine_identity()  # provenance: where these responses were generated
     gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
-    compiled = None  # the compile cache of this model + adapters, loaded before the first generate call
+    folded = compose.FoldedAdapters()  # the base weights' pristine copy, taken once, restored after each checkpoint
+    compiled = None  # the compile cache of the base model, loaded before the first generate call
     with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
         for step, em_dir in checkpoints:
             todo = [(b, items) for b, items in enumerate(batches)
@@ -196,34 +205,35 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             if not todo:
                 log.info("step %d: all responses already in the journal, skipped", step)
                 continue
-            # One adapter slot for every checkpoint, loaded in place: a compiled decode step stays valid.
+            # One adapter slot for every checkpoint, loaded in place; the composition is checked here.
             model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
-            if compiled is None:
-                if torch.cuda.is_available():
-                    from persona_em.sampling.fast_generate import use_deterministic_compile
+            with folded.applied(model) as plain:  # the same modules every checkpoint: a compiled step stays valid
+                if compiled is None:
+                    if torch.cuda.is_available():
+                        from persona_em.sampling.fast_generate import use_deterministic_compile
 
-                    use_deterministic_compile()  # before the key is taken: the key records it
-                compiled = compile_cache.CompileCache.for_model(
-                    compile_cache_dir if torch.cuda.is_available() else None, model)
-                compiled.load()
-            for b, items in todo:
-                seed = batch_seed(settings["seed"], cell.seed, step, b)
-                convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
-                for it, conv, res in zip(items, convs, generate_batch(model, chat_format, convs, settings, seed)):
-                    q = questions[it.question_id]
-                    row = {
-                        **cell.keys(), "step": step, "question_id": it.question_id,
-                        "paraphrase_index": it.paraphrase_index, "sample_index": it.sample_index,
-                        "response_id": response_id(cell, step, it.question_id, it.sample_index),
-                        "question": q.paraphrases[it.paraphrase_index], "system": q.system, **res, **gen_keys,
-                        "batch_seed": seed, "sampling_seed": settings["seed"], **state, **machine,
-                        "fingerprint": fingerprint,
-                    }
-                    journal.append(row)
-                    done[row["response_id"]] = row
-                compiled.save()  # writes only after a compilation this process did itself
-                bar.update(len(items))
+                        use_deterministic_compile()  # before the key is taken: the key records it
+                    compiled = compile_cache.CompileCache.for_model(
+                        compile_cache_dir if torch.cuda.is_available() else None, plain)
+                    compiled.load()
+                for b, items in todo:
+                    seed = batch_seed(settings["seed"], cell.seed, step, b)
+                    convs = [questions[it.question_id].messages(it.paraphrase_index) for it in items]
+                    for it, conv, res in zip(items, convs, generate_batch(plain, chat_format, convs, settings, seed)):
+                        q = questions[it.question_id]
+                        row = {
+                            **cell.keys(), "step": step, "question_id": it.question_id,
+                            "paraphrase_index": it.paraphrase_index, "sample_index": it.sample_index,
+                            "response_id": response_id(cell, step, it.question_id, it.sample_index),
+                            "question": q.paraphrases[it.paraphrase_index], "system": q.system, **res, **gen_keys,
+                            "batch_seed": seed, "sampling_seed": settings["seed"], **state, **machine,
+                            "fingerprint": fingerprint,
+                        }
+                        journal.append(row)
+                        done[row["response_id"]] = row
+                    compiled.save()  # writes only after a compilation this process did itself
+                    bar.update(len(items))
     journal.close()
     order = [response_id(cell, s, it.question_id, it.sample_index) for s, _ in checkpoints for it in plan]
     write_jsonl(out_path, (done[k] for k in order))
