@@ -1,7 +1,8 @@
 """Compile tax per sampling job with and without the persisted compile cache (persona_em/sampling/compile_cache.py).
 
-One process = one sampling job: build the model, load an EM checkpoint into the adapter slot, load the compile cache
-of this model from --cache, time the first 400 x 600 `generate_batch` (compiles), save the cache, then time a
+One process = one sampling job: build the model, load an EM checkpoint into the adapter slot, fold it into the base
+weights as sample_cell does (`--adapters peft`: sample through PEFT's LoRA layers, as rounds 4-8 did), load the
+compile cache of this model from --cache, time the first 400 x 600 `generate_batch` (compiles), save the cache, then time a
 second call (steady state). Run it twice with the same --cache and each process with its own empty
 TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR, like two jobs on two nodes:
 
@@ -11,6 +12,7 @@ TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR, like two jobs on two nodes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--adapters", choices=("folded", "peft"), default="folded",
+                    help="folded: as sample_cell samples (compose.FoldedAdapters); peft: through PEFT's LoRA layers "
+                         "(rounds 4-8)")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     cfg = yaml.safe_load(Path(a.config).read_text())
@@ -55,7 +60,16 @@ def main(argv=None) -> int:
     dirs, model = _checkpoints(model, 1, Path(tempfile.mkdtemp(prefix="bench_cc_")))
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
     convs, settings = common.sampling_workload(scfg)
-    out = {"shape": a.shape, "caching_precompile": torch._dynamo.config.caching_precompile, "gpu": common.gpu_name(), "torch": torch.__version__,
+    t0 = time.perf_counter()
+    folded = compose.FoldedAdapters().applied(model) if a.adapters == "folded" else contextlib.nullcontext(model)
+    stack = contextlib.ExitStack()
+    model = stack.enter_context(folded)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    fold_seconds = round(time.perf_counter() - t0, 2)
+    out = {"adapters": a.adapters, "fold_seconds": fold_seconds, "shape": a.shape,
+           "caching_precompile": torch._dynamo.config.caching_precompile, "gpu": common.gpu_name(),
+           "torch": torch.__version__,
            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "key": compile_key(model),
            "responses": len(convs), "max_new_tokens": settings["max_new_tokens"]}
     cache = CompileCache.for_model(a.cache, model)
@@ -84,6 +98,7 @@ def main(argv=None) -> int:
             r["compile_times"] = compile_times(repr="str", aggregate=True)
         out[name] = r
         log(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'compile_times'})}")
+    stack.close()
     out["first_minus_steady"] = round(out["first call"]["seconds"] - out["steady state"]["seconds"], 1)
     print(out["first call"]["compile_times"])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,28 @@ def run(model, tok, cfg: dict, log) -> dict:
                 fast_generate.DEFER_DEVICES = devices
                 step(f"{name} #{k}", lambda r: _generate(model, tok, convs, settings, False, r))
         fast_generate.DEFER_DEVICES = keep
+    if "folded" in variants:  # through PEFT's LoRA layers (rounds 1-8) vs folded into the weights (sample_cell now)
+        folded = compose.FoldedAdapters()
+
+        def through(kind, r, checkpoint=None):
+            nonlocal model
+            if checkpoint is not None:  # another checkpoint: loaded in place, then folded onto the restored base
+                model = compose.use_em_adapter(model, checkpoint, compose.EM, "none", "none")
+            if kind == "peft":
+                return _generate(model, tok, convs, settings, True, r)
+            fold = {}
+            with measured(fold), folded.applied(model) as plain:  # the fold, the sampling, the exact restore
+                r = _generate(plain, tok, convs, settings, True, r)
+            r["seconds_with_fold_and_restore"] = fold["seconds"]
+            return r
+
+        step("through PEFT's LoRA layers, first call (compiles)", lambda r: through("peft", r))
+        step("folded into the weights, first call (compiles)", lambda r: through("folded", r))
+        for k in (1, 2):  # A B A B: a drift over the process shows in both
+            step(f"through PEFT's LoRA layers, steady #{k}", lambda r: through("peft", r))
+            step(f"folded into the weights, steady #{k}", lambda r: through("folded", r))
+        step("folded, next checkpoint loaded in place", lambda r: through("folded", r, dirs[1]))
+        step("folded, first checkpoint again", lambda r: through("folded", r, dirs[0]))
     if "fp32lora" in variants:  # what `ours` was before bf16 LoRA compute: PEFT's fp32 casts of LoRA inputs
         step("ours with PEFT's fp32 LoRA inputs, first call (recompiles)",
              lambda r: _generate(model, tok, convs, settings, True, r, bf16_lora=False))
