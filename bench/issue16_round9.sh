@@ -8,6 +8,7 @@
 #   sample    one process: both kinds' first calls and steady calls in turn, the next checkpoint folded in place
 #             (bench/sample.py variant `folded`)
 #   accuracy  bf16 logits of both kinds against an fp32 reference (bench/fold_accuracy.py)
+#   copy      where the pristine copy of the base weights can live, and its cost (bench/fold_copy.py)
 set -u
 out=$1; parts=${2:-compile}
 mkdir -p "$out"
@@ -45,4 +46,8 @@ if has accuracy; then
     timeout 300 python3 -m bench.fold_accuracy --shape qwen2.5-7b --out "$out/fold_accuracy.json" \
         >"$out/accuracy.log" 2>&1
     grep -E "b_std|Error" "$out/accuracy.log"
+fi
+if has copy; then
+    timeout 200 python3 -m bench.fold_copy --shape qwen2.5-7b --out "$out/fold_copy.json" >"$out/copy.log" 2>&1
+    grep -vi warn "$out/copy.log" | tail -6
 fi
