@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from persona_em import compose
     from persona_em.chat import ChatFormat
     from persona_em.sampling.compile_cache import CompileCache, compile_key
-    from persona_em.sampling.sample import generate_batch
+    from persona_em.sampling.sample import fold_copy_device, generate_batch
     from bench.sample import _checkpoints
 
     tok = common.tokenizer()
@@ -61,13 +61,16 @@ def main(argv=None) -> int:
     model = compose.use_em_adapter(model, dirs[0], compose.EM, "none", "none")
     convs, settings = common.sampling_workload(scfg)
     t0 = time.perf_counter()
-    folded = compose.FoldedAdapters().applied(model) if a.adapters == "folded" else contextlib.nullcontext(model)
+    longest = max(len(ChatFormat(tok).prompt_ids(c)) for c in convs) + settings["max_new_tokens"]
+    keep = fold_copy_device(model, len(convs), longest)  # as sample_cell chooses
+    folded = (compose.FoldedAdapters(keep).applied(model) if a.adapters == "folded"
+              else contextlib.nullcontext(model))
     stack = contextlib.ExitStack()
     model = stack.enter_context(folded)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     fold_seconds = round(time.perf_counter() - t0, 2)
-    out = {"adapters": a.adapters, "fold_seconds": fold_seconds, "shape": a.shape,
+    out = {"adapters": a.adapters, "fold_seconds": fold_seconds, "fold_copy_on": keep, "shape": a.shape,
            "caching_precompile": torch._dynamo.config.caching_precompile, "gpu": common.gpu_name(),
            "torch": torch.__version__,
            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "key": compile_key(model),

@@ -158,7 +158,12 @@ def run(model, tok, cfg: dict, log) -> dict:
                 step(f"{name} #{k}", lambda r: _generate(model, tok, convs, settings, False, r))
         fast_generate.DEFER_DEVICES = keep
     if "folded" in variants:  # through PEFT's LoRA layers (rounds 1-8) vs folded into the weights (sample_cell now)
-        folded = compose.FoldedAdapters()
+        from persona_em.chat import ChatFormat
+        from persona_em.sampling.sample import fold_copy_device
+
+        longest = max(len(ChatFormat(tok).prompt_ids(c)) for c in convs) + settings["max_new_tokens"]
+        folded = compose.FoldedAdapters(fold_copy_device(model, len(convs), longest))  # as sample_cell chooses
+        out["fold_copy_on"] = folded.keep
 
         def through(kind, r, checkpoint=None):
             nonlocal model

@@ -240,21 +240,37 @@ class FoldedAdapters:
     layer replaced by its base layer, whose weight is W + sum over the adapters the layer applies (`active_adapters`:
     read from the layers, so exactly what `check_composition` checked) of PEFT's own delta s * B @ A, summed in fp32
     and rounded once to W's dtype. On exit the LoRA layers are put back and every W is restored bit for bit from a
-    copy taken the first time the layer was folded (in CPU memory, pinned on a GPU machine), never by subtracting
-    the delta again, so the weights one checkpoint samples with depend only on the base and that checkpoint's
-    adapters: a job resumed in a new process samples with the same weights as the one it replaces.
+    copy taken the first time the layer was folded, never by subtracting the delta again, so the weights one
+    checkpoint samples with depend only on the base and that checkpoint's adapters: a job resumed in a new process
+    samples with the same weights as the one it replaces.
 
-    Why (BENCHMARKS.md, GPU speed round 9): every sampling job is a new process, and Dynamo traces the compiled
-    decode step's Python in each one; PEFT's per-layer adapter logic (7 wrapped projections x every layer) more than
-    doubles that tracing, and the LoRA products add 14 small kernels per layer to every decode step. The plain model
-    also gives every cell of a base model the same compiled graph (one compile-cache key per base model).
-    Same function as the PeftModel up to one rounding of each folded weight (tests/test_compose.py; the bf16
-    accuracy against an fp32 reference is in BENCHMARKS.md). Plain LoRA only: DoRA and other variants, and LoRA
-    biases, raise.
+    `keep`: where that copy lives, "cpu" (pinned when the weights are on a GPU) or "gpu" (beside the weights).
+    For a 7B model (13 GB of wrapped weights, H200, BENCHMARKS.md round 9) taking a host copy costs 9-12 s once per
+    job (the operating system providing fresh pages) and restoring from it 0.24 s per checkpoint; a GPU copy 0.05 s
+    and 0.007 s, but GPU memory (sample.fold_copy_device chooses).
+
+    Why fold (round 9): every sampling job is a new process, and Dynamo traces the compiled decode step's Python in
+    each one; PEFT's per-layer adapter logic (7 wrapped projections x every layer) more than doubles that tracing,
+    and the LoRA products add 14 small kernels per layer to every decode step (steady 400 x 600: 12.6 s through the
+    LoRA layers, 10.4 s folded). The plain model also gives every cell of a base model the same compiled graph (one
+    compile-cache key per base model). Same function as the PeftModel up to one rounding of each folded weight
+    (tests/test_compose.py; in bf16 as close to an fp32 reference as PEFT's own path: round 9). Plain LoRA only: DoRA
+    and other variants, and LoRA biases, raise.
     """
 
-    def __init__(self):
+    def __init__(self, keep: str = "cpu"):
+        if keep not in ("cpu", "gpu"):
+            raise ValueError(f"keep={keep!r}: 'cpu' or 'gpu'")
+        self.keep = keep
         self._base: dict[str, tuple] = {}  # layer name -> (the base weight parameter, its pristine copy)
+
+    @staticmethod
+    def copy_bytes(model) -> int:
+        """Bytes of the copy: the base weights of every LoRA layer."""
+        from peft.tuners.lora import LoraLayer
+
+        weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+        return sum(w.numel() * w.element_size() for w in weights)
 
     @contextlib.contextmanager
     def applied(self, model):
@@ -263,6 +279,12 @@ class FoldedAdapters:
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = [(name, m) for name, m in inner.named_modules() if isinstance(m, LoraLayer)]
+        for name, layer in layers:
+            if layer.merged:
+                raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): "
+                                   f"folding them again would apply them twice")
+        self._take([(name, layer.get_base_layer().weight) for name, layer in layers
+                    if name not in self._base or self._base[name][0] is not layer.get_base_layer().weight])
         swapped = []
         try:
             with torch.no_grad():
@@ -276,29 +298,41 @@ class FoldedAdapters:
             with torch.no_grad():
                 for name, parent, attr, layer in reversed(swapped):
                     parent.register_module(attr, layer)
-                    if name in self._base:
-                        weight, pristine = self._base[name]
-                        weight.copy_(pristine, non_blocking=True)
+                    weight, pristine = self._base[name]
+                    weight.copy_(pristine, non_blocking=True)
 
-    def _fold(self, name: str, layer):
+    def _take(self, named_weights) -> None:
+        """The pristine copies of these weights, in one buffer (one allocation; pinned memory would round each
+        tensor of its own up to a power of two)."""
         import torch
 
-        base = layer.get_base_layer()
-        weight = base.weight
-        if name not in self._base or self._base[name][0] is not weight:
-            pin = weight.is_cuda
-            copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
-            self._base[name] = (weight, copy.copy_(weight))
-        if layer.merged:
-            raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): folding "
-                               f"them again would apply them twice")
+        if not named_weights:
+            return
+        first = named_weights[0][1]
+        device = first.device if self.keep == "gpu" else torch.device("cpu")
+        flat = torch.empty(sum(w.numel() for _, w in named_weights), dtype=first.dtype, device=device,
+                           pin_memory=self.keep == "cpu" and first.is_cuda)
+        at = 0
+        with torch.no_grad():
+            for name, w in named_weights:
+                if w.dtype != flat.dtype:
+                    raise RuntimeError(f"{name}: weights of mixed dtypes ({w.dtype}, {flat.dtype})")
+                self._base[name] = (w, flat[at:at + w.numel()].view(w.shape).copy_(w, non_blocking=True))
+                at += w.numel()
+        if first.is_cuda:
+            torch.cuda.synchronize(first.device)  # the copies are complete before any weight is changed
+
+    def _fold(self, name: str, layer) -> None:
+        import torch
+
+        weight, pristine = self._base[name]
         on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
         for a in on:
             if a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a):
                 raise RuntimeError(f"adapter {a!r} at {name} is not plain LoRA (a variant such as DoRA, or a LoRA "
                                    f"bias): sampling folds only plain LoRA into the base weights")
         if on:
-            total = self._base[name][1].to(weight.device, non_blocking=True).to(torch.float32, copy=True)
+            total = pristine.to(weight.device, non_blocking=True).to(torch.float32, copy=True)
             for a in on:
                 total += layer.get_delta_weight(a).float()
             weight.copy_(total)

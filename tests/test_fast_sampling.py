@@ -174,6 +174,31 @@ def test_sampling_batch_size():
     assert 100 <= small < 400 and small == -(-400 // n_batches)  # equal batches
 
 
+def test_fold_copy_stays_on_the_gpu_only_where_the_batch_still_fits(monkeypatch):
+    """compose.FoldedAdapters' copy of the base weights goes to the GPU when a batch of the planned size fits beside
+    it (Qwen2.5-7B shape: 13 GB of wrapped weights, 400 x 700 tokens: on 80 GB yes, on 64 GB yes, on 40 GB no),
+    else to host memory; on a machine without a GPU always beside the CPU weights."""
+    from persona_em import compose
+    from persona_em.sampling import sample
+
+    assert sample.fold_copy_device(object(), 400, 700) == "cpu"  # no GPU here
+    gib = batching.GIB
+    memory = {}
+
+    def gpu_memory(model, tokens_per_sequence, extra_bytes=0):
+        return dict(cuda=True, total_memory_bytes=memory["total"], weight_bytes=15_230_000_000 + extra_bytes,
+                    kv_bytes_per_token=57_344, tokens_per_sequence=tokens_per_sequence, vocab_size=152064)
+
+    monkeypatch.setattr(sample.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sample, "_gpu_memory", gpu_memory)
+    monkeypatch.setattr(compose.FoldedAdapters, "copy_bytes", staticmethod(lambda model: 13_050_000_000))
+    for total, want in ((80, "gpu"), (64, "gpu"), (40, "cpu")):
+        memory["total"] = total * gib
+        assert sample.fold_copy_device(object(), 400, 700) == want, total
+    memory["total"] = 40 * gib  # a batch that fits beside the copy on 40 GB
+    assert sample.fold_copy_device(object(), 100, 700) == "gpu"
+
+
 def test_exact_sampler_draws_from_the_tempered_nucleus():
     from persona_em.sampling.sample import ExactSampler
 

@@ -33,19 +33,32 @@ log = logging.getLogger(__name__)
 ADAPTERS_AT_SAMPLING = "folded into the base weights (fp32 sum, one rounding)"
 
 
-def _batch_size(setting, n_items: int, model, chat: ChatFormat, plan, questions, settings) -> int:
+def _gpu_memory(model, tokens_per_sequence: int, extra_bytes: int = 0) -> dict:
+    """This GPU's memory terms of batching.sampling_batch_size, with `extra_bytes` held beside the weights."""
     from persona_em.sampling.fast_generate import kv_cache_bytes_per_token
 
+    return {"cuda": True, "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()) + extra_bytes,
+            "kv_bytes_per_token": kv_cache_bytes_per_token(model.config),
+            "tokens_per_sequence": tokens_per_sequence, "vocab_size": model.config.vocab_size}
+
+
+def _batch_size(setting, n_items: int, model, tokens_per_sequence: int) -> int:
     cuda = torch.cuda.is_available()
     if setting != "auto" or not cuda:
         return batching.sampling_batch_size(setting, n_items, cuda=cuda)
-    longest_prompt = max(len(chat.prompt_ids(questions[it.question_id].messages(it.paraphrase_index)))
-                         for it in plan)
-    return batching.sampling_batch_size(
-        setting, n_items, cuda=True, total_memory_bytes=torch.cuda.get_device_properties(0).total_memory,
-        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-        kv_bytes_per_token=kv_cache_bytes_per_token(model.config),
-        tokens_per_sequence=longest_prompt + settings["max_new_tokens"], vocab_size=model.config.vocab_size)
+    return batching.sampling_batch_size(setting, n_items, **_gpu_memory(model, tokens_per_sequence))
+
+
+def fold_copy_device(model, batch_size: int, tokens_per_sequence: int) -> str:
+    """Where compose.FoldedAdapters keeps the base weights' copy: on the GPU when a batch of `batch_size` sequences
+    still fits beside it (taking it there costs nothing measurable), else in pinned host memory (a one-time ~10 s
+    for a 7B model's 13 GB, BENCHMARKS.md round 9). On a CPU: beside the weights, i.e. in CPU memory."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    copy = compose.FoldedAdapters.copy_bytes(model)
+    fits = batching.sampling_batch_size("auto", batch_size, **_gpu_memory(model, tokens_per_sequence, copy))
+    return "gpu" if fits >= batch_size else "cpu"
 
 
 def machine_identity() -> dict:
@@ -190,13 +203,15 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
 
     base, _ = load_model(model_dir, chat)
     model = compose.compose_for_sampling(base, cell.persona, persona_dir, cell.composition)
-    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, chat_format, plan, questions,
-                             settings)
+    longest_prompt = max(len(chat_format.prompt_ids(questions[it.question_id].messages(it.paraphrase_index)))
+                         for it in plan)
+    tokens_per_sequence = longest_prompt + settings["max_new_tokens"]
+    batch_size = _batch_size(settings.get("batch_size", "auto"), len(plan), model, tokens_per_sequence)
     batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
     log.info("%d responses per generate call", batch_size)
     machine = machine_identity()  # provenance: where these responses were generated
     gen_keys = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens")}
-    folded = compose.FoldedAdapters()  # the base weights' pristine copy, taken once, restored after each checkpoint
+    folded = None  # compose.FoldedAdapters: the base weights' copy, taken once, restored after each checkpoint
     compiled = None  # the compile cache of the base model, loaded before the first generate call
     with tqdm(total=total, initial=len(done), desc=f"sample {cell.path}", unit="resp") as bar:
         for step, em_dir in checkpoints:
@@ -208,6 +223,10 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             # One adapter slot for every checkpoint, loaded in place; the composition is checked here.
             model = compose.use_em_adapter(model, em_dir, compose.EM, cell.composition, cell.persona)
             state = compose.describe(model)
+            if folded is None:  # the LoRA layers exist once the first checkpoint is loaded
+                folded = compose.FoldedAdapters(fold_copy_device(model, batch_size, tokens_per_sequence))
+                log.info("adapters folded into the base weights for sampling; their copy (%.2f GB) kept on the %s",
+                         compose.FoldedAdapters.copy_bytes(model) / 1e9, folded.keep.upper())
             with folded.applied(model) as plain:  # the same modules every checkpoint: a compiled step stays valid
                 if compiled is None:
                     if torch.cuda.is_available():
