@@ -47,8 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 REF_PARAMS_B = 7.62  # the benchmarks' Qwen2.5-7B shape
 EM_TOKENS_PER_S = 12_500  # train_em, auto plan + fused pointwise ops: 12,542-13,508 on the H200 (run6)
-SAMPLE_SECONDS = 12.5  # one checkpoint, 400 responses x 600 new tokens, steady: decode kernel, deterministic compile,
-# deferred stop check; 12.53-12.71 s on two H200 machines (bench/results/run11/call3, call4)
+SAMPLE_SECONDS = 10.8  # one checkpoint, 400 responses x 600 new tokens, steady: decode kernel, deterministic compile,
+# deferred stop check, adapters folded into the weights; 10.38-10.78 s on three H200 machines (bench/results/run13)
 SAMPLE_REF_TOKENS = 400 * 600
 JUDGMENTS_PER_S = 23.2  # HFBackend.ask_many, ~1,070-token prompts (run6, H200)
 ACTIVATION_SECONDS = 12.2  # collect_activations, one checkpoint: 400 responses x 402 tokens x 2 readers (H200)
@@ -58,7 +58,7 @@ ACTIVATION_BASE_SECONDS = 4.6  # of ACTIVATION_SECONDS, the base reader alone (n
 # HFBackend takes), 600 decode steps of a batch of 400 (Qwen2.5-7B shape + an r32 EM adapter, H200, deferred stop
 # check on and off in turn: 31.6, 33.5, 41.0 s after the process's first call; bench/results/run12/call3): the slowest.
 PLAIN_STEP_SECONDS = 41.0 / 600
-JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (17 s with a warm compile cache, 70-90 s cold)
+JOB_OVERHEAD_S = 120  # per GPU job: loading the model, compiling (10 s with a warm compile cache, 30-37 s cold)
 A100_FACTOR = 3.0
 GPU_RULES_WITHOUT_BENCHMARK = ("teacher", "student", "expand_prompts", "introspection", "train_dpo", "train_sft")
 
