@@ -10,10 +10,10 @@ process's own (node-local) caches before the first call, so the compiler finds i
 
 Layout: `<cache_dir>/torch_compile/<key>/<sha256 of the blob>.bin`. The key hashes everything that makes compiled
 code unusable elsewhere (`compile_key_identity`): torch / CUDA / Triton / transformers / peft / Python versions,
-the GPU model, the model's config and dtype, the adapters' structure, and Inductor's deterministic mode. A change of any of them starts a new
-folder. Sampling compiles the plain base model (its adapters folded into the weights, compose.FoldedAdapters), so
-every cell of one base model shares one key; PyTorch checks its own entries again on load (graph, shapes, versions), so an entry that does not match is a
-cache miss, never a wrong result.
+the GPU model, the model's config and dtype, the adapters' structure, and Inductor's deterministic mode. A change
+of any of them starts a new folder. Sampling compiles the plain base model (its adapters folded into the weights,
+compose.FoldedAdapters), so every cell of one base model shares one key. PyTorch checks its own entries again on
+load (graph, shapes, versions), so an entry that does not match is a cache miss, never a wrong result.
 
 Safe with many jobs on many nodes at once: a blob is written to a temporary file beside its final name and renamed
 onto it (atomic on POSIX file systems, Lustre included); its name is its content hash, so two jobs writing the same
@@ -36,6 +36,7 @@ import os
 import platform
 from pathlib import Path
 
+from persona_em.compose import MERGED_MARKER
 from persona_em.io import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SUBDIR = "torch_compile"
 # Config fields that name or locate a model, or mark a persona merged into its weights, but do not change the
 # compiled code.
 _NOT_SHAPE = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "architectures_source",
-              "persona_em_merged_persona"}
+              MERGED_MARKER}
 # PEFT config fields that locate an adapter but do not change its structure.
 _NOT_ADAPTER = {"base_model_name_or_path", "revision", "inference_mode"}
 # Triton kernels run as custom ops, whose binaries PyTorch's cache artifacts do not hold (see the module docstring).
@@ -103,13 +104,12 @@ def compile_key_identity(model) -> dict:
     """What the key of `model`'s compile cache hashes (see the module docstring)."""
     import torch
     import torch._inductor.config as inductor_config
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from persona_em.compose import active_adapters
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = {k: v for k, v in inner.config.to_dict().items() if k not in _NOT_SHAPE}
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     # PEFT leaves its config on the inner model too; it counts only while adapter layers are in the model
     # (sampling takes them out: compose.FoldedAdapters)
     configs = getattr(model, "peft_config", None) or {}
