@@ -2,8 +2,8 @@
 
 One process = one sampling job: build the model, load an EM checkpoint into the adapter slot, fold it into the base
 weights as sample_cell does (`--adapters peft`: sample through PEFT's LoRA layers, as rounds 4-8 did), load the
-compile cache of this model from --cache, time the first 400 x 600 `generate_batch` (compiles), save the cache, then time a
-second call (steady state). Run it twice with the same --cache and each process with its own empty
+compile cache of this model from --cache, time the first 400 x 600 `generate_batch` (compiles), save the cache,
+then time a second call (steady state). Run it twice with the same --cache and each process with its own empty
 TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR, like two jobs on two nodes:
 
     for p in cold warm; do TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$p TRITON_CACHE_DIR=/tmp/tri-$p \\
