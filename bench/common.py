@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import random
 import time
 
@@ -84,6 +85,24 @@ def measured(result: dict):
             result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
             result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 1)
         result["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def deterministic_mode() -> None:
+    """Bitwise-repeatable training on the GPU, for loss comparisons only (never for a speed figure).
+
+    In its default mode a GPU does not repeat a bf16 training step bit for bit: flash and memory-efficient attention
+    accumulate dQ (and split keys) with atomic adds in the backward pass, so two runs of one setting already differ
+    (BENCHMARKS.md round 8: up to 1.96e-4 relative loss within six steps). With `use_deterministic_algorithms(True)`
+    (not warn-only: warn-only keeps the atomic kernels) PyTorch runs flash attention's deterministic backward and
+    memory-efficient attention without split keys, leaves out cuDNN attention, and raises on any op that has no
+    deterministic form; cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call. Call before building the model.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = True  # the compiled pointwise ops: no configurations chosen by timing
 
 
 def free_memory():

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                                                                       " seed setting (its run-to-run loss spread)")
     ap.add_argument("--train-steps", type=int, help="override train.steps_ours (more than one epoch of the data"
                                                     " repeats it: a longer timing window on the same workload)")
+    ap.add_argument("--train-deterministic", action="store_true",
+                    help="bitwise-repeatable training (common.deterministic_mode): the loss comparison without the"
+                         " GPU's run-to-run noise; its speed is not the product's")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a cheaper smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
     cfg["train"]["seed_repeats"] = a.train_seed_repeats
     if a.train_steps:
         cfg["train"]["steps_ours"] = a.train_steps
+    if a.train_deterministic:
+        common.deterministic_mode()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
 
     result = {"shape": name, "dims": shape, "gpu": common.gpu_name(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__}}
+                           "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__},
+              "deterministic": torch.are_deterministic_algorithms_enabled()}
     log(json.dumps(result))
     tok = common.tokenizer()
     t0 = time.perf_counter()
