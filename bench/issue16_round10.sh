@@ -9,6 +9,8 @@
 #   det   one process, Qwen2.5-7B shape, round 2's data, 6 steps per run: ours (auto), ours planned for a 64 GiB GPU
 #         and the seed setting (2 x 8 + checkpointing), two rounds of all three. Speeds in this mode are not the
 #         product's (deterministic attention backward): round 8 holds those.
+#   llama target 2's Llama-3.1-8B shape sampled the way sample_cell now samples (adapters folded), against the
+#         same through PEFT's layers, one process (bench/sample.py variant `folded`; round 9 ran it for Qwen only)
 set -u
 out=$1; parts=${2:-det}
 mkdir -p "$out"
@@ -34,4 +36,9 @@ for k in ("loss_curve", "loss_curve_64gib"):
         print(k, {x: c[x] for x in ("ours_vs_seed", "ours_vs_ours", "seed_vs_seed", "ours_repeats_identical",
                                     "seed_repeats_identical") if x in c})
 PY
+fi
+if has llama; then
+    timeout 400 python3 -m bench.run --shape llama-3.1-8b --parts sample --sample-variants folded --out "$out" \
+        >"$out/llama-sample.log" 2>&1
+    echo "exit $?"; grep -E "sample |Error" "$out/llama-sample.log" | cut -c1-400
 fi
