@@ -254,8 +254,12 @@ class FoldedAdapters:
     and the LoRA products add 14 small kernels per layer to every decode step (steady 400 x 600: 12.6 s through the
     LoRA layers, 10.4 s folded). The plain model also gives every cell of a base model the same compiled graph (one
     compile-cache key per base model). Same function as the PeftModel up to one rounding of each folded weight
-    (tests/test_compose.py; in bf16 as close to an fp32 reference as PEFT's own path: round 9). Plain LoRA only: DoRA
-    and other variants, and LoRA biases, raise.
+    (tests/test_compose.py; in bf16 as close to an fp32 reference as PEFT's own path: round 9).
+
+    A layer that cannot be folded stays a LoRA layer, and PEFT applies it as before (`unfolded` says which and why):
+    one whose base weight another module shares (tied input embeddings and lm_head: folding an adapter of one into
+    the shared weight would change the other too), and one applying an adapter that is not plain LoRA (DoRA or
+    another variant, a LoRA bias). A layer whose adapters PEFT has merged into its weight raises.
     """
 
     def __init__(self, keep: str = "cpu"):
@@ -263,26 +267,45 @@ class FoldedAdapters:
             raise ValueError(f"keep={keep!r}: 'cpu' or 'gpu'")
         self.keep = keep
         self._base: dict[str, tuple] = {}  # layer name -> (the base weight parameter, its pristine copy)
+        self.unfolded: dict[str, str] = {}  # layer name -> why it stays a LoRA layer (at the last `applied`)
+
+    @staticmethod
+    def layers(model) -> tuple[list, dict[str, str]]:
+        """The LoRA layers of `model` that fold, as (name, layer), and those that stay LoRA layers, name -> why."""
+        from collections import Counter
+
+        from peft.tuners.lora import LoraLayer
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        uses = Counter(id(p) for _, p in inner.named_parameters(remove_duplicate=False))
+        fold, unfolded = [], {}
+        for name, layer in inner.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            if layer.merged:
+                raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): "
+                                   f"folding them again would apply them twice")
+            on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
+            if uses[id(layer.get_base_layer().weight)] > 1:
+                unfolded[name] = "its base weight is shared with another module (tied weights)"
+            elif any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a) for a in on):
+                unfolded[name] = "an adapter that is not plain LoRA (a variant such as DoRA, or a LoRA bias)"
+            else:
+                fold.append((name, layer))
+        return fold, unfolded
 
     @staticmethod
     def copy_bytes(model) -> int:
-        """Bytes of the copy: the base weights of every LoRA layer."""
-        from peft.tuners.lora import LoraLayer
-
-        weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+        """Bytes of the copy: the base weights of every LoRA layer that folds."""
+        weights = [layer.get_base_layer().weight for _, layer in FoldedAdapters.layers(model)[0]]
         return sum(w.numel() * w.element_size() for w in weights)
 
     @contextlib.contextmanager
     def applied(self, model):
         import torch
-        from peft.tuners.lora import LoraLayer
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        layers = [(name, m) for name, m in inner.named_modules() if isinstance(m, LoraLayer)]
-        for name, layer in layers:
-            if layer.merged:
-                raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): "
-                                   f"folding them again would apply them twice")
+        layers, self.unfolded = self.layers(inner)
         self._take([(name, layer.get_base_layer().weight) for name, layer in layers
                     if name not in self._base or self._base[name][0] is not layer.get_base_layer().weight])
         swapped = []
@@ -327,10 +350,6 @@ class FoldedAdapters:
 
         weight, pristine = self._base[name]
         on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
-        for a in on:
-            if a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a):
-                raise RuntimeError(f"adapter {a!r} at {name} is not plain LoRA (a variant such as DoRA, or a LoRA "
-                                   f"bias): sampling folds only plain LoRA into the base weights")
         if on:
             total = pristine.to(weight.device, non_blocking=True).to(torch.float32, copy=True)
             for a in on:

@@ -7,7 +7,8 @@
 (5) a resumed stacked training keeps the persona on (and ends exactly where an uninterrupted run ends).
 (6) the seed alone fixes the EM adapter's initialisation: the same in every composition, different across seeds.
 (7) persona_off is the no-persona cell at step 0; posthoc trains as the no-persona cell and samples with the persona.
-(8) sampling's folded adapters compute what the LoRA layers apply, and the base weights come back bit for bit.
+(8) sampling's folded adapters compute what the LoRA layers apply, and the base weights come back bit for bit;
+    layers that cannot fold (tied weights, DoRA) stay LoRA layers.
 """
 from __future__ import annotations
 
@@ -348,3 +349,44 @@ def test_folding_refuses_layers_peft_has_merged(world, trained):
     with pytest.raises(RuntimeError, match="merged by PEFT"):
         with compose.FoldedAdapters().applied(m):
             pass
+
+
+@pytest.mark.parametrize("kind", ["tied", "dora"])
+def test_layers_that_cannot_fold_stay_lora_layers(world, trained, tmp_path, kind):
+    """(8) A persona adapter on the tiny model's tied input embeddings and lm_head (one weight: folding an adapter of
+    either into it would change both), or a DoRA persona, stays a LoRA layer that PEFT applies; the other layers
+    fold; the logits are the PeftModel's and every weight comes back bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    _, model, _, _ = world
+    targets = ["q_proj", "embed_tokens", "lm_head"] if kind == "tied" else ["q_proj", "v_proj"]
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    assert base.config.tie_word_embeddings and base.lm_head.weight is base.model.embed_tokens.weight
+    torch.manual_seed(2)
+    persona = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=kind == "dora",
+                                              init_lora_weights=False))
+    persona.save_pretrained(str(tmp_path / "persona"))
+    _, out = trained["stacked"]
+    base, chat_format = load_model(model)
+    tok = chat_format.tokenizer
+    m = compose.compose_for_sampling(base, "p", tmp_path / "persona", "stacked")
+    m = compose.use_em_adapter(m, sorted((out / "checkpoints").glob("step-*"))[-1], "em_x", "stacked", "p")
+    want = logits(m, tok)
+    before = {n: t.detach().clone() for n, t in m.named_parameters()}
+    folded = compose.FoldedAdapters()
+    with folded.applied(m) as plain:
+        got = logits(plain, tok)
+        left = {n for n, x in plain.named_modules() if isinstance(x, LoraLayer)}
+    assert left == set(folded.unfolded)
+    if kind == "tied":
+        assert left == {"model.embed_tokens", "lm_head"}
+        assert all("tied" in why for why in folded.unfolded.values())
+    else:
+        assert left == {n for n, x in m.get_base_model().named_modules()
+                        if isinstance(x, LoraLayer) and n.endswith(("q_proj", "v_proj"))}
+        assert all("DoRA" in why for why in folded.unfolded.values())
+    assert not any(n.endswith("up_proj") for n in left)  # the EM adapter's other layers fold
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.equal(before[n], t.detach()) for n, t in m.named_parameters())

@@ -1,7 +1,8 @@
 """Sampling: every checkpoint of a cell answers the question set, in one job, without reloading the base model.
 
 Each checkpoint samples on the plain base model with the adapters its composition makes active folded into the
-weights (compose.FoldedAdapters: checked by compose, restored exactly after each checkpoint).
+weights (compose.FoldedAdapters: checked by compose, restored exactly after each checkpoint; a layer that cannot
+fold, on tied weights or with a DoRA adapter, stays a LoRA layer).
 
 Rows (one per response) carry the cell keys, the step, the question/paraphrase/sample indices, the text, the
 generation settings and the adapters that were actually active (read from the LoRA layers).
@@ -29,8 +30,9 @@ from persona_em.training.em import read_checkpoints
 log = logging.getLogger(__name__)
 
 # How the adapters enter the sampled forward pass (part of the journal's fingerprint: rows sampled another way are
-# never mixed into a cell): compose.FoldedAdapters.
-ADAPTERS_AT_SAMPLING = "folded into the base weights (fp32 sum, one rounding)"
+# never mixed into a cell): compose.FoldedAdapters. Changed when layers on tied weights stopped being folded (the
+# earlier rule folded them, wrongly, into both modules' shared weight): rows of the earlier rule are sampled again.
+ADAPTERS_AT_SAMPLING = "folded into the base weights (fp32 sum, one rounding); tied and non-plain-LoRA layers unfolded"
 
 
 def _gpu_memory(model, tokens_per_sequence: int, extra_bytes: int = 0) -> dict:
@@ -225,8 +227,13 @@ def sample_cell(cell: Cell, model_dir: str, persona_dir: str | None, checkpoints
             state = compose.describe(model)
             if folded is None:  # the LoRA layers exist once the first checkpoint is loaded
                 folded = compose.FoldedAdapters(fold_copy_device(model, batch_size, tokens_per_sequence))
-                log.info("adapters folded into the base weights for sampling; their copy (%.2f GB) kept on the %s",
-                         compose.FoldedAdapters.copy_bytes(model) / 1e9, folded.keep.upper())
+                fold, unfolded = compose.FoldedAdapters.layers(model)
+                log.info("adapters folded into the base weights for sampling (%d LoRA layers); their copy (%.2f GB) "
+                         "kept on the %s", len(fold), compose.FoldedAdapters.copy_bytes(model) / 1e9,
+                         folded.keep.upper())
+                for why in sorted(set(unfolded.values())):  # PEFT applies these layers, as without folding
+                    names = [n for n, w in unfolded.items() if w == why]
+                    log.info("%d LoRA layers stay unfolded, %s: %s", len(names), why, ", ".join(names[:4]))
             with folded.applied(model) as plain:  # the same modules every checkpoint: a compiled step stays valid
                 if compiled is None:
                     if torch.cuda.is_available():
