@@ -113,8 +113,27 @@ def load_persona(base, persona_dir: str | Path, persona: str):
     return PeftModel.from_pretrained(base, str(persona_dir), adapter_name=PERSONA, is_trainable=False)
 
 
+def tied_lora_layers(model) -> list[str]:
+    """LoRA layers of `model` whose base weight another module shares (tied input embeddings and lm_head): adding
+    an adapter's delta to that weight, as a merge or a fold does, would change the other module too."""
+    from collections import Counter
+
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    uses = Counter(id(p) for _, p in inner.named_parameters(remove_duplicate=False))
+    return [name for name, m in inner.named_modules()
+            if isinstance(m, LoraLayer) and uses[id(m.get_base_layer().weight)] > 1]
+
+
 def _merge_persona(base, persona_dir, persona: str):
-    merged = load_persona(base, persona_dir, persona).merge_and_unload()
+    model = load_persona(base, persona_dir, persona)
+    tied = tied_lora_layers(model)
+    if tied:  # PEFT's merge_and_unload would only warn, and change the tied module too
+        raise UserError(f"persona {persona!r} ({persona_dir}) has LoRA layers on weights the base model ties to another "
+                        f"module ({', '.join(tied)}): merging it would change both. Use the stacked composition, or "
+                        f"a persona adapter without those modules")
+    merged = model.merge_and_unload()
     setattr(merged.config, MERGED_MARKER, persona)
     return merged
 
@@ -272,12 +291,10 @@ class FoldedAdapters:
     @staticmethod
     def layers(model) -> tuple[list, dict[str, str]]:
         """The LoRA layers of `model` that fold, as (name, layer), and those that stay LoRA layers, name -> why."""
-        from collections import Counter
-
         from peft.tuners.lora import LoraLayer
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        uses = Counter(id(p) for _, p in inner.named_parameters(remove_duplicate=False))
+        tied = set(tied_lora_layers(inner))
         fold, unfolded = [], {}
         for name, layer in inner.named_modules():
             if not isinstance(layer, LoraLayer):
@@ -286,7 +303,7 @@ class FoldedAdapters:
                 raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): "
                                    f"folding them again would apply them twice")
             on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
-            if uses[id(layer.get_base_layer().weight)] > 1:
+            if name in tied:
                 unfolded[name] = "its base weight is shared with another module (tied weights)"
             elif any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a) for a in on):
                 unfolded[name] = "an adapter that is not plain LoRA (a variant such as DoRA, or a LoRA bias)"

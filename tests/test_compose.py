@@ -390,3 +390,19 @@ def test_layers_that_cannot_fold_stay_lora_layers(world, trained, tmp_path, kind
     assert not any(n.endswith("up_proj") for n in left)  # the EM adapter's other layers fold
     assert torch.allclose(got, want, atol=1e-5)
     assert all(torch.equal(before[n], t.detach()) for n, t in m.named_parameters())
+
+
+def test_merging_a_persona_on_tied_weights_is_a_clear_error(world, tmp_path):
+    """PEFT's merge_and_unload only warns when an adapter sits on tied weights, and then changes both modules (the
+    tiny model's logits moved by hundreds): the merged composition refuses such a persona, naming its layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, model, _, _ = world
+    torch.manual_seed(2)
+    persona = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model)),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    persona.save_pretrained(str(tmp_path / "persona"))
+    base, _ = load_model(model)
+    with pytest.raises(UserError, match=r"persona 'p' .* ties to another module \(lm_head\)"):
+        compose.compose_for_sampling(base, "p", tmp_path / "persona", "merged")
