@@ -126,14 +126,19 @@ def tied_lora_layers(model) -> list[str]:
             if isinstance(m, LoraLayer) and uses[id(m.get_base_layer().weight)] > 1]
 
 
-def _merge_persona(base, persona_dir, persona: str):
-    model = load_persona(base, persona_dir, persona)
+def merge_lora(model, what: str):
+    """PEFT's merge_and_unload, refused where an adapter sits on tied weights (PEFT only warns there, and the
+    merge changes the tied module too: tests/test_compose.py)."""
     tied = tied_lora_layers(model)
-    if tied:  # PEFT's merge_and_unload would only warn, and change the tied module too
-        raise UserError(f"persona {persona!r} ({persona_dir}) has LoRA layers on weights the base model ties to another "
-                        f"module ({', '.join(tied)}): merging it would change both. Use the stacked composition, or "
-                        f"a persona adapter without those modules")
-    merged = model.merge_and_unload()
+    if tied:
+        raise UserError(f"{what} has LoRA layers on weights the base model ties to another module "
+                        f"({', '.join(tied)}): merging it would change both. Use an adapter without those modules"
+                        f" (or, for a persona, the stacked composition)")
+    return model.merge_and_unload()
+
+
+def _merge_persona(base, persona_dir, persona: str):
+    merged = merge_lora(load_persona(base, persona_dir, persona), f"persona {persona!r} ({persona_dir})")
     setattr(merged.config, MERGED_MARKER, persona)
     return merged
 

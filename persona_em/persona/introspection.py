@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from persona_em import compose
 from persona_em.chat import ChatSettings
 from persona_em.errors import UserError
 from persona_em.io import atomic_dir, latest_trainer_checkpoint, read_json, read_jsonl, write_json, write_jsonl
@@ -113,7 +114,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     base, chat_format = load_model(model_dir, chat)
     tokenizer = chat_format.tokenizer
     check_targets_exist(base, s.target_modules, "persona_training.sft.target_modules")
-    merged = PeftModel.from_pretrained(base, str(dpo_adapter)).merge_and_unload()
+    merged = compose.merge_lora(PeftModel.from_pretrained(base, str(dpo_adapter)), f"DPO adapter {dpo_adapter}")
     data = [chat_format.encode(r["messages"], True, s.max_length) for r in rows]
     dataset = Dataset.from_list([d for d in data if any(x != -100 for x in d["labels"])])
     torch.manual_seed(s.seed)
