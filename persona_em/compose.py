@@ -38,6 +38,16 @@ def expected_active(composition: str, em_name: str = EM, *, training: bool) -> l
     return sorted([PERSONA, em_name] if persona_on else [em_name])
 
 
+def _held(layer) -> list[str]:
+    """The adapters a LoRA layer holds: PEFT keeps an embedding layer's in lora_embedding_A, not lora_A."""
+    return [*layer.lora_A, *getattr(layer, "lora_embedding_A", {})]
+
+
+def _applied(layer) -> list[str]:
+    """The adapters a LoRA layer applies in a forward pass."""
+    return [a for a in _held(layer) if not layer.disable_adapters and a in layer.active_adapters]
+
+
 def active_adapters(model) -> list[str]:
     """Adapters the LoRA layers actually apply in a forward pass, read from the layers themselves.
 
@@ -50,9 +60,9 @@ def active_adapters(model) -> list[str]:
     on: dict[str, set[bool]] = {}
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            for name in module.lora_A:
-                applied = not module.disable_adapters and name in module.active_adapters
-                on.setdefault(name, set()).add(applied)
+            applied = _applied(module)
+            for name in _held(module):
+                on.setdefault(name, set()).add(name in applied)
     mixed = sorted(name for name, states in on.items() if len(states) > 1)
     if mixed:
         raise RuntimeError(f"LoRA layers disagree on whether adapters {mixed} are active")
@@ -307,7 +317,7 @@ class FoldedAdapters:
             if layer.merged:
                 raise RuntimeError(f"LoRA layer {name} has adapters merged by PEFT ({layer.merged_adapters}): "
                                    f"folding them again would apply them twice")
-            on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
+            on = _applied(layer)
             if name in tied:
                 unfolded[name] = "its base weight is shared with another module (tied weights)"
             elif any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a) for a in on):
@@ -371,7 +381,7 @@ class FoldedAdapters:
         import torch
 
         weight, pristine = self._base[name]
-        on = [a for a in layer.lora_A if not layer.disable_adapters and a in layer.active_adapters]
+        on = _applied(layer)
         if on:
             total = pristine.to(weight.device, non_blocking=True).to(torch.float32, copy=True)
             for a in on:

@@ -406,3 +406,32 @@ def test_merging_a_persona_on_tied_weights_is_a_clear_error(world, tmp_path):
     base, _ = load_model(model)
     with pytest.raises(UserError, match=r"persona 'p' .* ties to another module \(lm_head\)"):
         compose.compose_for_sampling(base, "p", tmp_path / "persona", "merged")
+
+
+def test_an_adapter_on_untied_embeddings_folds(world, tmp_path):
+    """(8) PEFT keeps an embedding layer's adapters in lora_embedding_A, not lora_A: with untied embeddings such a
+    layer folds like any other (before, it was swapped for its base layer with the adapter left out), and the
+    layers report it as applied."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, model, _, _ = world
+    base = AutoModelForCausalLM.from_pretrained(str(model), tie_word_embeddings=False)  # lm_head: its own weight
+    assert base.lm_head.weight is not base.model.embed_tokens.weight
+    torch.manual_seed(2)
+    m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                        init_lora_weights=False)).eval()
+    assert compose.active_adapters(m) == ["default"]
+    x = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        want = m(x).logits
+        before = {n: t.clone() for n, t in m.named_parameters()}
+        folded = compose.FoldedAdapters()
+        with folded.applied(m) as plain:
+            got = plain(x).logits
+        m.base_model.disable_adapter_layers()
+        base_logits = m(x).logits
+        m.base_model.enable_adapter_layers()
+    assert folded.unfolded == {}
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base_logits, atol=1e-3)
+    assert all(torch.equal(before[n], t) for n, t in m.named_parameters())

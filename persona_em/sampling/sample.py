@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # How the adapters enter the sampled forward pass (part of the journal's fingerprint: rows sampled another way are
 # never mixed into a cell): compose.FoldedAdapters. Changed when layers on tied weights stopped being folded (the
-# earlier rule folded them, wrongly, into both modules' shared weight): rows of the earlier rule are sampled again.
+# earlier rule folded them, wrongly, into both modules' shared weight) and embedding layers' adapters started to be
+# folded (the earlier rule left them out): rows of the earlier rule are sampled again.
 ADAPTERS_AT_SAMPLING = "folded into the base weights (fp32 sum, one rounding); tied and non-plain-LoRA layers unfolded"
 
 
