@@ -38,6 +38,11 @@ def expected_active(composition: str, em_name: str = EM, *, training: bool) -> l
     return sorted([PERSONA, em_name] if persona_on else [em_name])
 
 
+def inner_model(model):
+    """The transformers model inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _held(layer) -> list[str]:
     """The adapters a LoRA layer holds: PEFT keeps an embedding layer's in lora_embedding_A, not lora_A."""
     return [*layer.lora_A, *getattr(layer, "lora_embedding_A", {})]
@@ -130,7 +135,7 @@ def tied_lora_layers(model) -> list[str]:
 
     from peft.tuners.lora import LoraLayer
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner_model(model)
     uses = Counter(id(p) for _, p in inner.named_parameters(remove_duplicate=False))
     return [name for name, m in inner.named_modules()
             if isinstance(m, LoraLayer) and uses[id(m.get_base_layer().weight)] > 1]
@@ -308,7 +313,7 @@ class FoldedAdapters:
         """The LoRA layers of `model` that fold, as (name, layer), and those that stay LoRA layers, name -> why."""
         from peft.tuners.lora import LoraLayer
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = inner_model(model)
         tied = set(tied_lora_layers(inner))
         fold, unfolded = [], {}
         for name, layer in inner.named_modules():
@@ -336,7 +341,7 @@ class FoldedAdapters:
     def applied(self, model):
         import torch
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = inner_model(model)
         layers, self.unfolded = self.layers(inner)
         self._take([(name, layer.get_base_layer().weight) for name, layer in layers
                     if name not in self._base or self._base[name][0] is not layer.get_base_layer().weight])

@@ -106,9 +106,9 @@ def compile_key_identity(model) -> dict:
     import torch._inductor.config as inductor_config
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from persona_em.compose import active_adapters
+    from persona_em.compose import active_adapters, inner_model
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner_model(model)
     config = {k: v for k, v in inner.config.to_dict().items() if k not in _NOT_SHAPE}
     # PEFT leaves its config on the inner model too; it counts only while adapter layers are in the model
     # (sampling takes them out: compose.FoldedAdapters)

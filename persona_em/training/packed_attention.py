@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from persona_em.compose import inner_model
+
 ATTN_NAME = "sdpa_packed"
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -113,7 +115,7 @@ def use_attention(model, name: str, attention, mask) -> None:
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, mask)
         _REGISTERED.add(name)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = inner_model(model)
     base.set_attn_implementation(name)
 
 
