@@ -70,6 +70,45 @@ def test_gram_norms_equal_peft_delta_weights(tmp_path, rslora):
         assert abs(cross) > 1e-6  # random updates: the cross term is not zero, so leaving it out would be caught
 
 
+def test_embedding_factors_are_read_and_other_updates_are_refused(tmp_path):
+    """PEFT saves an adapted embedding's factors as lora_embedding_A / _B (no .weight) beside a copy of its frozen base
+    weight: the factors are read (before, they were skipped, so the embedding's rows were missing), the base copy is
+    not an update. An adapter that trains anything besides s·B·A (a LoRA bias, modules_to_save), or a file with a
+    tensor that is not a LoRA factor, is a clear error instead of a table that leaves that update out."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from persona_em.errors import UserError
+
+    model = tiny_model(tmp_path)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(str(model), tie_word_embeddings=False)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "emb"))
+    read = W.read_adapter(tmp_path / "emb")
+    embed = peft_model.base_model.model.model.embed_tokens
+    assert "model.embed_tokens" in read and len(read) == 3  # the embedding + q_proj in 2 layers
+    want = float(torch.linalg.norm(embed.get_delta_weight("default").double()))
+    assert want > 0 and W.norm(read["model.embed_tokens"]) == pytest.approx(want, rel=1e-5)
+
+    for i, extra in enumerate([{"lora_bias": True}, {"modules_to_save": ["lm_head"]}]):
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **extra))
+        m.save_pretrained(str(tmp_path / f"x{i}"))
+        key = next(iter(extra))
+        with pytest.raises(UserError, match=rf"only plain LoRA .* {key} "):
+            W.read_adapter(tmp_path / f"x{i}")
+
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "emb" / W.ADAPTER_WEIGHTS))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
+    save_file(tensors, str(tmp_path / "emb" / W.ADAPTER_WEIGHTS))
+    with pytest.raises(UserError, match=r"tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.bias "
+                                        r"is not a LoRA factor"):
+        W.read_adapter(tmp_path / "emb")
+
+
 @pytest.fixture(scope="module")
 def stacked_cell(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")

@@ -1,7 +1,7 @@
 """Weight trajectories of a cell's EM LoRA (rule weight_norms): update norms and rotation at every checkpoint.
 
 A LoRA module's update is ΔW = s·B·A (B: d_out × r, A: r × d_in; s = α/r, or α/√r with rsLoRA, per module as PEFT
-sets it: rank_pattern / alpha_pattern honoured). Every quantity here comes from r × r Gram products, never from a
+sets it: rank_pattern / alpha_pattern honoured; an embedding layer's lora_embedding_A / _B likewise). Every quantity here comes from r × r Gram products, never from a
 d_out × d_in matrix:
 
     ⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂ · trace((B₁ᵀB₂)(A₂A₁ᵀ)),      ||sBA||_F = √⟨sBA, sBA⟩_F
@@ -48,7 +48,17 @@ ROTATION_COLUMNS = KEYS + ["prev_step", "norm", "inner_prev", "norm_prev", "loca
                            "inner_final", "norm_final", "final_cosine", "b_local_angle_deg", "b_final_cosine"]
 PERSONA_IN_MODEL = {"stacked", "merged"}  # compositions whose model applies the persona (persona_em/compose.py)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_SUFFIX = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# A LoRA factor's key as PEFT saves it: <module>.lora_A.weight for a linear layer, <module>.lora_embedding_A for an
+# embedding layer (A: r × vocab, B: d × r; PEFT's ΔW is (s·B·A)ᵀ, which has the same norms and inner products), either
+# optionally with the adapter's name before the suffix (an unstripped state dict).
+_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.*)\."
+                     r"(?:lora_(?P<linear>[AB])(?:\.[^.]+)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
+# PEFT saves an adapted embedding's frozen base weight beside its factors (save_embedding_layers): not an update.
+_BASE_COPY = re.compile(r"\.base_layer\.weight$")
+# adapter_config.json settings that train something besides s·B·A, which this analysis would leave out.
+_NOT_PLAIN_LORA = {"use_dora": lambda v: bool(v), "lora_bias": lambda v: bool(v),
+                   "bias": lambda v: v not in (None, "none"), "modules_to_save": lambda v: bool(v),
+                   "trainable_token_indices": lambda v: bool(v)}
 
 
 @dataclass
@@ -83,9 +93,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
     config = json.loads(path.read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA" or config.get("use_dora"):
-        raise UserError(f"{path}: only plain LoRA adapters are analysed (peft_type {config.get('peft_type')!r}, "
-                        f"use_dora {config.get('use_dora')!r})")
+    extra = {k: config[k] for k, trains in _NOT_PLAIN_LORA.items() if trains(config.get(k))}
+    if str(config.get("peft_type", "LORA")).upper() != "LORA" or extra:
+        raise UserError(f"{path}: only plain LoRA adapters (updates s·B·A alone) are analysed; this one has peft_type "
+                        f"{config.get('peft_type')!r}" + "".join(f", {k} {v!r}" for k, v in extra.items()))
     return config
 
 
@@ -95,10 +106,14 @@ def read_lora(weights: str | Path, config: dict) -> dict[str, Lora]:
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(weights)).items():
-        m = _SUFFIX.match(key)
+        m = _FACTOR.match(key)
         if m is None:
-            continue  # not a LoRA factor (e.g. a saved embedding or bias): no update of a linear layer
-        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+            if _BASE_COPY.search(key):
+                continue
+            raise UserError(f"{weights}: tensor {key} is not a LoRA factor (lora_A / lora_B / lora_embedding_A / "
+                            f"lora_embedding_B); only updates s·B·A are analysed, and leaving this one out would "
+                            f"understate the adapter's update")
+        pairs.setdefault(m["module"], {})[m["linear"] or m["embedding"]] = tensor
     out = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
