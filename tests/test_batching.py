@@ -127,3 +127,41 @@ def test_packed_micro_batches_give_the_seed_settings_step(tmp_path):
     assert seed_losses[1] != pytest.approx(seed_losses[0], rel=1e-3)  # the step moved the weights
     for n, w in seed_w.items():
         torch.testing.assert_close(packed_w[n], w, rtol=1e-3, atol=1e-5)
+
+
+def _tiny_gemma3(sliding_window, layer_types=("sliding_attention", "full_attention")):
+    """A random-weight Gemma 3 text model whose first layer attends over a sliding window (Gemma 3's local layers)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                              sliding_window=sliding_window, layer_types=list(layer_types),
+                              max_position_embeddings=256)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("lengths", [[11, 7], [4, 3, 12]])
+def test_packed_attention_keeps_sliding_windows(lengths):
+    """A packed row (sequences back to back, positions restarting) gives each sequence the logits it gets alone,
+    also where a layer attends over a sliding window shorter than the sequences (Gemma 3's local layers): before,
+    the packed attention ignored the window and attended to every earlier token of the sequence."""
+    from persona_em.training import packed_attention
+
+    model = _tiny_gemma3(sliding_window=4)
+    full = _tiny_gemma3(sliding_window=4, layer_types=("full_attention", "full_attention"))
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 64, (1, n)) for n in lengths]
+    with torch.no_grad():
+        alone = [model(s).logits for s in seqs]
+        without_window = [full(s).logits for s in seqs]
+        assert not torch.allclose(alone[0], without_window[0], atol=1e-4)  # the window changes the logits
+        packed_attention.use_packed_attention(model)
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        with packed_attention.packed_sequences(bounds):
+            out = model(torch.cat(seqs, dim=1),
+                        position_ids=torch.cat([torch.arange(n) for n in lengths])[None]).logits
+    for got, want in zip(torch.split(out, lengths, dim=1), alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,8 @@ Without it, transformers turns a packed row into a dense block-diagonal [T, T] m
 kernel over all T^2 pairs (cuDNN on an H100, with a per-shape graph build on the CPU at every step): measured as
 ~20% of the GPU time and ~30% of the CPU time of a 7B LoRA step (BENCHMARKS.md). Here each sequence gets
 unmasked causal flash attention (on a GPU one variable-length flash call for all of them), which only does the work
-inside its own triangle. The sequence bounds come from `packed_sequences(...)` around the forward+backward (set by
+inside its own triangle. A layer with a sliding window (Gemma 3's local layers) keeps it: each token sees
+itself and the window - 1 tokens before it, as transformers' own mask has it. The sequence bounds come from `packed_sequences(...)` around the forward+backward (set by
 train_em's EMTrainer), not from the device, so no host-device sync happens per layer. Outside that context this is
 transformers' SDPA, unchanged.
 """
@@ -65,13 +66,26 @@ _VARLEN = _varlen_attention()
 USE_VARLEN = True  # bench/check_packed_attention.py compares both paths
 
 
-def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def _window_mask(length: int, window: int, device) -> torch.Tensor:
+    """[L, L] boolean: causal, and each query sees itself and the window - 1 tokens before it (transformers'
+    sliding_window_overlay: kv_idx > q_idx - sliding_window)."""
+    i = torch.arange(length, device=device)
+    dist = i[:, None] - i[None, :]
+    return (dist >= 0) & (dist < window)
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                sliding_window=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     packed = _PACKED.get()
     if packed is None or query.shape[0] != 1 or packed.bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+                                      is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # attention logit soft-capping (Gemma 2), attention sinks (gpt-oss): not in these kernels
+        raise ValueError(f"packed training attention does not support {', '.join(unsupported)} "
+                         f"({type(module).__name__}); set per_device_batch_size to a number for padded batches")
     dropout = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     if _VARLEN is not None and USE_VARLEN and query.is_cuda and not dropout:
@@ -82,17 +96,20 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         cu = packed.cu_seqlens(q.device)
-        out = _VARLEN(q, k, v, cu, cu, packed.max_len, packed.max_len, scale=scaling, window_size=(-1, 0))
+        left = sliding_window - 1 if sliding_window else -1  # flash's window: keys i - left .. i (causal)
+        out = _VARLEN(q, k, v, cu, cu, packed.max_len, packed.max_len, scale=scaling, window_size=(left, 0))
         return out.unsqueeze(0), None  # [1, T, H, D] as transformers expects
     # Not cuDNN (PyTorch's first choice on an H100): it builds an execution plan for every new sequence length,
     # measured at ~1.5 s per training step until every length has been seen once.
     bounds = packed.bounds
+    outs = []
     with sdpa_kernel(_BACKENDS):
-        outs = [
-            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            windowed = sliding_window is not None and b - a > sliding_window
+            mask = _window_mask(b - a, sliding_window, query.device) if windowed else None
+            outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                       attn_mask=mask, is_causal=not windowed, dropout_p=dropout,
+                                                       scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D] as transformers expects
 
 
