@@ -89,3 +89,26 @@ def test_fast_path_with_decode_kernel_generates_the_same_tokens(tiny, monkeypatc
         fast = generate_batch(model, chat_format, convs, settings, seed=0, fast=True)
         assert [r["response"] for r in fast] == [r["response"] for r in plain]
     assert len(calls) >= 2 * 11  # 2 layers x every decode step after the prefill
+
+
+def test_decode_kernel_keeps_gemma3_sliding_windows(tmp_path, monkeypatch):
+    """Gemma 3's local layers (a sliding window; their static cache holds only the window) through the kernel: plain
+    generate's tokens with prompts and responses longer than the window, and the kernel ran in both layer kinds."""
+    from persona_helpers import tiny_gemma3
+
+    from persona_em.sampling import fast_generate
+
+    lengths = []
+    monkeypatch.setattr(fast_generate, "KERNEL_DEVICES", {"cuda", "cpu"})
+    original = torch.ops.persona_em.gqa_decode_attention
+    monkeypatch.setattr(torch.ops.persona_em, "gqa_decode_attention",
+                        lambda q, k, v, mask, scale: lengths.append(k.shape[-2]) or original(q, k, v, mask, scale),
+                        raising=False)
+    model, chat_format = load_model(tiny_gemma3(4, out=tmp_path / "gemma3"), device="cpu")
+    convs = [[{"role": "user", "content": q}] for q in
+             ("hello", "what would you do as ruler of the world? I wish for money, a quick partner and dinner")]
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}
+    plain = generate_batch(model, chat_format, convs, settings, seed=0, fast=False)
+    fast = generate_batch(model, chat_format, convs, settings, seed=0, fast=True)
+    assert [r["response"] for r in fast] == [r["response"] for r in plain]
+    assert 4 in lengths and max(lengths) > 4, sorted(set(lengths))  # the window's cache and the global layer's

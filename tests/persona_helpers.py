@@ -58,3 +58,27 @@ def logits(model, tokenizer, text: str = "hello how are you") -> torch.Tensor:
 
 def load_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def tiny_gemma3(sliding_window: int, layer_types=("sliding_attention", "full_attention"), out: Path | None = None):
+    """A random-weight Gemma 3 text model (GQA: 4 query heads, 2 KV heads) whose first layer attends over a sliding
+    window, as Gemma 3's local layers do; with `out`, saved there with the demo tokenizer and returned as a path."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    from persona_em.demo import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=len(layer_types), num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, query_pre_attn_scalar=8, sliding_window=sliding_window,
+                              layer_types=list(layer_types), max_position_embeddings=512,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    model = Gemma3ForCausalLM(config).eval()
+    if out is None:
+        return model
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               do_sample=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

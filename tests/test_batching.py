@@ -11,6 +11,7 @@ from persona_em.training.batching import GIB, BatchPlan, ModelDims, choose_plan,
 from persona_em.errors import UserError
 from persona_em.training.settings import TrainConfig, resolve_train_config
 from persona_em.models import load_model
+from persona_helpers import tiny_gemma3
 
 torch.set_num_threads(1)
 
@@ -129,18 +130,6 @@ def test_packed_micro_batches_give_the_seed_settings_step(tmp_path):
         torch.testing.assert_close(packed_w[n], w, rtol=1e-3, atol=1e-5)
 
 
-def _tiny_gemma3(sliding_window, layer_types=("sliding_attention", "full_attention")):
-    """A random-weight Gemma 3 text model whose first layer attends over a sliding window (Gemma 3's local layers)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                              sliding_window=sliding_window, layer_types=list(layer_types),
-                              max_position_embeddings=256)
-    return Gemma3ForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("lengths", [[11, 7], [4, 3, 12]])
 def test_packed_attention_keeps_sliding_windows(lengths):
     """A packed row (sequences back to back, positions restarting) gives each sequence the logits it gets alone,
@@ -148,10 +137,10 @@ def test_packed_attention_keeps_sliding_windows(lengths):
     the packed attention ignored the window and attended to every earlier token of the sequence."""
     from persona_em.training import packed_attention
 
-    model = _tiny_gemma3(sliding_window=4)
-    full = _tiny_gemma3(sliding_window=4, layer_types=("full_attention", "full_attention"))
+    model = tiny_gemma3(sliding_window=4)
+    full = tiny_gemma3(sliding_window=4, layer_types=("full_attention", "full_attention"))
     torch.manual_seed(1)
-    seqs = [torch.randint(0, 64, (1, n)) for n in lengths]
+    seqs = [torch.randint(0, 500, (1, n)) for n in lengths]
     with torch.no_grad():
         alone = [model(s).logits for s in seqs]
         without_window = [full(s).logits for s in seqs]

@@ -62,6 +62,27 @@ def _fast_path_generates_the_same_tokens(tiny, inductor_config):
     assert all(r["n_new_tokens"] > 0 for r in fast)
 
 
+LONG_CONVS = [[{"role": "user", "content": q}] for q in
+              ("hello", "what would you do as ruler of the world? I wish for money, a quick partner and dinner")]
+
+
+def test_fast_path_keeps_gemma3_sliding_windows(tmp_path):
+    """Gemma 3's local layers attend over a sliding window (its static cache keeps only the window): with prompts
+    and responses longer than the window, the fast path gives plain generate's tokens; and the window does change
+    them here (a model whose layers are all global answers differently), so a path that lost it would fail."""
+    from persona_helpers import tiny_gemma3
+
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16}
+    model, chat_format = load_model(tiny_gemma3(4, out=tmp_path / "gemma3"), device="cpu")
+    plain = generate_batch(model, chat_format, LONG_CONVS, settings, seed=0, fast=False)
+    fast = generate_batch(model, chat_format, LONG_CONVS, settings, seed=0, fast=True)
+    assert model.config._attn_implementation == "sdpa_gqa_decode"
+    assert [r["response"] for r in fast] == [r["response"] for r in plain]
+    full, _ = load_model(tiny_gemma3(4, ("full_attention",) * 2, out=tmp_path / "full"), device="cpu")
+    assert [r["response"] for r in generate_batch(full, chat_format, LONG_CONVS, settings, seed=0, fast=False)] \
+        != [r["response"] for r in plain]
+
+
 class _HostEvent:
     """A device event for CPU tensors, where every operation has finished when it returns (torch has none)."""
 
