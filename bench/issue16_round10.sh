@@ -11,6 +11,8 @@
 #         product's (deterministic attention backward): round 8 holds those.
 #   llama target 2's Llama-3.1-8B shape sampled the way sample_cell now samples (adapters folded), against the
 #         same through PEFT's layers, one process (bench/sample.py variant `folded`; round 9 ran it for Qwen only)
+#   window the packed training attention's variable-length flash path with a sliding window (Gemma 3's local
+#         layers) against the per-sequence path: bench/check_packed_attention.py (seconds)
 set -u
 out=$1; parts=${2:-det}
 mkdir -p "$out"
@@ -41,4 +43,8 @@ if has llama; then
     timeout 400 python3 -m bench.run --shape llama-3.1-8b --parts sample --sample-variants folded --out "$out" \
         >"$out/llama-sample.log" 2>&1
     echo "exit $?"; grep -E "sample |Error" "$out/llama-sample.log" | cut -c1-400
+fi
+if has window; then
+    timeout 200 python3 -m bench.check_packed_attention >"$out/packed-attention.log" 2>&1
+    echo "exit $?"; tail -20 "$out/packed-attention.log"
 fi
