@@ -29,6 +29,16 @@ def backend(tiny_model_dir):
     return HFBackend({"name": "t", "model": "tiny", "mode": "logprobs"}, str(tiny_model_dir))
 
 
+@pytest.fixture(scope="module")
+def gemma3_backend(tmp_path_factory):
+    """A judge whose first layer attends over a 4-token sliding window (Gemma 3's local layers), far shorter than
+    the prompts: the batched path's tree mask must keep that window as the one-at-a-time path does."""
+    from persona_helpers import tiny_gemma3
+
+    path = tiny_gemma3(4, out=tmp_path_factory.mktemp("gemma3") / "model")
+    return HFBackend({"name": "g", "model": "tiny-gemma3", "mode": "logprobs"}, str(path))
+
+
 def test_tree_holds_every_prefix_once(backend):
     cands = [c for _, c in backend.candidates]
     tree = hf_batch.CandidateTree.of(cands)
@@ -41,7 +51,9 @@ def test_tree_holds_every_prefix_once(backend):
 
 
 @pytest.mark.parametrize("max_tokens", [10_000, 150])  # all in one padded batch / one prompt per pass
-def test_batched_answers_equal_one_at_a_time(backend, monkeypatch, max_tokens):
+@pytest.mark.parametrize("judge", ["backend", "gemma3_backend"])
+def test_batched_answers_equal_one_at_a_time(judge, request, monkeypatch, max_tokens):
+    backend = request.getfixturevalue(judge)
     monkeypatch.setattr(hf_batch, "CPU_BATCH_TOKENS", max_tokens)
     one = [asyncio.run(backend.ask(p)) for p in PROMPTS]
     many = asyncio.run(backend.ask_many(PROMPTS))
@@ -57,6 +69,18 @@ def test_batched_answers_equal_one_at_a_time(backend, monkeypatch, max_tokens):
         for t, lp in a["top_logprobs"].items():
             assert b["top_logprobs"][t] == pytest.approx(lp, abs=1e-4)
     assert many[0] == many[-1]  # a duplicate prompt in another row of the batch: the same answer
+
+
+def test_models_the_tree_cannot_mask_are_scored_one_at_a_time():
+    """A sliding window that is not given per layer type (Mistral's config) or another layer kind: no tree pass."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert not hf_batch.supports(MistralForCausalLM(MistralConfig(sliding_window=8, **small)))
+    assert hf_batch.supports(MistralForCausalLM(MistralConfig(sliding_window=None, **small)))
+    windowed = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **small))
+    assert hf_batch.supports(windowed) and hf_batch._window(windowed) == 8
 
 
 def test_batches_respect_the_token_budget():

@@ -104,17 +104,47 @@ def _inputs(prompts: list[list[int]], tree: CandidateTree, pad_id: int, device):
     return ids.to(device), pos.to(device), mask.to(device)
 
 
-def _model_mask(mask: torch.Tensor, model, dtype) -> torch.Tensor:
-    """The boolean mask as the model's attention implementation takes a ready 4D mask."""
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _window(model) -> int | None:
+    """The sliding window of the model's local layers (Gemma 3; Qwen2 with use_sliding_window), None if none."""
+    cfg = _text_config(model)
+    return getattr(cfg, "sliding_window", None) if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) \
+        else None
+
+
+def _model_mask(mask: torch.Tensor, pos: torch.Tensor, model, dtype):
+    """The boolean mask as the model's attention implementation takes a ready 4D mask. A model with sliding-window
+    layers gets one mask per layer type (transformers' mapping), the local layers' limited to the window: a query
+    at position i sees keys at positions i - window + 1 .. i (transformers' sliding_window_overlay), so every
+    prompt position and tree node sees what it sees in the one-at-a-time path."""
     impl = model.config._attn_implementation
     if impl == "sdpa":
-        return mask
-    if impl == "eager":  # additive
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"tree scoring needs sdpa or eager attention, not {impl!r}")
+        convert = lambda m: m  # noqa: E731
+    elif impl == "eager":  # additive
+        convert = lambda m: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(  # noqa: E731
+            ~m, torch.finfo(dtype).min)
+    else:
+        raise ValueError(f"tree scoring needs sdpa or eager attention, not {impl!r}")
+    window = _window(model)
+    if window is None:
+        return convert(mask)
+    local = mask & ((pos[:, None, :, None] - pos[:, None, None, :]) < window)
+    return {"full_attention": convert(mask), "sliding_attention": convert(local)}
 
 
 def supports(model) -> bool:
+    """sdpa or eager attention, and every layer either global or a sliding window given per layer type (a model
+    whose window is not in `layer_types`, or with other layer kinds, is scored one prompt at a time)."""
+    cfg = _text_config(model)
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if kinds - {"full_attention", "sliding_attention"}:
+        return False
+    if getattr(cfg, "sliding_window", None) and not kinds:  # e.g. Mistral: its window applies to every layer
+        return False
     return model.config._attn_implementation in ("sdpa", "eager")
 
 
@@ -134,7 +164,7 @@ def score_prompts(model, prompts: list[list[int]], candidates: list[list[int]], 
     for batch in _batches([len(p) for p in prompts], len(tree), max_batch_tokens):
         ids, pos, mask = _inputs([prompts[i] for i in batch], tree, pad_id, dev)
         dtype = next(model.parameters()).dtype
-        out = model(input_ids=ids, position_ids=pos, attention_mask=_model_mask(mask, model, dtype),
+        out = model(input_ids=ids, position_ids=pos, attention_mask=_model_mask(mask, pos, model, dtype),
                     use_cache=False, logits_to_keep=len(tree) + 1)
         logp = torch.log_softmax(out.logits.float(), -1)  # [B, 1 + N, V]: the prompt's last position, then the tree
         del out
