@@ -9,7 +9,8 @@ Downloads happen here only: `prepare_model` is a login-side rule (localrules); c
 Loading (`load_model`: EM training, sampling, the local judge, the persona generator, DPO and introspection SFT):
 weights in bf16 on GPUs, fp32 on the CPU; the tokenizer (pad token = eos when it has none) with the model's chat
 settings as a `ChatFormat`; the model's generation_config blanked, so the configured sampling settings are the
-whole generation definition of every `generate` call.
+whole generation definition of every `generate` call. A vision-language checkpoint (Gemma 3 4B-27B) loads as its
+text-only language model; a checkpoint that leaves any weight of the model unset is an error, not a random init.
 """
 from __future__ import annotations
 
@@ -192,11 +193,37 @@ def load_model(model_dir: str | Path, chat: ChatSettings | None = None, device: 
         raise ValueError(f"device {device!r}: one of None, 'cpu', 'cuda', 'auto'")
     path = require_local(model_dir, f"model at {model_dir}", marker="config.json")
     cuda = torch.cuda.is_available() and device != "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map=("auto" if device == "auto" else "cuda") if cuda else None)
+        device_map=("auto" if device == "auto" else "cuda") if cuda else None, output_loading_info=True,
+        **_language_model_only(path))
+    bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
+    if bad:  # transformers only warns and initialises them at random
+        raise UserError(f"model at {model_dir}: the checkpoint does not fill the model {type(model).__name__}: "
+                        + "; ".join(f"{k} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in bad.items()))
     blank_generation_config(model)
     return model, ChatFormat.load(path, chat)
+
+
+# Where a vision-language checkpoint keeps its language model's weights (Gemma 3 4B-27B: language_model.model.*,
+# tied lm_head; transformers' newer layout: model.language_model.*, lm_head.*) -> a text-only causal LM's names.
+_LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                        r"^language_model\.lm_head\.": "lm_head."}
+
+
+def _language_model_only(path: Path) -> dict:
+    """from_pretrained arguments that load a vision-language checkpoint (e.g. Gemma 3 4B-27B, whose config is
+    `gemma3` with a `text_config`) as its text-only causal LM (Gemma3ForCausalLM): the same logits for text, no
+    vision tower in memory, and one model layout (model.layers.N...) for every stage, adapter and table. Text-only
+    checkpoints load as they are. A checkpoint whose language model is not stored under these names fails the
+    missing-keys check of load_model instead of loading at random."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config or type(text) is type(config):
+        return {}
+    return {"config": text, "key_mapping": _LANGUAGE_MODEL_KEYS}
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -60,10 +60,14 @@ def load_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def tiny_gemma3(sliding_window: int, layer_types=("sliding_attention", "full_attention"), out: Path | None = None):
+def tiny_gemma3(sliding_window: int, layer_types=("sliding_attention", "full_attention"), out: Path | None = None,
+                vision: bool = False):
     """A random-weight Gemma 3 text model (GQA: 4 query heads, 2 KV heads) whose first layer attends over a sliding
-    window, as Gemma 3's local layers do; with `out`, saved there with the demo tokenizer and returned as a path."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+    window, as Gemma 3's local layers do; with `out`, saved there with the demo tokenizer and returned as a path.
+    `vision`: the checkpoint is a vision-language Gemma 3 (Gemma3ForConditionalGeneration with a tiny SigLIP
+    tower and this text model inside), laid out as transformers saves google/gemma-3-4b-it and larger."""
+    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              GenerationConfig, SiglipVisionConfig)
 
     from persona_em.demo import build_tiny_tokenizer
 
@@ -75,6 +79,14 @@ def tiny_gemma3(sliding_window: int, layer_types=("sliding_attention", "full_att
                               layer_types=list(layer_types), max_position_embeddings=512,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     model = Gemma3ForCausalLM(config).eval()
+    if vision:
+        n = len(tok)
+        vision_config = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14)
+        model = Gemma3ForConditionalGeneration(Gemma3Config(
+            text_config=config, vision_config=vision_config, mm_tokens_per_image=4, image_token_index=n - 1,
+            boi_token_index=n - 2, eoi_token_index=n - 3, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id)).eval()
     if out is None:
         return model
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
