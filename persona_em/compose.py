@@ -119,13 +119,82 @@ def check_target_modules(model, adapter_dir: str | Path, what: str) -> None:
 
 def load_persona(base, persona_dir: str | Path, persona: str):
     """`base` with the persona adapter `persona_dir` on top, frozen, under the adapter name PERSONA."""
-    from peft import PeftModel
-
     persona_dir = Path(persona_dir)
     if not (persona_dir / "adapter_config.json").exists():
         raise UserError(f"persona {persona!r}: no adapter_config.json in {persona_dir}")
     check_target_modules(base, persona_dir, f"persona adapter {persona!r}")
-    return PeftModel.from_pretrained(base, str(persona_dir), adapter_name=PERSONA, is_trainable=False)
+    return load_adapter(base, persona_dir, PERSONA, f"persona adapter {persona!r}")
+
+
+# Adapter tensors of a vision-language model's other parts: they do nothing for text, and the text-only language
+# model that load_model gives has no module for them.
+_NOT_LANGUAGE_MODEL = ("vision_tower.", "vision_model.", "multi_modal_projector.")
+
+
+def load_adapter(model, adapter_dir: str | Path, name: str, what: str, trainable: bool = False):
+    """`model` (a base model or a PeftModel) with the adapter in `adapter_dir` loaded as adapter `name`, checked.
+
+    PEFT only warns when an adapter file's tensors do not fit the model's module names, and leaves the adapter at its
+    initialisation: B = 0, a persona silently off (or random A and B, where the config says init_lora_weights:
+    false). Here every tensor of the file must land in the adapter and every tensor of the adapter must come from the
+    file, with the file's values; otherwise a UserError names the adapter and the keys. An adapter trained on a
+    vision-language model (Gemma 3 4B-27B) is read with its language model's weights under the text-only names
+    load_model uses; its vision-tower tensors are left out (they never act on text)."""
+    from peft import PeftModel
+
+    from persona_em.models import LANGUAGE_MODEL_KEYS
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable, key_mapping=LANGUAGE_MODEL_KEYS)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=trainable,
+                                          key_mapping=LANGUAGE_MODEL_KEYS)
+    _check_loaded(model, name, _adapter_file_tensors(adapter_dir), f"{what} at {adapter_dir}")
+    return model
+
+
+def _check_loaded(model, name: str, stored: dict, what: str) -> None:
+    """Adapter `name` of `model` holds exactly the tensors `stored` (an adapter file's, under PEFT's saved names)."""
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    extra = sorted(k for k in set(stored) - set(loaded)
+                   if not any(p in k for p in _NOT_LANGUAGE_MODEL) and not k.endswith("base_layer.weight"))
+    missing = sorted(set(loaded) - set(stored))
+    differ = sorted(k for k in set(loaded) & set(stored) if not _same_tensor(loaded[k], stored[k]))
+    if extra or missing or differ:
+        raise UserError(f"{what} does not fit the model's modules: "
+                        + "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                                    for label, keys in (("tensors matching no module", extra),
+                                                        ("adapter tensors not in the file", missing),
+                                                        ("tensors loaded with other values", differ)) if keys))
+
+
+def _adapter_file_tensors(adapter_dir: str | Path) -> dict:
+    """The adapter file's tensors under the names PEFT loads them by (language-model keys mapped as load_adapter)."""
+    import re
+
+    from peft.utils.save_and_load import load_peft_weights
+
+    from persona_em.models import LANGUAGE_MODEL_KEYS
+
+    out = {}
+    for key, value in load_peft_weights(str(adapter_dir), device="cpu").items():
+        prefix = "base_model.model." if key.startswith("base_model.model.") else ""
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in LANGUAGE_MODEL_KEYS.items():
+            rest, n = re.subn(pattern, replacement, rest)
+            if n:
+                break
+        out[prefix + rest] = value
+    return out
+
+
+def _same_tensor(a, b) -> bool:
+    """The loaded adapter tensor equals the file's (PEFT may hold it in another dtype: compared in the loaded one)."""
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.detach().cpu(), b.to(a.dtype))
 
 
 def tied_lora_layers(model) -> list[str]:
@@ -232,12 +301,10 @@ def use_em_adapter(model, em_dir: str | Path, name: str, composition: str, perso
 
     if isinstance(model, PeftModel) and name in model.peft_config and _same_lora_shape(model, em_dir, name):
         _load_weights_in_place(model, em_dir, name)
-    elif isinstance(model, PeftModel):
-        if name in model.peft_config:
-            model.delete_adapter(name)
-        model.load_adapter(str(em_dir), adapter_name=name, is_trainable=False)
     else:
-        model = PeftModel.from_pretrained(model, str(em_dir), adapter_name=name, is_trainable=False)
+        if isinstance(model, PeftModel) and name in model.peft_config:
+            model.delete_adapter(name)
+        model = load_adapter(model, em_dir, name, f"EM checkpoint {name!r}")
     _activate(model, composition, name, training=False)
     for old in [a for a in model.peft_config if a not in (PERSONA, name)]:
         model.delete_adapter(old)
@@ -262,14 +329,8 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(Path(em_dir) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{em_dir}: adapter weights with unexpected keys {result.unexpected_keys[:3]}")
-    slot = {k for k in model.state_dict() if f".{name}." in k and "lora_" in k}
-    missing = slot & set(getattr(result, "missing_keys", []) or [])
-    if missing or len(state) != len(slot):
-        raise RuntimeError(f"{em_dir}: {len(state)} adapter tensors for {len(slot)} slots of adapter {name!r} "
-                           f"(missing: {sorted(missing)[:3]})")
+    set_peft_model_state_dict(model, state, adapter_name=name)
+    _check_loaded(model, name, state, f"EM checkpoint {name!r} at {em_dir}")
 
 
 class FoldedAdapters:

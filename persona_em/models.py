@@ -207,7 +207,8 @@ def load_model(model_dir: str | Path, chat: ChatSettings | None = None, device: 
 
 # Where a vision-language checkpoint keeps its language model's weights (Gemma 3 4B-27B: language_model.model.*,
 # tied lm_head; transformers' newer layout: model.language_model.*, lm_head.*) -> a text-only causal LM's names.
-_LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+# Also applied to adapters trained on the full vision-language model (compose.load_adapter).
+LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
                         r"^language_model\.lm_head\.": "lm_head."}
 
 
@@ -223,7 +224,7 @@ def _language_model_only(path: Path) -> dict:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is config or type(text) is type(config):
         return {}
-    return {"config": text, "key_mapping": _LANGUAGE_MODEL_KEYS}
+    return {"config": text, "key_mapping": LANGUAGE_MODEL_KEYS}
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -435,3 +435,50 @@ def test_an_adapter_on_untied_embeddings_folds(world, tmp_path):
     assert folded.unfolded == {}
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base_logits, atol=1e-3)
     assert all(torch.equal(before[n], t) for n, t in m.named_parameters())
+
+
+def test_a_persona_trained_on_the_vision_language_gemma3_applies_to_its_language_model(tmp_path):
+    """(9) A persona adapter trained on the full Gemma 3 4B+ model (keys model.language_model.*, LoRA also on the
+    vision tower) composed onto the text-only model load_model gives: the full model's logits with the persona,
+    not PEFT's silent fallback (its tensors under no module name, the adapter left at its initialisation)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from persona_helpers import tiny_gemma3
+
+    path = tiny_gemma3(4, out=tmp_path / "gemma3", vision=True)
+    torch.manual_seed(0)
+    full = get_peft_model(AutoModelForCausalLM.from_pretrained(str(path)),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                     init_lora_weights=False)).eval()
+    full.save_pretrained(str(tmp_path / "persona"))
+    assert any("vision_tower" in k for k in load_file(str(tmp_path / "persona" / "adapter_model.safetensors")))
+    x = torch.randint(0, 500, (2, 15))
+    with torch.no_grad():
+        want = full(input_ids=x).logits
+        base, _ = load_model(path, device="cpu")
+        without = base(x).logits
+        got = compose.compose_for_sampling(base, "p", tmp_path / "persona", "stacked")(x).logits
+    assert not torch.allclose(want, without, atol=1e-3)  # the persona changes the logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_a_clear_error(world, tmp_path):
+    """(10) PEFT only warns when an adapter's tensors fit no module (here: saved for a model with more layers, or
+    renamed) and leaves the adapter at its initialisation, i.e. the persona silently off; loading it is an error
+    naming the adapter and the tensors, as is a file that lacks some of the adapter's tensors."""
+    from safetensors.torch import save_file
+
+    _, model, persona, _ = world
+    tensors = load_file(str(persona / "adapter_model.safetensors"))
+    for case, change in (("renamed", lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()}),
+                         ("partial", lambda t: {k: v for k, v in t.items() if "layers.1." not in k})):
+        bad = tmp_path / case
+        shutil.copytree(persona, bad)
+        save_file(change(tensors), str(bad / "adapter_model.safetensors"))
+        base, _ = load_model(model)
+        message = (r"tensors matching no module \['base_model\.model\.model\.layers\.7\." if case == "renamed"
+                   else r"adapter tensors not in the file \['base_model\.model\.model\.layers\.1\.")
+        with pytest.raises(UserError, match=rf"persona adapter 'p' at {bad} does not fit the model's modules: .*"
+                                            + message):
+            compose.compose_for_sampling(base, "p", bad, "stacked")

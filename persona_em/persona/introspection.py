@@ -102,7 +102,7 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     from dataclasses import asdict
 
     from datasets import Dataset
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     from persona_em.models import load_model
@@ -114,7 +114,8 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
     base, chat_format = load_model(model_dir, chat)
     tokenizer = chat_format.tokenizer
     check_targets_exist(base, s.target_modules, "persona_training.sft.target_modules")
-    merged = compose.merge_lora(PeftModel.from_pretrained(base, str(dpo_adapter)), f"DPO adapter {dpo_adapter}")
+    merged = compose.merge_lora(compose.load_adapter(base, dpo_adapter, "default", "DPO adapter"),
+                                 f"DPO adapter {dpo_adapter}")
     data = [chat_format.encode(r["messages"], True, s.max_length) for r in rows]
     dataset = Dataset.from_list([d for d in data if any(x != -100 for x in d["labels"])])
     torch.manual_seed(s.seed)
@@ -144,13 +145,11 @@ def train_sft(persona: str, model_name: str, model_dir: str, dpo_adapter: str, d
 
 def combine_cat(model_dir: str, dpo_adapter, sft_adapter, out_dir: str, manifest: dict) -> None:
     """One LoRA adapter whose update is exactly DPO delta + SFT delta (PEFT's `cat` combination, scaling 1)."""
-    from peft import PeftModel
-
     from persona_em.models import load_model
 
     base, _ = load_model(model_dir, device="cpu")  # fp32: the cat combination exactly
-    model = PeftModel.from_pretrained(base, str(dpo_adapter), adapter_name="dpo")
-    model.load_adapter(str(sft_adapter), adapter_name="sft")
+    model = compose.load_adapter(base, dpo_adapter, "dpo", "DPO adapter")
+    model = compose.load_adapter(model, sft_adapter, "sft", "introspection SFT adapter")
     for name in ("dpo", "sft"):
         if model.peft_config[name].use_rslora:
             raise UserError(f"{name} adapter uses rsLoRA: its cat combination would not equal the sum of updates")
