@@ -172,22 +172,11 @@ def _check_loaded(model, name: str, stored: dict, what: str) -> None:
 
 def _adapter_file_tensors(adapter_dir: str | Path) -> dict:
     """The adapter file's tensors under the names PEFT loads them by (language-model keys mapped as load_adapter)."""
-    import re
-
     from peft.utils.save_and_load import load_peft_weights
 
     from persona_em.models import LANGUAGE_MODEL_KEYS
 
-    out = {}
-    for key, value in load_peft_weights(str(adapter_dir), device="cpu").items():
-        prefix = "base_model.model." if key.startswith("base_model.model.") else ""
-        rest = key.removeprefix(prefix)
-        for pattern, replacement in LANGUAGE_MODEL_KEYS.items():
-            rest, n = re.subn(pattern, replacement, rest)
-            if n:
-                break
-        out[prefix + rest] = value
-    return out
+    return load_peft_weights(str(adapter_dir), device="cpu", key_mapping=LANGUAGE_MODEL_KEYS)
 
 
 def _same_tensor(a, b) -> bool:
