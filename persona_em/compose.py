@@ -149,11 +149,11 @@ def load_adapter(model, adapter_dir: str | Path, name: str, what: str, trainable
     else:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=trainable,
                                           key_mapping=LANGUAGE_MODEL_KEYS)
-    _check_loaded(model, name, _adapter_file_tensors(adapter_dir), f"{what} at {adapter_dir}")
+    check_loaded(model, name, _adapter_file_tensors(adapter_dir), f"{what} at {adapter_dir}")
     return model
 
 
-def _check_loaded(model, name: str, stored: dict, what: str) -> None:
+def check_loaded(model, name: str, stored: dict, what: str) -> None:
     """Adapter `name` of `model` holds exactly the tensors `stored` (an adapter file's, under PEFT's saved names)."""
     from peft import get_peft_model_state_dict
 
@@ -183,7 +183,8 @@ def _same_tensor(a, b) -> bool:
     """The loaded adapter tensor equals the file's (PEFT may hold it in another dtype: compared in the loaded one)."""
     import torch
 
-    return a.shape == b.shape and torch.equal(a.detach().cpu(), b.to(a.dtype))
+    a = a.detach()
+    return a.shape == b.shape and torch.equal(a, b.to(device=a.device, dtype=a.dtype))
 
 
 def tied_lora_layers(model) -> list[str]:
@@ -319,7 +320,7 @@ def _load_weights_in_place(model, em_dir, name: str) -> None:
 
     state = load_file(str(Path(em_dir) / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, state, adapter_name=name)
-    _check_loaded(model, name, state, f"EM checkpoint {name!r} at {em_dir}")
+    check_loaded(model, name, state, f"EM checkpoint {name!r} at {em_dir}")
 
 
 class FoldedAdapters:

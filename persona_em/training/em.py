@@ -130,9 +130,8 @@ def _trainer_class():
 
             weights = Path(resume_from_checkpoint) / compose.EM / "adapter_model.safetensors"
             state = load_file(str(weights), device=str(next(self.model.parameters()).device))
-            result = set_peft_model_state_dict(self.model, state, adapter_name=compose.EM)
-            if getattr(result, "unexpected_keys", None):
-                raise RuntimeError(f"checkpoint {weights} has unexpected keys: {result.unexpected_keys[:3]}")
+            set_peft_model_state_dict(self.model, state, adapter_name=compose.EM)
+            compose.check_loaded(self.model, compose.EM, state, f"checkpoint {weights}")
             compose.reactivate(self.model, self.composition, self.persona)
 
     class ScheduleCallback(TrainerCallback):
