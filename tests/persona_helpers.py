@@ -94,3 +94,22 @@ def tiny_gemma3(sliding_window: int, layer_types=("sliding_attention", "full_att
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+def tiny_causal_lm(arch: str):
+    """A random tiny causal LM (4 query heads, 2 KV heads) of an architecture the project names besides the demo's
+    Qwen2: "llama", "qwen3" or "gemma3"."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        return tiny_gemma3(4)  # a 4-token sliding window in its first layer
+    model = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**small)),
+             "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**small))}[arch]()
+    with torch.no_grad():  # norms start at weight 1: make them matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model.eval()

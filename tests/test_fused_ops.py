@@ -1,10 +1,12 @@
 """The fused element-wise ops of the packed training path (fused_ops.py) compute what transformers' modules do:
 the same loss and LoRA gradients on the tiny demo model (fp32, CPU; compiled by inductor's CPU backend)."""
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from persona_em.models import load_model
 from persona_em.training.fused_ops import undo_fused_pointwise, use_fused_pointwise
+from persona_helpers import tiny_causal_lm
 
 torch.set_num_threads(1)
 
@@ -41,3 +43,21 @@ def test_fused_pointwise_equals_the_modules(tiny_model_dir):
     assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
     undo_fused_pointwise(model)
     assert not any(getattr(m, "_fused", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch, fused", [("llama", 2 * 2 + 1 + 2), ("qwen3", 2 * 4 + 1 + 2), ("gemma3", 0)])
+def test_fused_forms_match_each_architecture(monkeypatch, arch, fused):
+    """Which modules switch, and that each switched one computes its module's function: Llama (2 norms per layer,
+    the final norm, SiLU MLPs), Qwen3 (also its per-head q/k norms), Gemma 3 (norms scaled by 1 + w, GELU MLPs:
+    nothing switches). The formula is checked uncompiled; compilation is checked above."""
+    from persona_em.training import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_compiled", lambda fn: fn)
+    model = tiny_causal_lm(arch)
+    ids = torch.randint(0, 64, (1, 23))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert use_fused_pointwise(model) == fused
+        got = model(ids).logits
+    undo_fused_pointwise(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
