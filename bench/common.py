@@ -15,13 +15,15 @@ import torch
 def build_model(shape: dict, tokenizer):
     """A random-weight causal LM of the given shape, in bf16 on the GPU (or fp32 on CPU), with a blank
     generation_config as `persona_em.models.load_model` gives."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     from persona_em.models import blank_generation_config
 
     shape = dict(shape)
     arch = shape.pop("arch")
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+                             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
     config = config_cls(**shape, max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     config._attn_implementation = "sdpa"

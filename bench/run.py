@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")))
-    ap.add_argument("--shape", default="qwen2.5-7b")
+    ap.add_argument("--shape", help="a shape of config.yaml (default qwen2.5-7b; with --quick, the quick shape)")
     ap.add_argument("--parts", default="train,sample,dpo")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--sample-variants", default="one,plain,ours,fp32lora")
@@ -45,10 +45,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shape and sizes: checks the harness on a CPU")
     a = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(a.config).read_text())
-    shape = cfg["shapes"].get(a.shape) if not a.quick else cfg["quick"]["shape"]
+    if a.quick and a.shape is None:
+        shape, name = cfg["quick"]["shape"], "quick"
+    else:
+        a.shape = a.shape or "qwen2.5-7b"
+        shape, name = cfg["shapes"].get(a.shape), a.shape + ("-quick" if a.quick else "")
     if shape is None:
         raise SystemExit(f"unknown shape {a.shape!r}; known: {', '.join(cfg['shapes'])}")
-    name = "quick" if a.quick else a.shape
     if a.layers:
         shape = {**shape, "num_hidden_layers": a.layers}
         name += f"-{a.layers}layers"
