@@ -49,16 +49,17 @@ def _sdpa_reference(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("group", [4, 7])
-def test_decode_kernel_reads_only_the_filled_cache_and_matches_sdpa(monkeypatch, splits, group):
+@pytest.mark.parametrize("group, d", [(4, 24), (7, 24), (2, 256)])
+def test_decode_kernel_reads_only_the_filled_cache_and_matches_sdpa(monkeypatch, splits, group, d):
     """The length-aware kernel (Triton's interpreter on CPU) equals masked attention over the whole cache: left
     padding, rows of different lengths, a hole, a length that is no multiple of the key block; split-K too. Slots
-    after each row's last attended one hold NaN: the kernel must never read them."""
+    after each row's last attended one hold NaN: the kernel must never read them. Head sizes: 24, no power of two
+    (padded to 32), and Gemma 3's 256 (its smaller key blocks)."""
     from persona_em.sampling import decode_kernel
 
     monkeypatch.setattr(decode_kernel, "_splits", lambda *a: splits)
     torch.manual_seed(splits * 10 + group)
-    b, kvh, length, d = 3, 2, 150, 24  # a head size that is no power of two: padded to 32
+    b, kvh, length = 3, 2, 150
     q = torch.randn(b, kvh, group, d)
     k, v = torch.randn(b, kvh, length, d), torch.randn(b, kvh, length, d)
     mask = torch.zeros(b, length, dtype=torch.bool)

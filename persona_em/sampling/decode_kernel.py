@@ -22,8 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-# block of keys per step, warps, pipeline stages (bench/decode_attention.py times the alternatives on the GPU)
+# block of keys per step, warps, pipeline stages (bench/decode_attention.py times the alternatives on the GPU), for
+# heads of size <= 128 (Qwen2.5, Qwen3, Llama-3.x)
 CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _block_n(head_size: int) -> int:
+    """Keys per block: CONFIG's for heads of size <= 128, fewer for larger heads (Gemma 3: 256), so that the pipelined
+    K and V tiles (num_stages x BLOCK_N x head size, bf16) take the same shared memory as for 128: 96 KiB, within an
+    A100's 163 KiB per block (with 64 keys a 256-wide head would need 192 KiB)."""
+    return max(16, CONFIG["BLOCK_N"] * 128 // max(head_size, 128))
 
 
 def _decode_kernel(Q, K, V, Mask, End, O, Lse,
@@ -95,13 +103,13 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     -> [B, KVH, G, D] = softmax(q k^T * scale, masked) v, reading only keys before each row's last True."""
     b, kvh, g, d = q.shape
     length = k.shape[2]
-    block = CONFIG["BLOCK_N"]
+    dp = max(16, triton.next_power_of_2(d))
+    block = _block_n(dp)
     positions = torch.arange(1, length + 1, device=mask.device, dtype=torch.int32)
     end = torch.where(mask, positions, 0).amax(-1).to(torch.int32)  # 1 + the last attended position, per row
     splits = _splits(b, kvh, length, block, q.device)
     chunk = math.ceil(math.ceil(length / splits) / block) * block
     gp = max(16, triton.next_power_of_2(g))  # rows of the product: tl.dot needs >= 16
-    dp = max(16, triton.next_power_of_2(d))
     o = torch.empty(b, kvh, splits, gp, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, kvh, splits, gp, device=q.device, dtype=torch.float32)
     m8 = mask.view(torch.uint8)
