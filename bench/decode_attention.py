@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}  # query heads, KV heads, head dim
+SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128),  # query heads, KV heads, head dim
+          "gemma-3-4b": (8, 4, 256)}
 
 
 def manual(q, k, v, mask, scale):
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=67)
     ap.add_argument("--new", type=int, default=600)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="llama-3.1-8b,qwen2.5-7b", help=f"comma-separated, of {', '.join(SHAPES)}")
     a = ap.parse_args(argv)
     dev = "cuda"
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
     out["copy_TBps"] = round(2 * x.numel() / ms / 1e9, 2)
     del x, y
     b, length = a.batch, a.prompt + a.new
-    for name, (h, kvh, d) in SHAPES.items():
+    for name in a.shapes.split(","):
+        h, kvh, d = SHAPES[name]
         torch.manual_seed(0)
         g = h // kvh
         k = torch.randn(b, kvh, length, d, device=dev, dtype=torch.bfloat16)
@@ -54,6 +57,11 @@ def main(argv=None) -> int:
         q = torch.randn(b, kvh, g, d, device=dev, dtype=torch.bfloat16)
         scale = d ** -0.5
         res = {"kv_MB": round(2 * k.numel() * 2 / 1e6, 1)}
+        from persona_em.sampling import decode_kernel
+
+        # the kernel's keys per block for this head size when CONFIG says 64 (decode_kernel._block_n): the variants
+        # below are named by CONFIG's value
+        res["block_n_for_config_64"] = decode_kernel._block_n(max(16, 1 << (d - 1).bit_length()))
         res["floor_us"] = round(res["kv_MB"] / out["copy_TBps"], 1)
         for filled in (a.prompt + a.new // 2, length):  # mid-generation and the last step
             pad = torch.randint(0, 20, (b,), device=dev)
