@@ -75,7 +75,16 @@ def test_fixture_is_what_its_producer_makes(tmp_path, monkeypatch):
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(FIXTURE) for p in FIXTURE.rglob("*") if p.is_file())
     assert made == committed
-    assert all(filecmp.cmp(tmp_path / p, FIXTURE / p, shallow=False) for p in made)
+    for p in made:
+        if filecmp.cmp(tmp_path / p, FIXTURE / p, shallow=False):
+            continue
+        # The weight tables come from float32 GEMMs (persona_em.analysis.weights), whose last bits depend on the
+        # CPU's kernels (instruction set, threads): the same code on another machine differs in the 8th digit
+        # (more, relative, where an inner product nearly cancels: values are O(1), hence the absolute tolerance).
+        # Every other column, and every other table, must match exactly.
+        assert p.parts[:2] == ("tables", "weights"), f"{p} differs from what make_figure_fixture.py makes"
+        pd.testing.assert_frame_equal(read_table(tmp_path / p), read_table(FIXTURE / p), check_exact=False,
+                                      rtol=1e-6, atol=1e-6, obj=str(p))
 
 
 def test_rebuild_from_fixture_writes_every_artifact(built):
